@@ -1,0 +1,232 @@
+//! Command-line interface: clap definitions and dispatch. No model logic lives here; each command
+//! has its own module that renders what the library computes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub mod bench;
+pub mod completions;
+pub mod list;
+pub mod perplexity;
+pub mod pull;
+pub mod rm;
+pub mod run;
+pub mod show;
+
+/// Run open-weight LLMs from the Hugging Face Hub, straight from safetensors or GGUF.
+#[derive(Debug, Parser)]
+#[command(name = "xllm", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Download a model from the Hugging Face Hub into the store (resumable, verified).
+    Pull(PullArgs),
+    /// List the models in the store.
+    #[command(alias = "ls")]
+    List(ListArgs),
+    /// Show a model's architecture, parameters, quantization and files.
+    Show(ShowArgs),
+    /// Remove models from the store (partial downloads included).
+    Rm(RmArgs),
+    /// Chat with a model (REPL), or answer one prompt and exit.
+    Run(RunArgs),
+    /// Measure perplexity of a model on a text file.
+    Perplexity(PerplexityArgs),
+    /// Measure prefill and decode speed (tokens/s).
+    Bench(BenchArgs),
+    /// Print shell completions.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Model: `org/name`, or `org/name-GGUF:Q4_K_M` to pick a GGUF file.
+    pub model: String,
+    /// Branch, tag or commit to download.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Model name (with optional `:quantization`), local directory or .gguf file.
+    pub model: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Models to remove.
+    #[arg(required = true)]
+    pub models: Vec<String>,
+}
+
+/// Where to run.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// Device: `cpu`, `cuda`, `cuda:N` or `metal` (default: the best available).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Context length to allocate (default: the model's, capped for memory).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+}
+
+/// How tokens are chosen.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub min_p: Option<f64>,
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
+    /// Tokens considered by the repeat penalty.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long)]
+    pub presence_penalty: Option<f32>,
+    #[arg(long)]
+    pub frequency_penalty: Option<f32>,
+    /// Random seed (same seed, same output).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReasoningEffort {
+    Low,
+    Medium,
+    High,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Model name (with optional `:quantization`), local directory or .gguf file.
+    pub model: String,
+    /// Prompt for a one-shot answer; without it (and with a terminal on stdin) a chat starts.
+    pub prompt: Option<String>,
+    /// Feed the prompt as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Output format of a one-shot answer.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+    /// Print timing statistics to stderr.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Maximum tokens to generate.
+    #[arg(long, short = 'n')]
+    pub max_tokens: Option<usize>,
+    /// Stop when this text is generated (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// gpt-oss: hide the reasoning ("analysis") channel.
+    #[arg(long)]
+    pub hide_thinking: bool,
+    /// gpt-oss: reasoning effort.
+    #[arg(long, value_enum)]
+    pub reasoning_effort: Option<ReasoningEffort>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PerplexityArgs {
+    /// Model name, local directory or .gguf file.
+    pub model: String,
+    /// Text file to score.
+    #[arg(long, short)]
+    pub file: PathBuf,
+    /// Prepend the BOS token.
+    #[arg(long)]
+    pub add_bos: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model name, local directory or .gguf file.
+    pub model: String,
+    /// Prompt tokens to prefill.
+    #[arg(short = 'p', long = "prompt-tokens", default_value_t = 256)]
+    pub prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(short = 'n', long = "gen-tokens", default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Repetitions (the median is reported).
+    #[arg(short = 'r', long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// Shell to generate completions for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Pull(a) => pull::run(a),
+        Command::List(a) => list::run(a),
+        Command::Show(a) => show::run(a),
+        Command::Rm(a) => rm::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Completions(a) => completions::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("Error: {err:#}");
+            ExitCode::from(crate::error::exit_code_for(&err))
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! `xllm perplexity`.
+
+use super::PerplexityArgs;
+
+pub fn run(_args: PerplexityArgs) -> anyhow::Result<()> {
+    anyhow::bail!("`xllm perplexity` is not implemented yet")
+}

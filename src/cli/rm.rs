@@ -1,0 +1,7 @@
+//! `xllm rm`.
+
+use super::RmArgs;
+
+pub fn run(_args: RmArgs) -> anyhow::Result<()> {
+    anyhow::bail!("`xllm rm` is not implemented yet")
+}

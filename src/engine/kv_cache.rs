@@ -1,0 +1,177 @@
+//! The KV cache we own. One [`KvStore`] per attention layer per sequence, so a future server can
+//! hold many sequences of different lengths (each with its own [`SequenceCache`]).
+//!
+//! Storage is preallocated in chunks of [`KV_CHUNK_TOKENS`] tokens and grown by whole chunks, never
+//! reallocated per token. Quantized stores (`kv_int8`, `kv_fp8`) quantize on write and hand
+//! attention dequantized keys/values in the compute dtype.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::quant::KvProfile;
+
+/// Growth step of every KV store, in tokens.
+pub const KV_CHUNK_TOKENS: usize = 256;
+
+/// Keys and values of one attention layer for one sequence.
+///
+/// Tensors are `[1, kv_heads, tokens, head_dim]` (batch of one: the cache is per sequence).
+pub trait KvStore: Send {
+    /// Appends `k`, `v` (`[1, kv_heads, t, head_dim]`, compute dtype) and returns all cached keys
+    /// and values so far, `[1, kv_heads, len, head_dim]` in the compute dtype.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// Tokens cached.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes currently allocated for this layer (capacity, scales included).
+    fn allocated_bytes(&self) -> usize;
+    /// Forgets every token but keeps the allocation.
+    fn clear(&mut self);
+    /// Drops tokens after `len` (used to rewind a sequence).
+    fn truncate(&mut self, len: usize);
+}
+
+/// Shape of one layer's cache, shared by all stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Hard limit (the model's or the user's context length).
+    pub max_tokens: usize,
+}
+
+/// Unquantized store in the compute dtype.
+pub struct DenseKvStore {
+    layout: KvLayout,
+    dtype: DType,
+    device: Device,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl DenseKvStore {
+    pub fn new(layout: KvLayout, dtype: DType, device: &Device) -> Self {
+        Self {
+            layout,
+            dtype,
+            device: device.clone(),
+            k: None,
+            v: None,
+            len: 0,
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
+    }
+
+    /// Makes room for `needed` tokens, growing by whole chunks (bounded by `max_tokens`).
+    fn reserve(&mut self, needed: usize) -> Result<()> {
+        if needed <= self.capacity() {
+            return Ok(());
+        }
+        if needed > self.layout.max_tokens {
+            candle_core::bail!(
+                "KV cache full: {needed} tokens exceed the context limit of {}",
+                self.layout.max_tokens
+            );
+        }
+        let new_cap = needed
+            .div_ceil(KV_CHUNK_TOKENS)
+            .saturating_mul(KV_CHUNK_TOKENS)
+            .min(self.layout.max_tokens);
+        let shape = (1, self.layout.kv_heads, new_cap, self.layout.head_dim);
+        let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+            let fresh = Tensor::zeros(shape, self.dtype, &self.device)?;
+            if let Some(old) = old {
+                fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            Ok(fresh)
+        };
+        let k = grow(self.k.as_ref())?;
+        let v = grow(self.v.as_ref())?;
+        self.k = Some(k);
+        self.v = Some(v);
+        Ok(())
+    }
+}
+
+impl KvStore for DenseKvStore {
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        self.reserve(self.len + t)?;
+        let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        kc.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 2, self.len)?;
+        vc.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 2, self.len)?;
+        self.len += t;
+        Ok((kc.narrow(2, 0, self.len)?, vc.narrow(2, 0, self.len)?))
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        2 * self.capacity() * self.layout.kv_heads * self.layout.head_dim * self.dtype.size_in_bytes()
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+/// Builds the store for a profile. Quantized profiles are added by the KV-quantization module.
+pub fn new_store(
+    profile: KvProfile,
+    layout: KvLayout,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn KvStore>> {
+    match profile {
+        KvProfile::Default => Ok(Box::new(DenseKvStore::new(layout, dtype, device))),
+        other => candle_core::bail!("KV profile {other} is not implemented yet"),
+    }
+}
+
+/// All layers' caches for one sequence.
+pub struct SequenceCache {
+    pub layers: Vec<Box<dyn KvStore>>,
+}
+
+impl SequenceCache {
+    pub fn new(
+        profile: KvProfile,
+        layers: usize,
+        layout: KvLayout,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let layers = (0..layers)
+            .map(|_| new_store(profile, layout, dtype, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+
+    /// Tokens already in the cache: the position of the next token.
+    pub fn position(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len())
+    }
+
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.allocated_bytes()).sum()
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.clear());
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        self.layers.iter_mut().for_each(|l| l.truncate(len));
+    }
+}

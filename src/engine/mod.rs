@@ -1,0 +1,4 @@
+//! Generation: tokenizer + chat template → prefill → decode loop with KV cache, sampling, stop
+//! conditions, streaming callback and cancellation. Drivable step by step (no stdout here).
+
+pub mod kv_cache;

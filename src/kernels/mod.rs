@@ -1,0 +1,1 @@
+//! Kernels of our own (CPU reference; CUDA and Metal behind features): MXFP4 matmul, MoE dispatch.

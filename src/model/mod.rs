@@ -1,0 +1,1 @@
+//! Reading model files: config.json, safetensors (mmap), GGUF; metadata for `show`/manifests.
