@@ -17,7 +17,7 @@
 
 use std::marker::PhantomData;
 
-use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, DeviceLocation, Result, Storage, Tensor};
 use float8::F8E4M3;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -39,7 +39,7 @@ pub trait ByteCodec: Send + Sync + 'static {
 
     /// Host path: one scaled value to its byte.
     fn encode(scaled: f32) -> u8;
-    /// Host path: one byte to its (unscaled) value.
+    /// Host path: one byte to its (unscaled) value; inlined into the dequantization loop.
     fn decode(code: u8) -> f32;
     /// Device path: scaled f32 values to a tensor of `STORAGE_DTYPE`, same results as `encode`.
     fn encode_tensor(scaled: &Tensor) -> Result<Tensor>;
@@ -65,6 +65,7 @@ impl ByteCodec for Int8Codec {
         (scaled.round().clamp(-127.0, 127.0) + INT8_OFFSET) as u8
     }
 
+    #[inline(always)]
     fn decode(code: u8) -> f32 {
         code as f32 - INT8_OFFSET
     }
@@ -95,8 +96,22 @@ impl ByteCodec for Fp8Codec {
         F8E4M3::from_f32(scaled).to_bits()
     }
 
+    /// Branch-free (vectorisable) E4M3 decoding, equal to `F8E4M3::to_f32` for every byte but
+    /// the two NaN codes, which the saturating encoder never writes.
+    #[inline(always)]
     fn decode(code: u8) -> f32 {
-        F8E4M3::from_bits(code).to_f32()
+        let code = code as u32;
+        let sign = (code & 0x80) << 24;
+        let magnitude = code & 0x7F;
+        // Normal numbers: move exponent and mantissa into f32 position and rebias (7 → 127).
+        let normal = f32::from_bits(sign | ((magnitude << 20) + (120 << 23)));
+        // Subnormals (exponent field 0): mantissa × 2^-9.
+        let subnormal = f32::from_bits(sign | (magnitude as f32 * (1.0 / 512.0)).to_bits());
+        if magnitude < 8 {
+            subnormal
+        } else {
+            normal
+        }
     }
 
     fn encode_tensor(scaled: &Tensor) -> Result<Tensor> {
@@ -120,18 +135,20 @@ pub type Int8KvStore = ScaledKvStore<Int8Codec>;
 /// `kv_fp8`: FP8 E4M3 with an f16 scale per token per KV head.
 pub type Fp8KvStore = ScaledKvStore<Fp8Codec>;
 
-/// Fails with `unsupported quantization` when `profile` cannot run on `device`, naming the
-/// device and what would work there. Call before loading anything.
+/// Fails with `unsupported quantization` when `profile` cannot run on the device at `location`,
+/// naming the device and what would work there. Takes a location rather than a device so it can
+/// run before anything is loaded or any device is opened (`--device metal:0` can be checked on a
+/// machine without Metal).
 pub fn check_kv_profile_on_device(
     profile: KvProfile,
-    device: &Device,
+    location: DeviceLocation,
 ) -> std::result::Result<(), QuantError> {
-    if profile == KvProfile::KvFp8 && device.is_metal() {
+    if let (KvProfile::KvFp8, DeviceLocation::Metal { gpu_id }) = (profile, location) {
         return Err(QuantError::Unsupported {
             token: profile.token().to_string(),
-            subject: "device metal".to_string(),
+            subject: format!("device metal:{gpu_id}"),
             reason: "candle has no FP8 (E4M3) conversion kernels on Metal".to_string(),
-            alternatives: "use kv_int8, or no suffix for the unquantized cache".to_string(),
+            alternatives: "use kv_int8 there, or no suffix for the unquantized cache".to_string(),
         });
     }
     Ok(())
@@ -158,8 +175,6 @@ pub struct ScaledKvStore<C: ByteCodec> {
     planes: Option<(Plane, Plane)>,
     capacity: usize,
     len: usize,
-    /// Decode table indexed by byte.
-    lut: [f32; 256],
     codec: PhantomData<C>,
 }
 
@@ -167,7 +182,8 @@ impl<C: ByteCodec> ScaledKvStore<C> {
     /// A store that returns keys/values in `dtype` (f32, f16 or bf16). Fails with
     /// `unsupported quantization` if the device cannot run this profile.
     pub fn new(layout: KvLayout, dtype: DType, device: &Device) -> Result<Self> {
-        check_kv_profile_on_device(C::PROFILE, device).map_err(candle_core::Error::wrap)?;
+        check_kv_profile_on_device(C::PROFILE, device.location())
+            .map_err(candle_core::Error::wrap)?;
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             candle_core::bail!(
                 "{} KV cache cannot return {dtype:?}: expected f32, f16 or bf16",
@@ -182,7 +198,6 @@ impl<C: ByteCodec> ScaledKvStore<C> {
             planes: None,
             capacity: 0,
             len: 0,
-            lut: std::array::from_fn(|code| C::decode(code as u8)),
             codec: PhantomData,
         })
     }
@@ -240,14 +255,7 @@ impl<C: ByteCodec> ScaledKvStore<C> {
     /// compute dtype.
     fn dequantize(&self, plane: &Plane) -> Result<Tensor> {
         if self.host_path {
-            dequantize_host::<C>(
-                plane,
-                &self.lut,
-                self.layout,
-                self.capacity,
-                self.len,
-                self.dtype,
-            )
+            dequantize_host::<C>(plane, self.layout, self.capacity, self.len, self.dtype)
         } else {
             let codes = plane.codes.narrow(2, 0, self.len)?;
             let scales = plane.scales.narrow(2, 0, self.len)?.to_dtype(DType::F32)?;
@@ -347,11 +355,14 @@ fn quantize_tensor_ops<C: ByteCodec>(x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((codes, scales))
 }
 
-/// Fused CPU dequantization of the first `len` tokens: rayon over `(head, token)` rows, a table
-/// lookup and one multiply per element, written straight in the compute dtype.
+/// Tokens per parallel task of the host dequantization (per head).
+const DEQUANT_BLOCK_TOKENS: usize = 128;
+
+/// Fused CPU dequantization of the first `len` tokens: rayon over blocks of tokens of each
+/// head (contiguous codes in, contiguous rows out), one branch-free decode and one multiply per
+/// element, written straight in the compute dtype.
 fn dequantize_host<C: ByteCodec>(
     plane: &Plane,
-    lut: &[f32; 256],
     layout: KvLayout,
     capacity: usize,
     len: usize,
@@ -365,52 +376,71 @@ fn dequantize_host<C: ByteCodec>(
     else {
         candle_core::bail!("host KV dequantization needs CPU tensors");
     };
-    // The planes are whole, freshly allocated tensors: contiguous from their start offset.
+    // The planes are whole tensors we allocated: contiguous `[1, heads, capacity, ...]` from
+    // their start offset.
     let codes = &C::code_bytes(code_storage)?[code_layout.start_offset()..];
     let scales = &scale_storage.as_slice::<f16>()?[scale_layout.start_offset()..];
-    let row = |index: usize| {
-        let (h, t) = (index / len, index % len);
-        let at = h * capacity + t;
-        (&codes[at * dim..(at + 1) * dim], scales[at].to_f32())
-    };
-    fn decode_into<'a, T: Send>(
-        out: &mut [T],
-        dim: usize,
-        row: impl Fn(usize) -> (&'a [u8], f32) + Sync,
-        lut: &[f32; 256],
-        convert: impl Fn(f32) -> T + Sync,
-    ) {
-        out.par_chunks_mut(dim)
-            .enumerate()
-            .with_min_len(16)
-            .for_each(|(i, out_row)| {
-                let (code_row, scale) = row(i);
-                for (o, &c) in out_row.iter_mut().zip(code_row) {
-                    *o = convert(lut[c as usize] * scale);
-                }
-            });
-    }
     let shape = (1, heads, len, dim);
-    let n = heads * len * dim;
     let device = plane.codes.device();
     match dtype {
         DType::F32 => {
-            let mut out = vec![0f32; n];
-            decode_into(&mut out, dim, row, lut, |v| v);
+            let out = decode_planes::<C, f32>(codes, scales, heads, capacity, len, dim, |v| v);
             Tensor::from_vec(out, shape, device)
         }
         DType::F16 => {
-            let mut out = vec![f16::ZERO; n];
-            decode_into(&mut out, dim, row, lut, f16::from_f32);
+            let out =
+                decode_planes::<C, f16>(codes, scales, heads, capacity, len, dim, f16::from_f32);
             Tensor::from_vec(out, shape, device)
         }
         DType::BF16 => {
-            let mut out = vec![bf16::ZERO; n];
-            decode_into(&mut out, dim, row, lut, bf16::from_f32);
+            let out =
+                decode_planes::<C, bf16>(codes, scales, heads, capacity, len, dim, bf16::from_f32);
             Tensor::from_vec(out, shape, device)
         }
         other => candle_core::bail!("KV cache cannot return {other:?}"),
     }
+}
+
+/// Decodes `len` tokens of every head from `[heads, capacity, dim]` codes and
+/// `[heads, capacity]` scales into a `[heads, len, dim]` buffer.
+fn decode_planes<C: ByteCodec, T: Copy + Default + Send>(
+    codes: &[u8],
+    scales: &[f16],
+    heads: usize,
+    capacity: usize,
+    len: usize,
+    dim: usize,
+    convert: impl Fn(f32) -> T + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::default(); heads * len * dim];
+    if len == 0 {
+        return out;
+    }
+    // One task per block of tokens of one head: blocks never straddle heads, so each reads
+    // contiguous codes and writes contiguous rows.
+    out.par_chunks_mut(len * dim)
+        .enumerate()
+        .for_each(|(h, out_head)| {
+            let head_codes = &codes[h * capacity * dim..][..len * dim];
+            let head_scales = &scales[h * capacity..][..len];
+            out_head
+                .par_chunks_mut(DEQUANT_BLOCK_TOKENS * dim)
+                .zip(head_codes.par_chunks(DEQUANT_BLOCK_TOKENS * dim))
+                .zip(head_scales.par_chunks(DEQUANT_BLOCK_TOKENS))
+                .for_each(|((out_rows, code_rows), row_scales)| {
+                    for ((out_row, code_row), scale) in out_rows
+                        .chunks_exact_mut(dim)
+                        .zip(code_rows.chunks_exact(dim))
+                        .zip(row_scales)
+                    {
+                        let scale = scale.to_f32();
+                        for (o, &c) in out_row.iter_mut().zip(code_row) {
+                            *o = convert(C::decode(c) * scale);
+                        }
+                    }
+                });
+        });
+    out
 }
 
 #[cfg(test)]
@@ -527,6 +557,33 @@ mod tests {
         let mut store = Fp8KvStore::new(layout(1024), DType::F32, &Device::Cpu).unwrap();
         let (got, want) = fill(&mut store, &mut rng, 300, 41);
         assert_close_per_row(&flat(&got), &want, FP8_ROW_BOUND, FP8_ELEM_BOUND);
+    }
+
+    #[test]
+    fn fp8_fast_decode_matches_the_reference_for_every_byte() {
+        for code in 0..=255u8 {
+            let want = F8E4M3::from_bits(code).to_f32();
+            let got = Fp8Codec::decode(code);
+            if want.is_nan() {
+                assert!(
+                    got.is_nan() || got.abs() == 480.0,
+                    "code {code:#04x}: {got}"
+                );
+            } else {
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "code {code:#04x}: {got} vs {want}"
+                );
+            }
+        }
+        // And the encoder never writes a NaN code, even for huge or infinite inputs.
+        for v in [448.0f32, 500.0, 1e30, f32::INFINITY, -f32::INFINITY] {
+            assert!(
+                !F8E4M3::from_bits(Fp8Codec::encode(v)).to_f32().is_nan(),
+                "{v}"
+            );
+        }
     }
 
     #[test]
@@ -675,19 +732,21 @@ mod tests {
 
     #[test]
     fn fp8_is_refused_on_metal_with_alternatives() {
-        // The check is a pure function of the device kind; on CPU every profile is accepted.
+        let cpu = DeviceLocation::Cpu;
+        let cuda = DeviceLocation::Cuda { gpu_id: 0 };
+        let metal = DeviceLocation::Metal { gpu_id: 1 };
         for profile in [KvProfile::Default, KvProfile::KvInt8, KvProfile::KvFp8] {
-            check_kv_profile_on_device(profile, &Device::Cpu).unwrap();
+            check_kv_profile_on_device(profile, cpu).unwrap();
+            check_kv_profile_on_device(profile, cuda).unwrap();
         }
-        if let Ok(metal) = Device::new_metal(0) {
-            let err = check_kv_profile_on_device(KvProfile::KvFp8, &metal)
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains("unsupported quantization 'kv_fp8' for device metal"),
-                "{err}"
-            );
-            assert!(err.contains("kv_int8"), "{err}");
-        }
+        check_kv_profile_on_device(KvProfile::KvInt8, metal).unwrap();
+        let err = check_kv_profile_on_device(KvProfile::KvFp8, metal).unwrap_err();
+        assert!(matches!(err, QuantError::Unsupported { .. }));
+        let err = err.to_string();
+        assert!(
+            err.starts_with("unsupported quantization 'kv_fp8' for device metal:1: "),
+            "{err}"
+        );
+        assert!(err.contains("use kv_int8"), "{err}");
     }
 }
