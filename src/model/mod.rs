@@ -1,1 +1,2 @@
 //! Reading model files: config.json, safetensors (mmap), GGUF; metadata for `show`/manifests.
+pub mod inspect;
