@@ -114,10 +114,7 @@ impl KvStore for DenseKvStore {
     }
 
     fn allocated_bytes(&self) -> usize {
-        2 * self.capacity()
-            * self.layout.kv_heads
-            * self.layout.head_dim
-            * self.dtype.size_in_bytes()
+        2 * self.capacity() * self.layout.kv_heads * self.layout.head_dim * self.dtype.size_in_bytes()
     }
 
     fn clear(&mut self) {
