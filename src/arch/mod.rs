@@ -13,3 +13,5 @@ pub trait CausalLm: Send {
     fn forward(&self, tokens: &[u32], cache: &mut SequenceCache, last_only: bool)
         -> Result<Tensor>;
 }
+
+pub mod gpt_oss;
