@@ -3,3 +3,6 @@
 pub mod bytes;
 pub mod moe;
 pub mod mxfp4;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
