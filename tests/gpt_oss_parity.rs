@@ -52,7 +52,7 @@ fn logits_and_perplexity_match_transformers() {
     let model = load();
     let r = reference();
     let tokens = ids(&r["text_ids"]);
-    let mut cache = model.new_cache(KvProfile::Default, 4096).unwrap();
+    let mut cache = model.info().new_cache(KvProfile::Default, 4096).unwrap();
     let logits = model.forward(&tokens, &mut cache, false).unwrap();
     assert_eq!(logits.dims(), &[tokens.len(), model.config.vocab_size]);
     for (pos, want) in r["logits_at"].as_object().unwrap() {
@@ -79,14 +79,14 @@ fn chunked_prefill_and_decode_match_one_shot() {
     let model = load();
     let tokens = ids(&reference()["text_ids"]);
     let n = 120;
-    let mut one = model.new_cache(KvProfile::Default, 4096).unwrap();
+    let mut one = model.info().new_cache(KvProfile::Default, 4096).unwrap();
     let full: Vec<Vec<f32>> = model
         .forward(&tokens[..n], &mut one, false)
         .unwrap()
         .to_vec2()
         .unwrap();
     // Chunks of uneven sizes (some smaller, some larger than the window), then single tokens.
-    let mut cache = model.new_cache(KvProfile::Default, 4096).unwrap();
+    let mut cache = model.info().new_cache(KvProfile::Default, 4096).unwrap();
     let mut rows = Vec::new();
     let mut at = 0;
     for size in [5, 17, 1, 30, 3, 9] {
@@ -122,7 +122,7 @@ fn greedy_continuations_match_transformers() {
     for case in reference()["greedy"].as_array().unwrap() {
         let prompt = ids(&case["prompt"]);
         let want = ids(&case["continuation"]);
-        let mut cache = model.new_cache(KvProfile::Default, 4096).unwrap();
+        let mut cache = model.info().new_cache(KvProfile::Default, 4096).unwrap();
         let mut logits = model.forward(&prompt, &mut cache, true).unwrap();
         let mut got = Vec::new();
         for _ in 0..want.len() {
@@ -149,7 +149,7 @@ fn greedy_continuations_match_transformers() {
 #[test]
 fn out_of_vocabulary_token_is_an_error() {
     let model = load();
-    let mut cache = model.new_cache(KvProfile::Default, 64).unwrap();
+    let mut cache = model.info().new_cache(KvProfile::Default, 64).unwrap();
     let err = model
         .forward(&[100_000], &mut cache, true)
         .unwrap_err()

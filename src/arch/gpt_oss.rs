@@ -16,15 +16,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::Linear;
 use serde::Deserialize;
 
-use crate::arch::CausalLm;
-use crate::engine::kv_cache::{KvLayout, SequenceCache};
+use crate::arch::{BuildOptions, CausalLm, ModelInfo, WeightSource};
+use crate::engine::kv_cache::SequenceCache;
 use crate::kernels::bytes::SharedBytes;
 use crate::kernels::moe::{MoeExperts, SwigluParams};
-use crate::quant::KvProfile;
+use crate::model::safetensors::{shard_files, SafetensorsWeights};
 
 /// RoPE parameters as they appear under `rope_scaling` (or transformers 5's `rope_parameters`).
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -91,10 +92,8 @@ fn config_error(msg: impl std::fmt::Display) -> candle_core::Error {
 }
 
 impl GptOssConfig {
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| config_error(format!("cannot read {}: {e}", path.display())))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(config_error)?;
+    pub fn from_value(value: &serde_json::Value) -> Result<Self> {
+        let cfg = Self::deserialize(value).map_err(config_error)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -274,126 +273,54 @@ impl GptOssConfig {
     }
 }
 
-/// One tensor's place in an mmapped shard.
-struct TensorEntry {
-    shard: usize,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    start: usize,
-    len: usize,
-}
-
-/// The checkpoint's shards, mapped once; tensors are read in place.
-struct Checkpoint {
+/// The MXFP4 tensors of the checkpoint: shards mapped once (shared by every expert weight that
+/// points into them), bytes read in place.
+struct PackedTensors {
     shards: Vec<Arc<memmap2::Mmap>>,
-    entries: HashMap<String, TensorEntry>,
+    /// Tensor name → (shard, dtype, shape, byte range in the shard).
+    entries: HashMap<String, (usize, safetensors::Dtype, Vec<usize>, usize, usize)>,
 }
 
-fn load_error(msg: impl std::fmt::Display) -> candle_core::Error {
-    candle_core::Error::Msg(msg.to_string())
-}
-
-impl Checkpoint {
-    fn open(dir: &Path) -> Result<Self> {
-        let index = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index)
-                .map_err(|e| load_error(format!("cannot read {}: {e}", index.display())))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| load_error(format!("{}: {e}", index.display())))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| load_error(format!("{}: no weight_map", index.display())))?;
-            let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
-            names.sort_unstable();
-            names.dedup();
-            names.into_iter().map(|n| dir.join(n)).collect()
-        } else {
-            vec![dir.join("model.safetensors")]
-        };
+impl PackedTensors {
+    fn open(files: &[PathBuf]) -> anyhow::Result<Self> {
         let mut shards = Vec::new();
         let mut entries = HashMap::new();
         for (s, path) in files.iter().enumerate() {
             let file = std::fs::File::open(path)
-                .map_err(|e| load_error(format!("cannot open {}: {e}", path.display())))?;
-            // SAFETY: the store never rewrites a model's files in place; a concurrent truncation
-            // would be a user error outside our control, as for every mmap-based loader.
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: the store never rewrites a model's files in place (downloads are renamed
+            // into place), so the mapping is not modified under us.
             let mmap = unsafe { memmap2::Mmap::map(&file) }
-                .map_err(|e| load_error(format!("cannot map {}: {e}", path.display())))?;
-            let base = mmap.as_ptr() as usize;
-            let st = safetensors::SafeTensors::deserialize(&mmap)
-                .map_err(|e| load_error(format!("{}: {e}", path.display())))?;
-            for (name, view) in st.tensors() {
-                entries.insert(
-                    name,
-                    TensorEntry {
-                        shard: s,
-                        dtype: view.dtype(),
-                        shape: view.shape().to_vec(),
-                        start: view.data().as_ptr() as usize - base,
-                        len: view.data().len(),
-                    },
-                );
+                .with_context(|| format!("cannot memory-map {}", path.display()))?;
+            let (header_len, metadata) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    anyhow::anyhow!("{} is not a valid safetensors file ({e})", path.display())
+                })?;
+            for (name, info) in metadata.tensors() {
+                if info.dtype == safetensors::Dtype::U8 {
+                    let (a, b) = info.data_offsets;
+                    entries.insert(
+                        name,
+                        (s, info.dtype, info.shape.clone(), 8 + header_len + a, b - a),
+                    );
+                }
             }
-            drop(st);
             shards.push(Arc::new(mmap));
         }
         Ok(Self { shards, entries })
     }
 
-    fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.entries
-            .get(name)
-            .ok_or_else(|| load_error(format!("checkpoint has no tensor '{name}'")))
-    }
-
-    fn check_shape(&self, name: &str, want: &[usize]) -> Result<&TensorEntry> {
-        let e = self.entry(name)?;
-        if e.shape != want {
-            return Err(load_error(format!(
-                "tensor '{name}' has shape {:?}, expected {want:?} from config.json",
-                e.shape
-            )));
+    /// Raw bytes of a u8 tensor of the expected shape, left in the mapping.
+    fn bytes(&self, name: &str, shape: &[usize]) -> anyhow::Result<SharedBytes> {
+        let (shard, _, got, start, len) = self.entries.get(name).with_context(|| {
+            format!("tensor '{name}' is missing or not U8 (MXFP4 blocks/scales are stored as U8)")
+        })?;
+        if got != shape {
+            bail!("tensor '{name}' has shape {got:?}, expected {shape:?} from config.json");
         }
-        Ok(e)
-    }
-
-    /// Raw bytes of a u8 tensor, left in the mapping.
-    fn bytes(&self, name: &str, shape: &[usize]) -> Result<SharedBytes> {
-        let e = self.check_shape(name, shape)?;
-        if e.dtype != safetensors::Dtype::U8 {
-            return Err(load_error(format!(
-                "tensor '{name}' is {:?}, MXFP4 blocks/scales must be U8",
-                e.dtype
-            )));
-        }
-        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.shards[e.shard].clone();
-        SharedBytes::new(owner, e.start, e.len)
-            .ok_or_else(|| load_error(format!("tensor '{name}' lies outside its shard")))
-    }
-
-    /// A float tensor on `device` in `dtype`.
-    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let e = self.check_shape(name, shape)?;
-        let src = match e.dtype {
-            safetensors::Dtype::BF16 => DType::BF16,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::F32 => DType::F32,
-            other => {
-                return Err(load_error(format!(
-                    "tensor '{name}' is {other:?}, expected a float type"
-                )))
-            }
-        };
-        let data = &self.shards[e.shard][e.start..e.start + e.len];
-        Tensor::from_raw_buffer(data, src, shape, device)?.to_dtype(dtype)
-    }
-
-    fn f32_vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        self.tensor(name, shape, DType::F32, &Device::Cpu)?
-            .flatten_all()?
-            .to_vec1()
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.shards[*shard].clone();
+        SharedBytes::new(owner, *start, *len)
+            .with_context(|| format!("tensor '{name}' lies outside its shard"))
     }
 }
 
@@ -418,6 +345,7 @@ struct Layer {
 /// A loaded gpt-oss model.
 pub struct GptOss {
     pub config: GptOssConfig,
+    info: ModelInfo,
     device: Device,
     dtype: DType,
     /// Kept in the checkpoint's dtype: rows are widened on lookup.
@@ -430,71 +358,85 @@ pub struct GptOss {
 }
 
 impl GptOss {
-    /// Loads `dir` (config.json + safetensors) for `device`. Dense weights use `dtype` (f32 on
-    /// CPU); MXFP4 experts stay in the mapped files.
-    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let config = GptOssConfig::from_file(&dir.join("config.json"))?;
-        let ckpt = Checkpoint::open(dir)?;
+    /// Loads the model folder `dir` (config.json + safetensors) on `device`; dense weights in
+    /// `dtype` (f32 on CPU), MXFP4 experts left in the mapped files.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let weights = SafetensorsWeights::open_dir(dir)?;
+        let packed = PackedTensors::open(&shard_files(dir)?)?;
+        Self::from_weights(&config, &weights, &packed, device, dtype)
+    }
+
+    fn from_weights(
+        config: &serde_json::Value,
+        weights: &SafetensorsWeights,
+        packed: &PackedTensors,
+        device: &Device,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
+        let config = GptOssConfig::from_value(config)?;
         let c = &config;
         let (h, i, e) = (c.hidden_size, c.intermediate_size, c.num_local_experts);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         if h % 32 != 0 || i % 32 != 0 {
-            return Err(config_error(format!(
-                "hidden_size {h} and intermediate_size {i} must be multiples of 32 for MXFP4 experts"
-            )));
+            bail!(
+                "gpt-oss config.json: hidden_size {h} and intermediate_size {i} must be multiples of 32 for MXFP4 experts"
+            );
         }
-        let linear = |p: &str, out: usize, inp: usize| -> Result<Linear> {
-            let w = ckpt.tensor(&format!("{p}.weight"), &[out, inp], dtype, device)?;
-            let b = ckpt.tensor(&format!("{p}.bias"), &[out], dtype, device)?;
+        let dense =
+            |name: &str, shape: &[usize], dt: DType| weights.load_shaped(name, shape, dt, device);
+        let f32_vec = |name: &str, shape: &[usize]| -> anyhow::Result<Vec<f32>> {
+            Ok(weights
+                .load_shaped(name, shape, DType::F32, &Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        let linear = |p: &str, out: usize, inp: usize| -> anyhow::Result<Linear> {
+            let w = dense(&format!("{p}.weight"), &[out, inp], dtype)?;
+            let b = dense(&format!("{p}.bias"), &[out], dtype)?;
             Ok(Linear::new(w, Some(b)))
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let x = format!("{p}.mlp.experts");
-            if !ckpt
-                .entries
-                .contains_key(&format!("{x}.gate_up_proj_blocks"))
-            {
-                return Err(load_error(format!(
+            if !weights.contains(&format!("{x}.gate_up_proj_blocks")) {
+                bail!(
                     "layer {l}: experts are not MXFP4 ('{x}.gate_up_proj_blocks' missing); \
                      xllm runs gpt-oss checkpoints as openai ships them (quant_method mxfp4)"
-                )));
+                );
             }
             let experts = MoeExperts {
                 experts: e,
                 hidden: h,
                 intermediate: i,
                 top_k: c.top_k(),
-                gate_up_blocks: ckpt
+                gate_up_blocks: packed
                     .bytes(&format!("{x}.gate_up_proj_blocks"), &[e, 2 * i, h / 32, 16])?,
-                gate_up_scales: ckpt
+                gate_up_scales: packed
                     .bytes(&format!("{x}.gate_up_proj_scales"), &[e, 2 * i, h / 32])?,
-                gate_up_bias: ckpt.f32_vec(&format!("{x}.gate_up_proj_bias"), &[e, 2 * i])?,
-                down_blocks: ckpt.bytes(&format!("{x}.down_proj_blocks"), &[e, h, i / 32, 16])?,
-                down_scales: ckpt.bytes(&format!("{x}.down_proj_scales"), &[e, h, i / 32])?,
-                down_bias: ckpt.f32_vec(&format!("{x}.down_proj_bias"), &[e, h])?,
+                gate_up_bias: f32_vec(&format!("{x}.gate_up_proj_bias"), &[e, 2 * i])?,
+                down_blocks: packed.bytes(&format!("{x}.down_proj_blocks"), &[e, h, i / 32, 16])?,
+                down_scales: packed.bytes(&format!("{x}.down_proj_scales"), &[e, h, i / 32])?,
+                down_bias: f32_vec(&format!("{x}.down_proj_bias"), &[e, h])?,
                 swiglu: SwigluParams {
                     limit: c.swiglu_limit as f32,
                     alpha: c.swiglu_alpha as f32,
                 },
             };
             experts.validate()?;
-            let sinks = ckpt
-                .tensor(&format!("{p}.self_attn.sinks"), &[nh], dtype, device)?
-                .reshape((nh, 1, 1))?;
+            let sinks =
+                dense(&format!("{p}.self_attn.sinks"), &[nh], dtype)?.reshape((nh, 1, 1))?;
             layers.push(Layer {
-                input_norm: ckpt.tensor(
-                    &format!("{p}.input_layernorm.weight"),
-                    &[h],
-                    DType::F32,
-                    device,
-                )?,
-                post_attention_norm: ckpt.tensor(
+                input_norm: dense(&format!("{p}.input_layernorm.weight"), &[h], DType::F32)?,
+                post_attention_norm: dense(
                     &format!("{p}.post_attention_layernorm.weight"),
                     &[h],
                     DType::F32,
-                    device,
                 )?,
                 attn: Attention {
                     q: linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
@@ -512,31 +454,35 @@ impl GptOss {
                 experts,
             });
         }
-        let embed_entry = ckpt.check_shape("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let embed_dtype = match embed_entry.dtype {
-            safetensors::Dtype::BF16 => DType::BF16,
-            safetensors::Dtype::F16 => DType::F16,
-            _ => DType::F32,
-        };
-        let embed = ckpt.tensor(
-            "model.embed_tokens.weight",
+        // The embedding stays in its stored dtype: only looked-up rows are widened.
+        let embed_name = "model.embed_tokens.weight";
+        let embed = dense(
+            embed_name,
             &[c.vocab_size, h],
-            embed_dtype,
-            device,
+            weights.stored_dtype(embed_name)?,
         )?;
-        let head_name = if c.tie_word_embeddings && !ckpt.entries.contains_key("lm_head.weight") {
-            "model.embed_tokens.weight"
+        let head_name = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            embed_name
         } else {
             "lm_head.weight"
         };
-        let lm_head = Linear::new(
-            ckpt.tensor(head_name, &[c.vocab_size, h], dtype, device)?,
-            None,
-        );
-        let norm = ckpt.tensor("model.norm.weight", &[h], DType::F32, device)?;
+        let lm_head = Linear::new(dense(head_name, &[c.vocab_size, h], dtype)?, None);
+        let norm = dense("model.norm.weight", &[h], DType::F32)?;
         let (inv_freq, rope_scaling) = config.rope_frequencies();
+        let info = ModelInfo {
+            architecture: "gpt_oss".into(),
+            vocab_size: c.vocab_size,
+            context_length: c.max_position_embeddings,
+            cache_layers: c.num_hidden_layers,
+            kv_heads: nkv,
+            head_dim: hd,
+            cache_dtype: dtype,
+            device: device.clone(),
+            weight_format: "mxfp4+bf16".into(),
+        };
         Ok(Self {
             config,
+            info,
             device: device.clone(),
             dtype,
             embed,
@@ -546,16 +492,6 @@ impl GptOss {
             inv_freq,
             rope_scaling,
         })
-    }
-
-    /// A KV cache for one sequence of at most `max_tokens`.
-    pub fn new_cache(&self, profile: KvProfile, max_tokens: usize) -> Result<SequenceCache> {
-        let layout = KvLayout {
-            kv_heads: self.config.num_key_value_heads,
-            head_dim: self.config.head_dim(),
-            max_tokens: max_tokens.min(self.config.max_position_embeddings),
-        };
-        SequenceCache::new(profile, self.layers.len(), layout, self.dtype, &self.device)
     }
 
     /// Bytes of MXFP4 expert weights (all layers), as held in the mapped checkpoint.
@@ -663,7 +599,28 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     normed.broadcast_mul(weight)?.to_dtype(dtype)
 }
 
+/// Registry builder: safetensors only (gpt-oss ships no GGUF we read).
+pub fn build(
+    source: &WeightSource<'_>,
+    options: &BuildOptions,
+) -> anyhow::Result<Box<dyn CausalLm>> {
+    let WeightSource::Safetensors { config, weights } = source else {
+        bail!("gpt_oss models are read from safetensors (openai/gpt-oss-*), not GGUF");
+    };
+    let packed = PackedTensors::open(&weights.files())?;
+    let model = GptOss::from_weights(config, weights, &packed, &options.device, options.dtype)?;
+    Ok(Box::new(model))
+}
+
+/// Where the table finds tensor names (documentation for readers of the registry).
+pub const TENSOR_NAMES_DOC: &str = "transformers names: model.layers.N.{self_attn.{q,k,v,o}_proj,self_attn.sinks,\
+mlp.router,mlp.experts.{gate_up,down}_proj_{blocks,scales,bias}}, model.embed_tokens, model.norm, lm_head";
+
 impl CausalLm for GptOss {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
     fn forward(
         &self,
         tokens: &[u32],
