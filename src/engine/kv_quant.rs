@@ -23,6 +23,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::kv_cache::{KvContents, KvLayout, KvStore, KV_CHUNK_TOKENS};
+use crate::device::DeviceRequest;
 use crate::quant::{KvProfile, QuantError, KV_SCALE_BYTES};
 
 /// Largest finite f16, the ceiling of a stored scale.
@@ -152,6 +153,21 @@ pub fn check_kv_profile_on_device(
         });
     }
     Ok(())
+}
+
+/// [`check_kv_profile_on_device`] for what the user asked with `--device`, before any device is
+/// opened. `auto` passes here; the store checks again once the device is known.
+pub fn check_kv_profile_on_request(
+    profile: KvProfile,
+    request: DeviceRequest,
+) -> std::result::Result<(), QuantError> {
+    let location = match request {
+        DeviceRequest::Auto => return Ok(()),
+        DeviceRequest::Cpu => DeviceLocation::Cpu,
+        DeviceRequest::Cuda(gpu_id) => DeviceLocation::Cuda { gpu_id },
+        DeviceRequest::Metal(gpu_id) => DeviceLocation::Metal { gpu_id },
+    };
+    check_kv_profile_on_device(profile, location)
 }
 
 /// Codes and scales of one of K or V.
@@ -812,5 +828,13 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("use kv_int8"), "{err}");
+        // The same decision from the `--device` spelling, before a device is opened.
+        let request = |s: &str| s.parse::<DeviceRequest>().unwrap();
+        let err = check_kv_profile_on_request(KvProfile::KvFp8, request("metal")).unwrap_err();
+        assert!(err.to_string().contains("for device metal:0"), "{err}");
+        for ok in ["auto", "cpu", "cuda:1"] {
+            check_kv_profile_on_request(KvProfile::KvFp8, request(ok)).unwrap();
+        }
+        check_kv_profile_on_request(KvProfile::KvInt8, request("metal:2")).unwrap();
     }
 }
