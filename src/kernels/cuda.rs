@@ -588,3 +588,7 @@ pub fn attention(q: &Tensor, kv: &KvView, params: &AttentionParams) -> Result<Te
     unsafe { b.launch(grid(q_len, heads, 1, 128, 0)) }.w()?;
     Ok(out)
 }
+
+#[cfg(test)]
+#[path = "cuda_tests.rs"]
+mod tests;
