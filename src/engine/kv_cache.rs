@@ -114,7 +114,10 @@ impl KvStore for DenseKvStore {
     }
 
     fn allocated_bytes(&self) -> usize {
-        2 * self.capacity() * self.layout.kv_heads * self.layout.head_dim * self.dtype.size_in_bytes()
+        2 * self.capacity()
+            * self.layout.kv_heads
+            * self.layout.head_dim
+            * self.dtype.size_in_bytes()
     }
 
     fn clear(&mut self) {
@@ -126,7 +129,7 @@ impl KvStore for DenseKvStore {
     }
 }
 
-/// Builds the store for a profile. Quantized profiles are added by the KV-quantization module.
+/// Builds the store for a profile (quantized ones live in `kv_quant`).
 pub fn new_store(
     profile: KvProfile,
     layout: KvLayout,
@@ -135,7 +138,12 @@ pub fn new_store(
 ) -> Result<Box<dyn KvStore>> {
     match profile {
         KvProfile::Default => Ok(Box::new(DenseKvStore::new(layout, dtype, device))),
-        other => candle_core::bail!("KV profile {other} is not implemented yet"),
+        KvProfile::KvInt8 => Ok(Box::new(super::kv_quant::Int8KvStore::new(
+            layout, dtype, device,
+        )?)),
+        KvProfile::KvFp8 => Ok(Box::new(super::kv_quant::Fp8KvStore::new(
+            layout, dtype, device,
+        )?)),
     }
 }
 

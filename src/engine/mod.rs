@@ -2,3 +2,4 @@
 //! conditions, streaming callback and cancellation. Drivable step by step (no stdout here).
 
 pub mod kv_cache;
+pub mod kv_quant;

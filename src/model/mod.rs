@@ -1,1 +1,5 @@
 //! Reading model files: config.json, safetensors (mmap), GGUF; metadata for `show`/manifests.
+
+pub mod config;
+pub mod gguf;
+pub mod safetensors;
