@@ -142,7 +142,7 @@ fn mxfp4_matmul_matches_cpu_reference() {
                 .unwrap();
             let y = mxfp4_matmul(
                 &xt,
-                &Mxfp4Weight {
+                &DeviceMxfp4 {
                     blocks: &blocks,
                     scales: &scales,
                     bias: Some(&bias),
@@ -173,7 +173,7 @@ fn mxfp4_matmul_rejects_mismatched_shapes() {
     let x = Tensor::zeros((1, 32), DType::F32, &dev).unwrap();
     let err = mxfp4_matmul(
         &x,
-        &Mxfp4Weight {
+        &DeviceMxfp4 {
             blocks: &blocks,
             scales: &scales,
             bias: None,
@@ -208,13 +208,13 @@ fn moe_forward_matches_cpu_reference() {
         .collect();
     let (gub, gus, gubias) = upload_weight(&gu, Some(experts), 2 * inter, hidden, &dev);
     let (db, ds, dbias) = upload_weight(&down, Some(experts), hidden, inter, &dev);
-    let moe = MoeExperts {
-        gate_up: Mxfp4Weight {
+    let moe = DeviceMoe {
+        gate_up: DeviceMxfp4 {
             blocks: &gub,
             scales: &gus,
             bias: Some(&gubias),
         },
-        down: Mxfp4Weight {
+        down: DeviceMxfp4 {
             blocks: &db,
             scales: &ds,
             bias: Some(&dbias),
@@ -617,13 +617,13 @@ fn bench_moe_decode_against_copy_bandwidth() {
     );
     let gubias = Tensor::zeros((experts, 2 * inter), DType::BF16, &dev).unwrap();
     let dbias = Tensor::zeros((experts, hidden), DType::BF16, &dev).unwrap();
-    let moe = MoeExperts {
-        gate_up: Mxfp4Weight {
+    let moe = DeviceMoe {
+        gate_up: DeviceMxfp4 {
             blocks: &gub,
             scales: &gus,
             bias: Some(&gubias),
         },
-        down: Mxfp4Weight {
+        down: DeviceMxfp4 {
             blocks: &db,
             scales: &ds,
             bias: Some(&dbias),
@@ -690,7 +690,7 @@ fn bench_moe_decode_against_copy_bandwidth() {
     );
 
     // Prefill: 512 tokens through one expert-sized dense MXFP4 matmul.
-    let w0 = Mxfp4Weight {
+    let w0 = DeviceMxfp4 {
         blocks: &gub.get(0).unwrap(),
         scales: &gus.get(0).unwrap(),
         bias: None,
@@ -704,4 +704,86 @@ fn bench_moe_decode_against_copy_bandwidth() {
         mm_s * 1e6,
         flops / mm_s / 1e12
     );
+}
+
+/// The CPU ops of `kernels::mxfp4` / `kernels::moe` (the project's references) against their own
+/// `cuda_fwd`, on the same inputs.
+#[test]
+fn cpu_ops_and_their_cuda_fwd_agree() {
+    use crate::kernels::bytes::SharedBytes;
+    use crate::kernels::{moe, mxfp4};
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(19);
+    let (out, inf) = (96, 128);
+    let w = random_mxfp4(&mut rng, 1, out, inf);
+    let weight = mxfp4::Mxfp4Weight::new(
+        SharedBytes::from_vec(w.blocks),
+        SharedBytes::from_vec(w.scales),
+        out,
+        inf,
+    )
+    .unwrap();
+    for tokens in [1, 5, 37] {
+        let x = Tensor::from_vec(
+            (0..tokens * inf)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect::<Vec<_>>(),
+            (tokens, inf),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let cpu = to_vec(&weight.forward(&x).unwrap());
+        let cuda = to_vec(&weight.forward(&x.to_device(&dev).unwrap()).unwrap());
+        let err = rel_err(&cuda, &cpu);
+        assert!(err <= 1e-4, "mxfp4 op, tokens={tokens}: {err}");
+    }
+
+    let (experts, hidden, inter, k) = (6, 64, 64, 2);
+    let gu = random_mxfp4(&mut rng, experts, 2 * inter, hidden);
+    let dn = random_mxfp4(&mut rng, experts, hidden, inter);
+    let layer = moe::MoeExperts {
+        experts,
+        hidden,
+        intermediate: inter,
+        top_k: k,
+        gate_up_blocks: SharedBytes::from_vec(gu.blocks),
+        gate_up_scales: SharedBytes::from_vec(gu.scales),
+        gate_up_bias: gu.bias,
+        down_blocks: SharedBytes::from_vec(dn.blocks),
+        down_scales: SharedBytes::from_vec(dn.scales),
+        down_bias: dn.bias,
+        swiglu: moe::SwigluParams {
+            limit: SWIGLU_LIMIT,
+            alpha: SWIGLU_ALPHA,
+        },
+    };
+    for tokens in [1, 9, 30] {
+        let x = Tensor::from_vec(
+            (0..tokens * hidden)
+                .map(|_| rng.random_range(-0.3f32..0.3))
+                .collect::<Vec<_>>(),
+            (tokens, hidden),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let logits = Tensor::from_vec(
+            (0..tokens * experts)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect::<Vec<_>>(),
+            (tokens, experts),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let cpu = to_vec(&layer.forward(&x, &logits).unwrap());
+        let cuda = to_vec(
+            &layer
+                .forward(
+                    &x.to_device(&dev).unwrap(),
+                    &logits.to_device(&dev).unwrap(),
+                )
+                .unwrap(),
+        );
+        let err = rel_err(&cuda, &cpu);
+        assert!(err <= 1e-4, "moe op, tokens={tokens}: {err}");
+    }
 }
