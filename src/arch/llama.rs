@@ -635,3 +635,70 @@ mod tests {
         assert_eq!(y, vec![3.5, 7., 10.]);
     }
 }
+
+#[cfg(test)]
+mod quantized_tests {
+    use super::*;
+
+    /// The quantized path must agree with a dense matmul on the dequantized weight.
+    #[test]
+    fn quantized_linear_matches_dequantized() {
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+        ] {
+            for rows in [1usize, 7] {
+                let dev = Device::Cpu;
+                let w = Tensor::randn(0f32, 1.0, (192, 512), &dev).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let dense = q.dequantize(&dev).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (1, rows, 512), &dev).unwrap();
+                let a = Linear::new(Weight::Quantized(Arc::new(q)), None)
+                    .forward(&x)
+                    .unwrap();
+                let b = Linear::new(Weight::Dense(dense), None).forward(&x).unwrap();
+                let err = (&a - &b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    err / scale < 0.05,
+                    "{dtype:?} rows={rows}: error {err} vs scale {scale}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_embedding_matches_dequantized() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (300, 576), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let dense = q.dequantize(&dev).unwrap();
+        let ids = Tensor::new(&[5u32, 299, 0, 17], &dev).unwrap();
+        let a = embed(&Weight::Quantized(Arc::new(q)), &ids, DType::F32).unwrap();
+        let b = embed(&Weight::Dense(dense), &ids, DType::F32).unwrap();
+        let err = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-6, "embedding rows differ by {err}");
+    }
+}
