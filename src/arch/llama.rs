@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+use super::qlinear::Q41Matrix;
 use super::rope::{Rope, RopeLayout};
 use super::{BuildOptions, CausalLm, ModelInfo, WeightSource};
 use crate::engine::kv_cache::{KvStore, SequenceCache};
@@ -89,6 +90,8 @@ pub enum Weight {
     Dense(Tensor),
     /// GGUF blocks through candle's quantized matmul (f32 activations).
     Quantized(Arc<QTensor>),
+    /// GGUF Q4_1 through our own kernel (candle's is scalar on x86).
+    Q41(Arc<Q41Matrix>),
 }
 
 pub struct Linear {
@@ -120,6 +123,7 @@ impl Linear {
                 y.reshape(out)?
             }
             Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(x)?,
+            Weight::Q41(q) => q.forward(x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -133,6 +137,7 @@ fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
     match weight {
         Weight::Dense(w) => w.index_select(ids, 0)?.to_dtype(dtype),
         Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
+        Weight::Q41(_) => candle_core::bail!("Q4_1 token embeddings are not supported"),
     }
 }
 
@@ -248,6 +253,14 @@ impl Loader for GgufLoader<'_> {
                 q.dequantize(&self.options.device)?
                     .to_dtype(self.options.dtype)?,
             ),
+            GgmlDType::Q4_1 if self.options.device.is_cpu() && role != Role::Embed => {
+                let (rows, cols) = q.shape().dims2()?;
+                Weight::Q41(Arc::new(Q41Matrix::new(
+                    q.data()?.into_owned(),
+                    rows,
+                    cols,
+                )?))
+            }
             _ => Weight::Quantized(Arc::new(q)),
         })
     }

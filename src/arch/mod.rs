@@ -9,6 +9,7 @@ use crate::model::safetensors::SafetensorsWeights;
 use crate::quant::KvProfile;
 
 pub mod llama;
+pub mod qlinear;
 pub mod rope;
 
 /// A causal language model ready to run on a device.
