@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+use super::bf16_linear::Bf16Matrix;
 use super::qlinear::Q41Matrix;
 use super::rope::{Rope, RopeLayout};
 use super::{BuildOptions, CausalLm, ModelInfo, WeightSource};
@@ -92,6 +93,8 @@ pub enum Weight {
     Quantized(Arc<QTensor>),
     /// GGUF Q4_1 through our own kernel (candle's is scalar on x86).
     Q41(Arc<Q41Matrix>),
+    /// bf16 safetensors weights kept as stored, through our own kernel (CPU).
+    Bf16(Arc<Bf16Matrix>),
 }
 
 pub struct Linear {
@@ -124,6 +127,7 @@ impl Linear {
             }
             Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(x)?,
             Weight::Q41(q) => q.forward(x)?,
+            Weight::Bf16(w) => w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -138,6 +142,7 @@ fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         Weight::Dense(w) => w.index_select(ids, 0)?.to_dtype(dtype),
         Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
         Weight::Q41(_) => candle_core::bail!("Q4_1 token embeddings are not supported"),
+        Weight::Bf16(w) => w.gather_rows(&ids.to_vec1::<u32>()?)?.to_dtype(dtype),
     }
 }
 
@@ -196,6 +201,18 @@ impl Loader for SafetensorsLoader<'_> {
     fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight> {
         let name = format!("{}.weight", role.hf_name(layer));
         let stored = self.weights.stored_dtype(&name)?;
+        if self.options.keep_weight_dtype && stored == DType::BF16 && self.options.device.is_cpu() {
+            let raw = self.weights.raw(&name)?;
+            if raw.shape != shape {
+                bail!(
+                    "tensor '{name}' has shape {:?}, expected {shape:?} from config.json",
+                    raw.shape
+                );
+            }
+            let m = Bf16Matrix::from_le_bytes(raw.data, shape[0], shape[1])?;
+            self.weights.release_pages(&name);
+            return Ok(Weight::Bf16(Arc::new(m)));
+        }
         let dtype = if self.options.keep_weight_dtype && matches!(stored, DType::BF16 | DType::F16)
         {
             stored

@@ -8,6 +8,7 @@ use crate::model::gguf::GgufFile;
 use crate::model::safetensors::SafetensorsWeights;
 use crate::quant::KvProfile;
 
+pub mod bf16_linear;
 pub mod llama;
 pub mod qlinear;
 pub mod rope;
