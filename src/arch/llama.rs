@@ -1,0 +1,637 @@
+//! Llama-family decoder (llama, mistral, qwen2, qwen3): RMSNorm, GQA attention with RoPE
+//! (all scaling variants), optional q/k/v biases (qwen2), per-head q/k RMSNorm (qwen3), sliding
+//! windows (mistral, qwen2), SwiGLU MLP, tied or separate LM head. Reads safetensors (HF names) or
+//! GGUF (llama.cpp names, quantized matmuls through candle's `QMatMul`).
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+use super::rope::{Rope, RopeLayout};
+use super::{BuildOptions, CausalLm, ModelInfo, WeightSource};
+use crate::engine::kv_cache::{KvStore, SequenceCache};
+use crate::model::config::{LlamaConfig, RopeConfig, RopeScaling};
+use crate::model::gguf::GgufFile;
+use crate::model::safetensors::SafetensorsWeights;
+
+/// Where the tensor-name mapping lives (shown by the architecture table).
+pub const TENSOR_NAMES_DOC: &str = "llama::Role::{hf_name, gguf_name}";
+
+/// A weight's role in the network, mapped to the names of each file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Embed,
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    QNorm,
+    KNorm,
+    FfnNorm,
+    Gate,
+    Up,
+    Down,
+    FinalNorm,
+    LmHead,
+}
+
+impl Role {
+    /// Name in transformers checkpoints (without `.weight`/`.bias`).
+    pub fn hf_name(self, layer: usize) -> String {
+        let l = format!("model.layers.{layer}");
+        match self {
+            Role::Embed => "model.embed_tokens".into(),
+            Role::AttnNorm => format!("{l}.input_layernorm"),
+            Role::Q => format!("{l}.self_attn.q_proj"),
+            Role::K => format!("{l}.self_attn.k_proj"),
+            Role::V => format!("{l}.self_attn.v_proj"),
+            Role::O => format!("{l}.self_attn.o_proj"),
+            Role::QNorm => format!("{l}.self_attn.q_norm"),
+            Role::KNorm => format!("{l}.self_attn.k_norm"),
+            Role::FfnNorm => format!("{l}.post_attention_layernorm"),
+            Role::Gate => format!("{l}.mlp.gate_proj"),
+            Role::Up => format!("{l}.mlp.up_proj"),
+            Role::Down => format!("{l}.mlp.down_proj"),
+            Role::FinalNorm => "model.norm".into(),
+            Role::LmHead => "lm_head".into(),
+        }
+    }
+
+    /// Name in llama.cpp GGUF files (without `.weight`/`.bias`).
+    pub fn gguf_name(self, layer: usize) -> String {
+        let l = format!("blk.{layer}");
+        match self {
+            Role::Embed => "token_embd".into(),
+            Role::AttnNorm => format!("{l}.attn_norm"),
+            Role::Q => format!("{l}.attn_q"),
+            Role::K => format!("{l}.attn_k"),
+            Role::V => format!("{l}.attn_v"),
+            Role::O => format!("{l}.attn_output"),
+            Role::QNorm => format!("{l}.attn_q_norm"),
+            Role::KNorm => format!("{l}.attn_k_norm"),
+            Role::FfnNorm => format!("{l}.ffn_norm"),
+            Role::Gate => format!("{l}.ffn_gate"),
+            Role::Up => format!("{l}.ffn_up"),
+            Role::Down => format!("{l}.ffn_down"),
+            Role::FinalNorm => "output_norm".into(),
+            Role::LmHead => "output".into(),
+        }
+    }
+}
+
+/// A projection `y = x Wᵀ (+ b)` with dense or GGUF-quantized weights.
+#[derive(Clone)]
+pub enum Weight {
+    /// `[out, in]` in any float dtype; the input is cast to it if needed.
+    Dense(Tensor),
+    /// GGUF blocks through candle's quantized matmul (f32 activations).
+    Quantized(Arc<QTensor>),
+}
+
+pub struct Linear {
+    weight: Weight,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// `x`: `[.., in]` → `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            Weight::Dense(w) => {
+                let dims = x.dims().to_vec();
+                let rows: usize = dims[..dims.len() - 1].iter().product();
+                let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
+                let y = if w.dtype() == x.dtype() {
+                    x2.matmul(&w.t()?)?
+                } else {
+                    x2.to_dtype(w.dtype())?
+                        .matmul(&w.t()?)?
+                        .to_dtype(x.dtype())?
+                };
+                let mut out = dims;
+                *out.last_mut().unwrap() = w.dim(0)?;
+                y.reshape(out)?
+            }
+            Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(x)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Token embedding table, dense or quantized (looked up row by row without dequantizing all).
+fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+    match weight {
+        Weight::Dense(w) => w.index_select(ids, 0)?.to_dtype(dtype),
+        Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    window: Option<usize>,
+}
+
+/// The model: weights plus shapes. Owns no cache.
+pub struct Llama {
+    embed: Weight,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+    dtype: DType,
+    info: ModelInfo,
+}
+
+/// Reads weights by role from one file format.
+trait Loader {
+    fn has(&self, role: Role, layer: usize, suffix: &str) -> bool;
+    /// A matrix `[out, in]` checked against the config.
+    fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight>;
+    /// A vector (norm weight, bias) in the compute dtype.
+    fn vector(&self, role: Role, layer: usize, suffix: &str, len: usize) -> anyhow::Result<Tensor>;
+    /// What the weights are stored as, for `show`/`bench`.
+    fn format(&self) -> String;
+}
+
+struct SafetensorsLoader<'a> {
+    weights: &'a SafetensorsWeights,
+    options: &'a BuildOptions,
+}
+
+impl Loader for SafetensorsLoader<'_> {
+    fn has(&self, role: Role, layer: usize, suffix: &str) -> bool {
+        self.weights
+            .contains(&format!("{}.{suffix}", role.hf_name(layer)))
+    }
+
+    fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight> {
+        let name = format!("{}.weight", role.hf_name(layer));
+        let stored = self.weights.stored_dtype(&name)?;
+        let dtype = if self.options.keep_weight_dtype && matches!(stored, DType::BF16 | DType::F16)
+        {
+            stored
+        } else {
+            self.options.dtype
+        };
+        Ok(Weight::Dense(self.weights.load_shaped(
+            &name,
+            &shape,
+            dtype,
+            &self.options.device,
+        )?))
+    }
+
+    fn vector(&self, role: Role, layer: usize, suffix: &str, len: usize) -> anyhow::Result<Tensor> {
+        let name = format!("{}.{suffix}", role.hf_name(layer));
+        self.weights
+            .load_shaped(&name, &[len], self.options.dtype, &self.options.device)
+    }
+
+    fn format(&self) -> String {
+        let name = Role::Embed.hf_name(0) + ".weight";
+        let stored = self
+            .weights
+            .stored_dtype(&name)
+            .map(|d| d.as_str().to_string())
+            .unwrap_or_else(|_| "?".into());
+        stored
+    }
+}
+
+struct GgufLoader<'a> {
+    file: &'a GgufFile,
+    options: &'a BuildOptions,
+}
+
+impl Loader for GgufLoader<'_> {
+    fn has(&self, role: Role, layer: usize, suffix: &str) -> bool {
+        self.file
+            .has_tensor(&format!("{}.{suffix}", role.gguf_name(layer)))
+    }
+
+    fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight> {
+        let name = format!("{}.weight", role.gguf_name(layer));
+        let q = self.file.tensor(&name, &self.options.device)?;
+        if q.shape().dims() != shape {
+            bail!(
+                "tensor '{name}' in {} has shape {:?}, expected {shape:?} from the metadata",
+                self.file.path.display(),
+                q.shape().dims()
+            );
+        }
+        Ok(match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Weight::Dense(
+                q.dequantize(&self.options.device)?
+                    .to_dtype(self.options.dtype)?,
+            ),
+            _ => Weight::Quantized(Arc::new(q)),
+        })
+    }
+
+    fn vector(&self, role: Role, layer: usize, suffix: &str, len: usize) -> anyhow::Result<Tensor> {
+        let name = format!("{}.{suffix}", role.gguf_name(layer));
+        let t = self
+            .file
+            .tensor(&name, &self.options.device)?
+            .dequantize(&self.options.device)?
+            .to_dtype(self.options.dtype)?;
+        if t.dims() != [len] {
+            bail!("tensor '{name}' has shape {:?}, expected [{len}]", t.dims());
+        }
+        Ok(t)
+    }
+
+    fn format(&self) -> String {
+        // The type of most matrices (the embedding is often kept at a higher precision).
+        let mut counts = std::collections::HashMap::new();
+        for info in self.file.content.tensor_infos.values() {
+            if info.shape.rank() == 2 {
+                *counts
+                    .entry(format!("{:?}", info.ggml_dtype))
+                    .or_insert(0usize) += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(t, _)| t)
+            .unwrap_or_default()
+    }
+}
+
+/// Builds a Llama-family model from safetensors or GGUF.
+pub fn build(
+    source: &WeightSource<'_>,
+    options: &BuildOptions,
+) -> anyhow::Result<Box<dyn CausalLm>> {
+    let model = match source {
+        WeightSource::Safetensors { config, weights } => {
+            let cfg = LlamaConfig::from_value(config).context("config.json")?;
+            let loader = SafetensorsLoader { weights, options };
+            Llama::load(&cfg, &loader, RopeLayout::Halves, None, options)?
+        }
+        WeightSource::Gguf(file) => {
+            let cfg = config_from_gguf(file)?;
+            // llama.cpp's converter permutes llama q/k rows for adjacent-pair rotation; qwen
+            // models keep the halves layout (NEOX).
+            let layout = if file.architecture()? == "llama" || file.architecture()? == "mistral" {
+                RopeLayout::Interleaved
+            } else {
+                RopeLayout::Halves
+            };
+            let freq_factors = if file.has_tensor("rope_freqs.weight") {
+                let t = file
+                    .tensor("rope_freqs.weight", &Device::Cpu)?
+                    .dequantize(&Device::Cpu)?;
+                Some(t.to_vec1::<f32>()?)
+            } else {
+                None
+            };
+            let loader = GgufLoader { file, options };
+            Llama::load(&cfg, &loader, layout, freq_factors.as_deref(), options)?
+        }
+    };
+    Ok(Box::new(model))
+}
+
+/// The Llama-family config from GGUF metadata (`{arch}.*` keys).
+pub fn config_from_gguf(file: &GgufFile) -> anyhow::Result<LlamaConfig> {
+    let arch = file.architecture()?.to_string();
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = file.require_usize(&key("embedding_length"))?;
+    let heads = file.require_usize(&key("attention.head_count"))?;
+    let kv_heads = file
+        .get_usize(&key("attention.head_count_kv"))
+        .unwrap_or(heads);
+    let head_dim = file
+        .get_usize(&key("attention.key_length"))
+        .unwrap_or(hidden / heads.max(1));
+    let layers = file.require_usize(&key("block_count"))?;
+    let context = file.get_usize(&key("context_length")).unwrap_or(2048);
+    let vocab = match file.get_usize(&key("vocab_size")) {
+        Some(v) => v,
+        None => file
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| v.len())
+            .context("GGUF has neither a vocab_size nor a token list")?,
+    };
+    let factor = file.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0);
+    let original = file
+        .get_usize(&key("rope.scaling.original_context_length"))
+        .unwrap_or(context);
+    let scaling = match file.get_str(&key("rope.scaling.type")) {
+        Some("linear") if factor != 1.0 => RopeScaling::Linear { factor },
+        Some("yarn") => RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: original,
+            beta_fast: file
+                .get_f64(&key("rope.scaling.yarn_beta_fast"))
+                .unwrap_or(32.0),
+            beta_slow: file
+                .get_f64(&key("rope.scaling.yarn_beta_slow"))
+                .unwrap_or(1.0),
+            attention_factor: 0.1 * factor.ln() + 1.0,
+            truncate: true,
+        },
+        _ => RopeScaling::Default,
+    };
+    let window = file.get_usize(&key("attention.sliding_window"));
+    let eos = file
+        .get_usize("tokenizer.ggml.eos_token_id")
+        .map(|v| vec![v as u32])
+        .unwrap_or_default();
+    Ok(LlamaConfig {
+        model_type: arch.clone(),
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: file.require_usize(&key("feed_forward_length"))?,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: file
+            .get_f64(&key("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5),
+        rope: RopeConfig {
+            theta: file.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
+            scaling,
+            rotary_dim: file
+                .get_usize(&key("rope.dimension_count"))
+                .unwrap_or(head_dim),
+        },
+        max_position_embeddings: context,
+        tie_word_embeddings: !file.has_tensor("output.weight"),
+        qkv_bias: file.has_tensor("blk.0.attn_q.bias"),
+        o_bias: file.has_tensor("blk.0.attn_output.bias"),
+        mlp_bias: file.has_tensor("blk.0.ffn_up.bias"),
+        qk_norm: file.has_tensor("blk.0.attn_q_norm.weight"),
+        sliding_window: vec![window; layers],
+        bos_token_id: file
+            .get_usize("tokenizer.ggml.bos_token_id")
+            .map(|v| v as u32),
+        eos_token_ids: eos,
+        torch_dtype: None,
+    })
+}
+
+impl Llama {
+    fn load(
+        cfg: &LlamaConfig,
+        loader: &dyn Loader,
+        layout: RopeLayout,
+        freq_factors: Option<&[f32]>,
+        options: &BuildOptions,
+    ) -> anyhow::Result<Self> {
+        let (h, q_out, kv_out) = (
+            cfg.hidden_size,
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        let linear = |role: Role, layer: usize, out: usize, inp: usize, bias: bool| {
+            let w = loader.matrix(role, layer, [out, inp])?;
+            let b = if bias && loader.has(role, layer, "bias") {
+                Some(loader.vector(role, layer, "bias", out)?)
+            } else {
+                None
+            };
+            anyhow::Ok(Linear::new(w, b))
+        };
+        let embed = loader.matrix(Role::Embed, 0, [cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let norm = |role| -> anyhow::Result<Option<Tensor>> {
+                Ok(if cfg.qk_norm {
+                    Some(loader.vector(role, i, "weight", cfg.head_dim)?)
+                } else {
+                    None
+                })
+            };
+            layers.push(Layer {
+                attn_norm: loader.vector(Role::AttnNorm, i, "weight", h)?,
+                q: linear(Role::Q, i, q_out, h, cfg.qkv_bias)?,
+                k: linear(Role::K, i, kv_out, h, cfg.qkv_bias)?,
+                v: linear(Role::V, i, kv_out, h, cfg.qkv_bias)?,
+                o: linear(Role::O, i, h, q_out, cfg.o_bias)?,
+                q_norm: norm(Role::QNorm)?,
+                k_norm: norm(Role::KNorm)?,
+                ffn_norm: loader.vector(Role::FfnNorm, i, "weight", h)?,
+                gate: linear(Role::Gate, i, cfg.intermediate_size, h, cfg.mlp_bias)?,
+                up: linear(Role::Up, i, cfg.intermediate_size, h, cfg.mlp_bias)?,
+                down: linear(Role::Down, i, h, cfg.intermediate_size, cfg.mlp_bias)?,
+                window: cfg.sliding_window.get(i).copied().flatten(),
+            });
+        }
+        let norm = loader.vector(Role::FinalNorm, 0, "weight", h)?;
+        let lm_head = if !cfg.tie_word_embeddings || loader.has(Role::LmHead, 0, "weight") {
+            if loader.has(Role::LmHead, 0, "weight") {
+                Linear::new(loader.matrix(Role::LmHead, 0, [cfg.vocab_size, h])?, None)
+            } else {
+                bail!("the checkpoint has no LM head weight and tie_word_embeddings is false")
+            }
+        } else {
+            Linear::new(embed.clone(), None)
+        };
+        let info = ModelInfo {
+            architecture: cfg.model_type.clone(),
+            vocab_size: cfg.vocab_size,
+            context_length: cfg.max_position_embeddings,
+            cache_layers: cfg.num_layers,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            cache_dtype: options.dtype,
+            device: options.device.clone(),
+            weight_format: loader.format(),
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg.rope.clone(), layout, freq_factors),
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.rms_norm_eps,
+            dtype: options.dtype,
+            info,
+        })
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, w, self.eps as f32)
+    }
+
+    /// Additive mask `[t, len]` for queries at `start..start+t` over keys `0..len`, or `None` when
+    /// every query may see every key.
+    fn mask(
+        &self,
+        start: usize,
+        t: usize,
+        len: usize,
+        window: Option<usize>,
+    ) -> Result<Option<Tensor>> {
+        let windowed = window.is_some_and(|w| len > w);
+        if t == 1 && !windowed {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; t * len];
+        for i in 0..t {
+            let q = start + i;
+            for (j, v) in m[i * len..(i + 1) * len].iter_mut().enumerate() {
+                let visible = j <= q && window.is_none_or(|w| q - j < w);
+                if !visible {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(
+            Tensor::from_vec(m, (t, len), &self.info.device)?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        store: &mut dyn KvStore,
+        start: usize,
+        cos_sin: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut q = layer.q.forward(x)?.reshape((1, t, h, d))?;
+        let mut k = layer.k.forward(x)?.reshape((1, t, kvh, d))?;
+        let v = layer.v.forward(x)?.reshape((1, t, kvh, d))?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = self.rms_norm(&q, qn)?;
+            k = self.rms_norm(&k, kn)?;
+        }
+        let q = self
+            .rope
+            .apply(&q.transpose(1, 2)?, &cos_sin.0, &cos_sin.1)?;
+        let k = self
+            .rope
+            .apply(&k.transpose(1, 2)?, &cos_sin.0, &cos_sin.1)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (k_all, v_all) = store.append(&k, &v)?;
+        let len = k_all.dim(2)?;
+        let n_rep = h / kvh;
+        // Query heads sharing a KV head are stacked as rows: [kvh, n_rep * t, d], so grouped
+        // attention needs no copy of the keys/values.
+        let q = q.reshape((kvh, n_rep * t, d))?;
+        let k_all = k_all.squeeze(0)?;
+        let v_all = v_all.squeeze(0)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
+        if let Some(mask) = self.mask(start, t, len, layer.window)? {
+            scores = scores
+                .reshape((kvh, n_rep, t, len))?
+                .broadcast_add(&mask)?
+                .reshape((kvh, n_rep * t, len))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v_all.contiguous()?)?
+            .reshape((1, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((1, t, h * d))?;
+        layer.o.forward(&out)
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            candle_core::bail!("forward called with no tokens");
+        }
+        if cache.layers.len() != self.layers.len() {
+            candle_core::bail!(
+                "cache has {} layers, model has {}",
+                cache.layers.len(),
+                self.layers.len()
+            );
+        }
+        let start = cache.position();
+        let device = &self.info.device;
+        let ids = Tensor::new(tokens, device)?;
+        let mut x = embed(&self.embed, &ids, self.dtype)?.unsqueeze(0)?;
+        let cos_sin = self.rope.cos_sin(start, t, device)?;
+        for (layer, store) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let normed = self.rms_norm(&x, &layer.attn_norm)?;
+            let attn = self.attention(layer, &normed, store.as_mut(), start, &cos_sin)?;
+            x = (x + attn)?;
+            let normed = self.rms_norm(&x, &layer.ffn_norm)?;
+            let gate = candle_nn::ops::silu(&layer.gate.forward(&normed)?)?;
+            let up = layer.up.forward(&normed)?;
+            x = (x + layer.down.forward(&(gate * up)?)?)?;
+        }
+        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        let x = self.rms_norm(&x, &self.norm)?;
+        let logits = self.lm_head.forward(&x)?.squeeze(0)?;
+        logits.to_dtype(DType::F32)?.contiguous()
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_each_format() {
+        assert_eq!(Role::Q.hf_name(3), "model.layers.3.self_attn.q_proj");
+        assert_eq!(Role::Q.gguf_name(3), "blk.3.attn_q");
+        assert_eq!(Role::FfnNorm.gguf_name(0), "blk.0.ffn_norm");
+        assert_eq!(Role::LmHead.hf_name(0), "lm_head");
+    }
+
+    #[test]
+    fn dense_linear_matches_manual_product() {
+        let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[0.5f32, 0., -1.], &Device::Cpu).unwrap();
+        let lin = Linear::new(Weight::Dense(w), Some(b));
+        let x = Tensor::new(&[[[1f32, 1.]]], &Device::Cpu).unwrap();
+        let y: Vec<f32> = lin
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(y, vec![3.5, 7., 10.]);
+    }
+}

@@ -1,0 +1,103 @@
+//! Numerical parity of our Llama-family code with transformers (f32), on tiny random checkpoints
+//! made by scripts/make_llama_fixtures.py: full-sequence logits, and the same logits when the
+//! sequence is fed as a prefill followed by one-token decode steps through the KV cache.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use xllm::arch::{self, BuildOptions, CausalLm, WeightSource};
+use xllm::model::safetensors::SafetensorsWeights;
+use xllm::quant::KvProfile;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn load(name: &str) -> (Box<dyn CausalLm>, Vec<u32>, Tensor) {
+    let dir = fixture(name);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let weights = SafetensorsWeights::open_dir(&dir).unwrap();
+    let options = BuildOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        keep_weight_dtype: false,
+    };
+    let model = arch::build(
+        &WeightSource::Safetensors {
+            config: &config,
+            weights: &weights,
+        },
+        &options,
+    )
+    .unwrap();
+    let reference = SafetensorsWeights::open_files(&[dir.join("reference.safetensors")]).unwrap();
+    let ids: Vec<u32> = reference
+        .load("input_ids", DType::I64, &Device::Cpu)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let logits = reference.load("logits", DType::F32, &Device::Cpu).unwrap();
+    (model, ids, logits)
+}
+
+/// max |ours - ref| / max |ref| over the rows compared.
+fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
+    let diff = (ours - reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    let scale = reference.abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
+}
+
+fn check_full_and_incremental(name: &str) {
+    let (model, ids, reference) = load(name);
+    let info = model.info().clone();
+    let mut cache = info.new_cache(KvProfile::Default, 256).unwrap();
+    let logits = model.forward(&ids, &mut cache, false).unwrap();
+    assert_eq!(logits.dims(), reference.dims());
+    let err = relative_error(&logits, &reference);
+    assert!(
+        err <= 1e-3,
+        "{name}: full-sequence logits differ by {err} (relative)"
+    );
+
+    // Prefill 30 tokens (last position only), then decode one token at a time.
+    let mut cache = info.new_cache(KvProfile::Default, 256).unwrap();
+    let split = 30;
+    let last = model.forward(&ids[..split], &mut cache, true).unwrap();
+    let err = relative_error(&last, &reference.narrow(0, split - 1, 1).unwrap());
+    assert!(err <= 1e-3, "{name}: prefill last logits differ by {err}");
+    for (i, &id) in ids.iter().enumerate().skip(split) {
+        let step = model.forward(&[id], &mut cache, true).unwrap();
+        let err = relative_error(&step, &reference.narrow(0, i, 1).unwrap());
+        assert!(
+            err <= 1e-3,
+            "{name}: decode step at position {i} differs by {err}"
+        );
+    }
+    assert_eq!(cache.position(), ids.len());
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    check_full_and_incremental("tiny-llama");
+}
+
+#[test]
+fn tiny_qwen3_matches_transformers() {
+    check_full_and_incremental("tiny-qwen3");
+}
+
+#[test]
+fn tiny_qwen2_with_sliding_window_matches_transformers() {
+    check_full_and_incremental("tiny-qwen2");
+}
