@@ -98,13 +98,13 @@ struct Rows {
 
 /// An MXFP4 weight: `blocks [experts?, out, in/32, 16]` u8, `scales [experts?, out, in/32]` u8,
 /// optional bias `[experts?, out]`.
-pub struct Mxfp4Weight<'a> {
+pub struct DeviceMxfp4<'a> {
     pub blocks: &'a Tensor,
     pub scales: &'a Tensor,
     pub bias: Option<&'a Tensor>,
 }
 
-impl Mxfp4Weight<'_> {
+impl DeviceMxfp4<'_> {
     /// `(out_features, in_features)` after checking the two tensors agree.
     fn dims(&self) -> Result<(usize, usize)> {
         let b = self.blocks.dims();
@@ -118,7 +118,7 @@ impl Mxfp4Weight<'_> {
     }
 }
 
-fn launch_mxfp4(x: &Tensor, w: &Mxfp4Weight, y: &Tensor, rows: &Rows, gemv: bool) -> Result<()> {
+fn launch_mxfp4(x: &Tensor, w: &DeviceMxfp4, y: &Tensor, rows: &Rows, gemv: bool) -> Result<()> {
     let dev = cuda_device(x)?;
     let (out_features, in_features) = w.dims()?;
     let name = format!(
@@ -184,7 +184,7 @@ fn launch_mxfp4(x: &Tensor, w: &Mxfp4Weight, y: &Tensor, rows: &Rows, gemv: bool
 /// `y [tokens, out] = x [tokens, in] · Wᵀ (+ bias)` with W in MXFP4, in x's dtype (f32, bf16, f16).
 /// Up to [`GEMV_MAX_ROWS`] tokens take the decode kernel (each weight byte read once), more the
 /// tiled prefill kernel.
-pub fn mxfp4_matmul(x: &Tensor, w: &Mxfp4Weight) -> Result<Tensor> {
+pub fn mxfp4_matmul(x: &Tensor, w: &DeviceMxfp4) -> Result<Tensor> {
     let (out_features, in_features) = w.dims()?;
     if w.blocks.rank() != 3 {
         bail!(
@@ -215,17 +215,17 @@ pub fn mxfp4_matmul(x: &Tensor, w: &Mxfp4Weight) -> Result<Tensor> {
 /// One gpt-oss MoE block's experts: router top-k + softmax, tokens grouped by expert on the
 /// device, MXFP4 gate_up (interleaved gate/up columns) + bias, clamped SwiGLU, MXFP4 down + bias,
 /// weighted sum of each token's k outputs. Only experts that received tokens do any work.
-pub struct MoeExperts<'a> {
+pub struct DeviceMoe<'a> {
     /// `[experts, 2 * inter, hidden/32, 16]` etc.
-    pub gate_up: Mxfp4Weight<'a>,
+    pub gate_up: DeviceMxfp4<'a>,
     /// `[experts, hidden, inter/32, 16]` etc.
-    pub down: Mxfp4Weight<'a>,
+    pub down: DeviceMxfp4<'a>,
     pub top_k: usize,
     pub swiglu_limit: f32,
 }
 
 /// `x [tokens, hidden]`, `router_logits [tokens, experts]` → `[tokens, hidden]` in x's dtype.
-pub fn moe_forward(x: &Tensor, router_logits: &Tensor, experts: &MoeExperts) -> Result<Tensor> {
+pub fn moe_forward(x: &Tensor, router_logits: &Tensor, experts: &DeviceMoe) -> Result<Tensor> {
     let dev = cuda_device(x)?;
     let (tokens, hidden) = x.dims2()?;
     let (_, n_experts) = router_logits.dims2()?;
@@ -588,3 +588,180 @@ pub fn attention(q: &Tensor, kv: &KvView, params: &AttentionParams) -> Result<Te
     unsafe { b.launch(grid(q_len, heads, 1, 128, 0)) }.w()?;
     Ok(out)
 }
+
+// ---------------------------------------------------------------------------------------------
+// `cuda_fwd` of the CPU ops in `kernels::mxfp4` / `kernels::moe`: their weights are host bytes
+// (usually the mmapped checkpoint), uploaded to the device once and reused.
+
+/// Device copies of host buffers, keyed by (host address, byte length, device). Weights live as
+/// long as the model, so entries are never evicted; a process loads one model.
+type UploadKey = (usize, usize, candle_core::cuda_backend::DeviceId);
+static UPLOADS: std::sync::Mutex<Option<std::collections::HashMap<UploadKey, Tensor>>> =
+    std::sync::Mutex::new(None);
+
+/// The device copy of `bytes` shaped `shape` (u8), uploading it the first time.
+fn uploaded_bytes(bytes: &[u8], shape: &[usize], device: &Device) -> Result<Tensor> {
+    uploaded(bytes.as_ptr() as usize, bytes.len(), device, || {
+        Tensor::from_slice(bytes, shape, device)
+    })
+}
+
+/// The device copy of `values` shaped `shape` (f32), uploading it the first time.
+fn uploaded_f32(values: &[f32], shape: &[usize], device: &Device) -> Result<Tensor> {
+    uploaded(
+        values.as_ptr() as usize,
+        std::mem::size_of_val(values),
+        device,
+        || Tensor::from_slice(values, shape, device),
+    )
+}
+
+fn uploaded(
+    addr: usize,
+    len: usize,
+    device: &Device,
+    make: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    let Device::Cuda(dev) = device else {
+        bail!("uploads are for CUDA devices");
+    };
+    let key = (addr, len, dev.id());
+    let mut cache = UPLOADS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let cache = cache.get_or_insert_with(Default::default);
+    if let Some(t) = cache.get(&key) {
+        return Ok(t.clone());
+    }
+    let t = make()?;
+    cache.insert(key, t.clone());
+    Ok(t)
+}
+
+/// A contiguous tensor holding what `storage`/`layout` describe (a device-to-device copy of the
+/// activations; the weights, the large part, are never copied).
+fn tensor_of(storage: &candle_core::CudaStorage, layout: &candle_core::Layout) -> Result<Tensor> {
+    use candle_core::backend::{BackendDevice, BackendStorage};
+    let shape = layout.shape().clone();
+    let dev = storage.device();
+    // SAFETY: every element is written by copy_strided_src right below.
+    let mut dst = unsafe { dev.alloc_uninit(&shape, storage.dtype())? };
+    storage.copy_strided_src(&mut dst, 0, layout)?;
+    Ok(Tensor::from_storage(
+        Storage::Cuda(dst),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// The storage of a tensor this module just made (contiguous, offset 0), for returning from a
+/// `cuda_fwd`.
+fn storage_of(t: &Tensor) -> Result<candle_core::CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(cs) => cs.try_clone(layout),
+        _ => bail!("expected a CUDA tensor"),
+    }
+}
+
+/// `cuda_fwd` of [`super::mxfp4::Mxfp4Matmul`]: `x [.., in]` → `[.., out]` in x's dtype.
+pub fn mxfp4_op_cuda_fwd(
+    weight: &super::mxfp4::Mxfp4Weight,
+    storage: &candle_core::CudaStorage,
+    layout: &candle_core::Layout,
+) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+    let x = tensor_of(storage, layout)?;
+    let dims = x.dims().to_vec();
+    let Some((&in_features, lead)) = dims.split_last() else {
+        bail!("mxfp4-matmul: activations must have at least one dimension");
+    };
+    let tokens: usize = lead.iter().product();
+    let (out, inf) = (weight.out_features, weight.in_features);
+    let device = x.device().clone();
+    let blocks = uploaded_bytes(weight.blocks.as_slice(), &[out, inf / 32, 16], &device)?;
+    let scales = uploaded_bytes(weight.scales.as_slice(), &[out, inf / 32], &device)?;
+    let x = if matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        x
+    } else {
+        x.to_dtype(DType::F32)?
+    };
+    let y = mxfp4_matmul(
+        &x.reshape((tokens, in_features))?,
+        &DeviceMxfp4 {
+            blocks: &blocks,
+            scales: &scales,
+            bias: None,
+        },
+    )?;
+    let mut shape = lead.to_vec();
+    shape.push(out);
+    let y = y.to_dtype(storage_dtype(storage))?;
+    Ok((storage_of(&y)?, candle_core::Shape::from(shape)))
+}
+
+fn storage_dtype(storage: &candle_core::CudaStorage) -> DType {
+    use candle_core::backend::BackendStorage;
+    storage.dtype()
+}
+
+/// `cuda_fwd` of [`super::moe::MoeOp`]: `x [tokens, hidden]`, `router_logits [tokens, experts]`.
+pub fn moe_op_cuda_fwd(
+    experts: &super::moe::MoeExperts,
+    x: (&candle_core::CudaStorage, &candle_core::Layout),
+    logits: (&candle_core::CudaStorage, &candle_core::Layout),
+) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+    experts.validate()?;
+    let x = tensor_of(x.0, x.1)?;
+    let logits = tensor_of(logits.0, logits.1)?;
+    let (e, h, i) = (experts.experts, experts.hidden, experts.intermediate);
+    let device = x.device().clone();
+    let gub = uploaded_bytes(
+        experts.gate_up_blocks.as_slice(),
+        &[e, 2 * i, h / 32, 16],
+        &device,
+    )?;
+    let gus = uploaded_bytes(
+        experts.gate_up_scales.as_slice(),
+        &[e, 2 * i, h / 32],
+        &device,
+    )?;
+    let gubias = uploaded_f32(&experts.gate_up_bias, &[e, 2 * i], &device)?;
+    let db = uploaded_bytes(experts.down_blocks.as_slice(), &[e, h, i / 32, 16], &device)?;
+    let ds = uploaded_bytes(experts.down_scales.as_slice(), &[e, h, i / 32], &device)?;
+    let dbias = uploaded_f32(&experts.down_bias, &[e, h], &device)?;
+    if experts.swiglu.alpha != SWIGLU_ALPHA {
+        bail!(
+            "moe: the CUDA kernel uses gpt-oss's alpha {SWIGLU_ALPHA}, the layer asks for {}",
+            experts.swiglu.alpha
+        );
+    }
+    let moe = DeviceMoe {
+        gate_up: DeviceMxfp4 {
+            blocks: &gub,
+            scales: &gus,
+            bias: Some(&gubias),
+        },
+        down: DeviceMxfp4 {
+            blocks: &db,
+            scales: &ds,
+            bias: Some(&dbias),
+        },
+        top_k: experts.top_k,
+        swiglu_limit: experts.swiglu.limit,
+    };
+    let dtype = x.dtype();
+    let x = if matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        x
+    } else {
+        x.to_dtype(DType::F32)?
+    };
+    let y = moe_forward(&x, &logits, &moe)?.to_dtype(dtype)?;
+    let shape = y.shape().clone();
+    Ok((storage_of(&y)?, shape))
+}
+
+#[cfg(test)]
+#[path = "cuda_tests.rs"]
+mod tests;

@@ -311,6 +311,18 @@ impl CustomOp2 for MoeOp<'_> {
         moe_cpu(&x, &routing, tokens, &m.as_ref(), &mut out)?;
         Ok((from_f32(out, dtype), Shape::from((tokens, hidden))))
     }
+
+    /// Our CUDA kernels (src/kernels/cuda/moe.cu + mxfp4.cu), weights uploaded once.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::moe_op_cuda_fwd(self.experts, (s1, l1), (s2, l2))
+    }
 }
 
 #[cfg(test)]

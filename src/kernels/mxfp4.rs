@@ -433,6 +433,16 @@ impl CustomOp1 for Mxfp4Matmul<'_> {
         shape.push(w.out_features);
         Ok((from_f32(out, dtype), Shape::from(shape)))
     }
+
+    /// Our CUDA kernels (src/kernels/cuda/mxfp4.cu), weights uploaded once.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::mxfp4_op_cuda_fwd(self.weight, storage, layout)
+    }
 }
 
 /// The storage's elements in layout order as f32, with the original dtype.
