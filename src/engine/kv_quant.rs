@@ -22,7 +22,8 @@ use float8::F8E4M3;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::kv_cache::{KvLayout, KvStore, KV_CHUNK_TOKENS};
+use super::kv_cache::{KvContents, KvLayout, KvStore, KV_CHUNK_TOKENS};
+use crate::device::DeviceRequest;
 use crate::quant::{KvProfile, QuantError, KV_SCALE_BYTES};
 
 /// Largest finite f16, the ceiling of a stored scale.
@@ -154,6 +155,21 @@ pub fn check_kv_profile_on_device(
     Ok(())
 }
 
+/// [`check_kv_profile_on_device`] for what the user asked with `--device`, before any device is
+/// opened. `auto` passes here; the store checks again once the device is known.
+pub fn check_kv_profile_on_request(
+    profile: KvProfile,
+    request: DeviceRequest,
+) -> std::result::Result<(), QuantError> {
+    let location = match request {
+        DeviceRequest::Auto => return Ok(()),
+        DeviceRequest::Cpu => DeviceLocation::Cpu,
+        DeviceRequest::Cuda(gpu_id) => DeviceLocation::Cuda { gpu_id },
+        DeviceRequest::Metal(gpu_id) => DeviceLocation::Metal { gpu_id },
+    };
+    check_kv_profile_on_device(profile, location)
+}
+
 /// Codes and scales of one of K or V.
 struct Plane {
     /// `[1, kv_heads, capacity, head_dim]`, `STORAGE_DTYPE`.
@@ -268,6 +284,12 @@ impl<C: ByteCodec> ScaledKvStore<C> {
 
 impl<C: ByteCodec> KvStore for ScaledKvStore<C> {
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.write(k, v)?;
+        let (kp, vp) = self.planes.as_ref().expect("write allocated the planes");
+        Ok((self.dequantize(kp)?, self.dequantize(vp)?))
+    }
+
+    fn write(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let t = k.dim(2)?;
         let expected = (1, self.layout.kv_heads, t, self.layout.head_dim);
         if k.dims4()? != expected || v.dims4()? != expected {
@@ -287,7 +309,17 @@ impl<C: ByteCodec> KvStore for ScaledKvStore<C> {
         vp.codes.slice_set(&vq, 2, self.len)?;
         vp.scales.slice_set(&vs, 2, self.len)?;
         self.len += t;
-        Ok((self.dequantize(kp)?, self.dequantize(vp)?))
+        Ok(())
+    }
+
+    fn contents(&self) -> Option<KvContents<'_>> {
+        self.planes.as_ref().map(|(k, v)| KvContents::Quantized {
+            profile: C::PROFILE,
+            k_codes: &k.codes,
+            k_scales: &k.scales,
+            v_codes: &v.codes,
+            v_scales: &v.scales,
+        })
     }
 
     fn len(&self) -> usize {
@@ -720,6 +752,54 @@ mod tests {
     }
 
     #[test]
+    fn write_then_contents_exposes_the_stored_codes_and_scales() {
+        let mut store = Int8KvStore::new(layout(300), DType::F32, &Device::Cpu).unwrap();
+        assert!(store.contents().is_none());
+        // One row: 0, 1, ..., 63 → amax 63, scale f16(63/127), code of 63 is 127 (+128 = 255).
+        let row: Vec<f32> = (0..HEADS * DIM).map(|i| (i % DIM) as f32).collect();
+        store
+            .write(&tensor(&row, 1), &tensor(&row, 1).neg().unwrap())
+            .unwrap();
+        assert_eq!(store.len(), 1);
+        let Some(KvContents::Quantized {
+            profile,
+            k_codes,
+            k_scales,
+            v_codes,
+            ..
+        }) = store.contents()
+        else {
+            panic!("expected quantized contents");
+        };
+        assert_eq!(profile, KvProfile::KvInt8);
+        assert_eq!(k_codes.dims4().unwrap(), (1, HEADS, KV_CHUNK_TOKENS, DIM));
+        assert_eq!(k_scales.dims4().unwrap(), (1, HEADS, KV_CHUNK_TOKENS, 1));
+        let k0: Vec<u8> = k_codes
+            .narrow(2, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let v0: Vec<u8> = v_codes
+            .narrow(2, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!((k0[0], k0[DIM - 1], v0[DIM - 1]), (128, 255, 1));
+        let s0 = k_scales
+            .narrow(2, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f16>()
+            .unwrap();
+        assert!(s0.iter().all(|s| *s == f16::from_f32(63.0 / 127.0)));
+    }
+
+    #[test]
     fn rejects_wrong_shapes_with_a_clear_error() {
         let mut store = Int8KvStore::new(layout(8), DType::F32, &Device::Cpu).unwrap();
         let bad = Tensor::zeros((1, HEADS + 1, 1, DIM), DType::F32, &Device::Cpu).unwrap();
@@ -748,5 +828,13 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("use kv_int8"), "{err}");
+        // The same decision from the `--device` spelling, before a device is opened.
+        let request = |s: &str| s.parse::<DeviceRequest>().unwrap();
+        let err = check_kv_profile_on_request(KvProfile::KvFp8, request("metal")).unwrap_err();
+        assert!(err.to_string().contains("for device metal:0"), "{err}");
+        for ok in ["auto", "cpu", "cuda:1"] {
+            check_kv_profile_on_request(KvProfile::KvFp8, request(ok)).unwrap();
+        }
+        check_kv_profile_on_request(KvProfile::KvInt8, request("metal:2")).unwrap();
     }
 }

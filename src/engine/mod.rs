@@ -1,5 +1,6 @@
 //! Generation: tokenizer + chat template → prefill → decode loop with KV cache, sampling, stop
 //! conditions, streaming callback and cancellation. Drivable step by step (no stdout here).
 
+pub mod harmony;
 pub mod kv_cache;
 pub mod kv_quant;
