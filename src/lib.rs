@@ -6,6 +6,7 @@
 
 pub mod arch;
 pub mod cli;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod hub;

@@ -143,6 +143,17 @@ pub const ARCHITECTURES: &[Architecture] = &[
         capabilities: LLAMA_CAPS,
         tensor_names: llama::TENSOR_NAMES_DOC,
     },
+    Architecture {
+        model_type: "gpt_oss",
+        gguf_names: &[],
+        build: gpt_oss::build,
+        capabilities: Capabilities {
+            safetensors: true,
+            gguf: false,
+            kv_quantization: true,
+        },
+        tensor_names: gpt_oss::TENSOR_NAMES_DOC,
+    },
 ];
 
 /// Names of every supported architecture, for error messages and `show`.
@@ -205,3 +216,5 @@ mod tests {
         assert_eq!(lookup_gguf("qwen3").unwrap().model_type, "qwen3");
     }
 }
+
+pub mod gpt_oss;

@@ -30,6 +30,31 @@ pub trait KvStore: Send {
     fn clear(&mut self);
     /// Drops tokens after `len` (used to rewind a sequence).
     fn truncate(&mut self, len: usize);
+    /// Appends without handing the cache back, for attention kernels that read
+    /// [`KvStore::contents`] in place (no per-step dequantization). Defaults to `append`.
+    fn write(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        self.append(k, v).map(|_| ())
+    }
+    /// The stored keys/values at full capacity (only the first `len()` tokens are valid), for
+    /// attention kernels that read the stored form directly; `None` before the first append.
+    fn contents(&self) -> Option<KvContents<'_>> {
+        None
+    }
+}
+
+/// What a store holds, at full capacity (`[1, kv_heads, capacity, …]`).
+pub enum KvContents<'a> {
+    /// Keys and values in the compute dtype.
+    Dense { k: &'a Tensor, v: &'a Tensor },
+    /// Byte codes (`u8` holding int8 + 128 for `kv_int8`, `F8E4M3` for `kv_fp8`),
+    /// `[1, kv_heads, capacity, head_dim]`, and f16 scales `[1, kv_heads, capacity, 1]`.
+    Quantized {
+        profile: KvProfile,
+        k_codes: &'a Tensor,
+        k_scales: &'a Tensor,
+        v_codes: &'a Tensor,
+        v_scales: &'a Tensor,
+    },
 }
 
 /// Shape of one layer's cache, shared by all stores.
@@ -127,9 +152,16 @@ impl KvStore for DenseKvStore {
     fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+
+    fn contents(&self) -> Option<KvContents<'_>> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => Some(KvContents::Dense { k, v }),
+            _ => None,
+        }
+    }
 }
 
-/// Builds the store for a profile. Quantized profiles are added by the KV-quantization module.
+/// Builds the store for a profile (quantized ones live in `kv_quant`).
 pub fn new_store(
     profile: KvProfile,
     layout: KvLayout,
@@ -138,7 +170,12 @@ pub fn new_store(
 ) -> Result<Box<dyn KvStore>> {
     match profile {
         KvProfile::Default => Ok(Box::new(DenseKvStore::new(layout, dtype, device))),
-        other => candle_core::bail!("KV profile {other} is not implemented yet"),
+        KvProfile::KvInt8 => Ok(Box::new(super::kv_quant::Int8KvStore::new(
+            layout, dtype, device,
+        )?)),
+        KvProfile::KvFp8 => Ok(Box::new(super::kv_quant::Fp8KvStore::new(
+            layout, dtype, device,
+        )?)),
     }
 }
 

@@ -3,7 +3,9 @@
 
 pub mod chat_template;
 pub mod generate;
+pub mod harmony;
 pub mod kv_cache;
+pub mod kv_quant;
 pub mod load;
 pub mod sampler;
 pub mod tokenizer;

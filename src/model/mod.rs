@@ -2,4 +2,5 @@
 
 pub mod config;
 pub mod gguf;
+pub mod inspect;
 pub mod safetensors;

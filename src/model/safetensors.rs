@@ -243,6 +243,11 @@ impl SafetensorsWeights {
         }
     }
 
+    /// The shard files, in load order (for loaders that map packed tensors themselves).
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.shards.iter().map(|s| s.path.clone()).collect()
+    }
+
     /// Bytes of all shards together.
     pub fn total_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.mmap.len() as u64).sum()

@@ -1,0 +1,656 @@
+//! gpt-oss (`model_type: gpt_oss`): attention with learned per-head sinks, alternating
+//! sliding-window / full layers (`layer_types`), YaRN RoPE, and a top-k MoE whose experts stay
+//! MXFP4 in memory (the checkpoint's `*_blocks`/`*_scales`, mmapped, never expanded).
+//!
+//! Semantics follow transformers' `modeling_gpt_oss.py` and OpenAI's reference implementation:
+//! - RMSNorm in f32 (eps from config), pre-norm residual blocks, untied `lm_head`.
+//! - Attention: q/k/v/o with biases, GQA, scale `head_dim^-0.5`; the sink logit of each head is an
+//!   extra softmax column that is dropped after normalisation. On sliding layers key `k` is visible
+//!   from query `q` iff `q − window < k ≤ q`.
+//! - RoPE: half-split rotation with YaRN frequencies (`factor`, `beta_fast`, `beta_slow`,
+//!   `original_max_position_embeddings`, `truncate`), cos and sin scaled by `0.1·ln(factor) + 1`.
+//! - MoE: router `linear + bias` → top-k → softmax over the selected logits; experts run the
+//!   clamped SwiGLU (see [`crate::kernels::moe`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::Linear;
+use serde::Deserialize;
+
+use crate::arch::{BuildOptions, CausalLm, ModelInfo, WeightSource};
+use crate::engine::kv_cache::SequenceCache;
+use crate::kernels::bytes::SharedBytes;
+use crate::kernels::moe::{MoeExperts, SwigluParams};
+use crate::model::safetensors::{shard_files, SafetensorsWeights};
+
+/// RoPE parameters as they appear under `rope_scaling` (or transformers 5's `rope_parameters`).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct RopeScaling {
+    #[serde(default)]
+    pub rope_type: Option<String>,
+    #[serde(default, alias = "type")]
+    pub kind: Option<String>,
+    pub factor: Option<f64>,
+    pub beta_fast: Option<f64>,
+    pub beta_slow: Option<f64>,
+    pub original_max_position_embeddings: Option<usize>,
+    pub truncate: Option<bool>,
+    pub rope_theta: Option<f64>,
+}
+
+/// The fields of `config.json` gpt-oss needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GptOssConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: Option<usize>,
+    pub num_local_experts: usize,
+    /// transformers' name; openai's configs also carry `experts_per_token`.
+    #[serde(default)]
+    num_experts_per_tok: Option<usize>,
+    #[serde(default)]
+    experts_per_token: Option<usize>,
+    pub sliding_window: Option<usize>,
+    pub layer_types: Option<Vec<String>>,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: Option<RopeScaling>,
+    pub rope_parameters: Option<RopeScaling>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_limit")]
+    pub swiglu_limit: f64,
+    #[serde(default = "default_alpha")]
+    pub swiglu_alpha: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub quantization_config: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_limit() -> f64 {
+    7.0
+}
+fn default_alpha() -> f64 {
+    1.702
+}
+
+/// Bad or unsupported configuration, with the field to fix.
+fn config_error(msg: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("gpt-oss config.json: {msg}"))
+}
+
+impl GptOssConfig {
+    pub fn from_value(value: &serde_json::Value) -> Result<Self> {
+        let cfg = Self::deserialize(value).map_err(config_error)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Experts each token is routed to.
+    pub fn top_k(&self) -> usize {
+        self.num_experts_per_tok
+            .or(self.experts_per_token)
+            .unwrap_or(4)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    fn rope(&self) -> RopeScaling {
+        self.rope_scaling
+            .clone()
+            .or_else(|| self.rope_parameters.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_theta
+            .or_else(|| self.rope().rope_theta)
+            .unwrap_or(150000.0)
+    }
+
+    /// Whether layer `i` uses the sliding window (default: even layers, as gpt-oss ships).
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        match &self.layer_types {
+            Some(types) => types[layer] == "sliding_attention",
+            None => layer % 2 == 0,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let hd = self.head_dim();
+        if self.num_attention_heads == 0
+            || self.num_key_value_heads == 0
+            || self.num_attention_heads % self.num_key_value_heads != 0
+        {
+            return Err(config_error(format!(
+                "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            )));
+        }
+        if hd % 2 != 0 {
+            return Err(config_error(format!("head_dim {hd} must be even for RoPE")));
+        }
+        if self.top_k() == 0 || self.top_k() > self.num_local_experts {
+            return Err(config_error(format!(
+                "num_experts_per_tok {} must be between 1 and num_local_experts {}",
+                self.top_k(),
+                self.num_local_experts
+            )));
+        }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return Err(config_error(format!(
+                    "layer_types has {} entries for {} layers",
+                    types.len(),
+                    self.num_hidden_layers
+                )));
+            }
+            if let Some(bad) = types
+                .iter()
+                .find(|t| *t != "sliding_attention" && *t != "full_attention")
+            {
+                return Err(config_error(format!(
+                    "unknown layer type '{bad}' (expected sliding_attention or full_attention)"
+                )));
+            }
+            if types.iter().any(|t| t == "sliding_attention") && self.sliding_window.is_none() {
+                return Err(config_error("sliding layers need `sliding_window`"));
+            }
+        }
+        if let Some(q) = &self.quantization_config {
+            let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+            if method != "mxfp4" {
+                return Err(config_error(format!(
+                    "quantization_config.quant_method '{method}' is not supported (only mxfp4)"
+                )));
+            }
+        }
+        let rope = self.rope();
+        let kind = rope
+            .rope_type
+            .or(rope.kind)
+            .unwrap_or_else(|| "default".into());
+        if kind != "yarn" && kind != "default" {
+            return Err(config_error(format!(
+                "rope type '{kind}' is not supported for gpt_oss (yarn or default)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `(inv_freq [head_dim/2], attention_scaling)` exactly as transformers' YaRN computes them.
+    pub fn rope_frequencies(&self) -> (Vec<f32>, f32) {
+        let dim = self.head_dim();
+        let base = self.rope_theta();
+        let rope = self.rope();
+        let kind = rope
+            .rope_type
+            .clone()
+            .or(rope.kind.clone())
+            .unwrap_or_default();
+        let pos_freqs: Vec<f64> = (0..dim / 2)
+            .map(|i| base.powf((2 * i) as f64 / dim as f64))
+            .collect();
+        if kind != "yarn" {
+            return (pos_freqs.iter().map(|p| (1.0 / p) as f32).collect(), 1.0);
+        }
+        let factor = rope.factor.unwrap_or(1.0);
+        let beta_fast = rope.beta_fast.unwrap_or(32.0);
+        let beta_slow = rope.beta_slow.unwrap_or(1.0);
+        let original = rope
+            .original_max_position_embeddings
+            .unwrap_or(self.max_position_embeddings) as f64;
+        let truncate = rope.truncate.unwrap_or(true);
+        let correction_dim = |rotations: f64| {
+            dim as f64 * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+        if truncate {
+            low = low.floor();
+            high = high.ceil();
+        }
+        let low = low.max(0.0);
+        let mut high = high.min(dim as f64 - 1.0);
+        if low == high {
+            high += 0.001;
+        }
+        let inv_freq = pos_freqs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let extrapolation = 1.0 - ramp;
+                let f = (1.0 / (factor * p)) * ramp + (1.0 / p) * extrapolation;
+                f as f32
+            })
+            .collect();
+        let scaling = if factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * factor.ln() + 1.0
+        };
+        (inv_freq, scaling as f32)
+    }
+
+    /// `(total, active)` parameter counts from the shapes; active counts `top_k` experts.
+    pub fn parameter_counts(&self) -> (u64, u64) {
+        let (h, i, e, k) = (
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.num_local_experts as u64,
+            self.top_k() as u64,
+        );
+        let (nh, nkv, hd) = (
+            self.num_attention_heads as u64,
+            self.num_key_value_heads as u64,
+            self.head_dim() as u64,
+        );
+        let v = self.vocab_size as u64;
+        let attn = (h * nh * hd + nh * hd) + 2 * (h * nkv * hd + nkv * hd) + (nh * hd * h + h) + nh;
+        let router = e * h + e;
+        let expert = 2 * i * h + 2 * i + i * h + h;
+        let per_layer_shared = attn + router + 2 * h;
+        let layers = self.num_hidden_layers as u64;
+        let embeddings = v * h * if self.tie_word_embeddings { 1 } else { 2 };
+        let shared = layers * per_layer_shared + embeddings + h;
+        (shared + layers * e * expert, shared + layers * k * expert)
+    }
+}
+
+/// The MXFP4 tensors of the checkpoint: shards mapped once (shared by every expert weight that
+/// points into them), bytes read in place.
+struct PackedTensors {
+    shards: Vec<Arc<memmap2::Mmap>>,
+    /// Tensor name → (shard, dtype, shape, byte range in the shard).
+    entries: HashMap<String, (usize, safetensors::Dtype, Vec<usize>, usize, usize)>,
+}
+
+impl PackedTensors {
+    fn open(files: &[PathBuf]) -> anyhow::Result<Self> {
+        let mut shards = Vec::new();
+        let mut entries = HashMap::new();
+        for (s, path) in files.iter().enumerate() {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: the store never rewrites a model's files in place (downloads are renamed
+            // into place), so the mapping is not modified under us.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("cannot memory-map {}", path.display()))?;
+            let (header_len, metadata) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    anyhow::anyhow!("{} is not a valid safetensors file ({e})", path.display())
+                })?;
+            for (name, info) in metadata.tensors() {
+                if info.dtype == safetensors::Dtype::U8 {
+                    let (a, b) = info.data_offsets;
+                    entries.insert(
+                        name,
+                        (s, info.dtype, info.shape.clone(), 8 + header_len + a, b - a),
+                    );
+                }
+            }
+            shards.push(Arc::new(mmap));
+        }
+        Ok(Self { shards, entries })
+    }
+
+    /// Raw bytes of a u8 tensor of the expected shape, left in the mapping.
+    fn bytes(&self, name: &str, shape: &[usize]) -> anyhow::Result<SharedBytes> {
+        let (shard, _, got, start, len) = self.entries.get(name).with_context(|| {
+            format!("tensor '{name}' is missing or not U8 (MXFP4 blocks/scales are stored as U8)")
+        })?;
+        if got != shape {
+            bail!("tensor '{name}' has shape {got:?}, expected {shape:?} from config.json");
+        }
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.shards[*shard].clone();
+        SharedBytes::new(owner, *start, *len)
+            .with_context(|| format!("tensor '{name}' lies outside its shard"))
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    /// `[heads, 1, 1]` in the compute dtype.
+    sinks: Tensor,
+    window: Option<usize>,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    attn: Attention,
+    router: Linear,
+    experts: MoeExperts,
+}
+
+/// A loaded gpt-oss model.
+pub struct GptOss {
+    pub config: GptOssConfig,
+    info: ModelInfo,
+    device: Device,
+    dtype: DType,
+    /// Kept in the checkpoint's dtype: rows are widened on lookup.
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+    rope_scaling: f32,
+}
+
+impl GptOss {
+    /// Loads the model folder `dir` (config.json + safetensors) on `device`; dense weights in
+    /// `dtype` (f32 on CPU), MXFP4 experts left in the mapped files.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let weights = SafetensorsWeights::open_dir(dir)?;
+        let packed = PackedTensors::open(&shard_files(dir)?)?;
+        Self::from_weights(&config, &weights, &packed, device, dtype)
+    }
+
+    fn from_weights(
+        config: &serde_json::Value,
+        weights: &SafetensorsWeights,
+        packed: &PackedTensors,
+        device: &Device,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
+        let config = GptOssConfig::from_value(config)?;
+        let c = &config;
+        let (h, i, e) = (c.hidden_size, c.intermediate_size, c.num_local_experts);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        if h % 32 != 0 || i % 32 != 0 {
+            bail!(
+                "gpt-oss config.json: hidden_size {h} and intermediate_size {i} must be multiples of 32 for MXFP4 experts"
+            );
+        }
+        let dense =
+            |name: &str, shape: &[usize], dt: DType| weights.load_shaped(name, shape, dt, device);
+        let f32_vec = |name: &str, shape: &[usize]| -> anyhow::Result<Vec<f32>> {
+            Ok(weights
+                .load_shaped(name, shape, DType::F32, &Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        let linear = |p: &str, out: usize, inp: usize| -> anyhow::Result<Linear> {
+            let w = dense(&format!("{p}.weight"), &[out, inp], dtype)?;
+            let b = dense(&format!("{p}.bias"), &[out], dtype)?;
+            Ok(Linear::new(w, Some(b)))
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let x = format!("{p}.mlp.experts");
+            if !weights.contains(&format!("{x}.gate_up_proj_blocks")) {
+                bail!(
+                    "layer {l}: experts are not MXFP4 ('{x}.gate_up_proj_blocks' missing); \
+                     xllm runs gpt-oss checkpoints as openai ships them (quant_method mxfp4)"
+                );
+            }
+            let experts = MoeExperts {
+                experts: e,
+                hidden: h,
+                intermediate: i,
+                top_k: c.top_k(),
+                gate_up_blocks: packed
+                    .bytes(&format!("{x}.gate_up_proj_blocks"), &[e, 2 * i, h / 32, 16])?,
+                gate_up_scales: packed
+                    .bytes(&format!("{x}.gate_up_proj_scales"), &[e, 2 * i, h / 32])?,
+                gate_up_bias: f32_vec(&format!("{x}.gate_up_proj_bias"), &[e, 2 * i])?,
+                down_blocks: packed.bytes(&format!("{x}.down_proj_blocks"), &[e, h, i / 32, 16])?,
+                down_scales: packed.bytes(&format!("{x}.down_proj_scales"), &[e, h, i / 32])?,
+                down_bias: f32_vec(&format!("{x}.down_proj_bias"), &[e, h])?,
+                swiglu: SwigluParams {
+                    limit: c.swiglu_limit as f32,
+                    alpha: c.swiglu_alpha as f32,
+                },
+            };
+            experts.validate()?;
+            let sinks =
+                dense(&format!("{p}.self_attn.sinks"), &[nh], dtype)?.reshape((nh, 1, 1))?;
+            layers.push(Layer {
+                input_norm: dense(&format!("{p}.input_layernorm.weight"), &[h], DType::F32)?,
+                post_attention_norm: dense(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                    DType::F32,
+                )?,
+                attn: Attention {
+                    q: linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
+                    k: linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
+                    v: linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
+                    o: linear(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
+                    sinks,
+                    window: if c.is_sliding(l) {
+                        c.sliding_window
+                    } else {
+                        None
+                    },
+                },
+                router: linear(&format!("{p}.mlp.router"), e, h)?,
+                experts,
+            });
+        }
+        // The embedding stays in its stored dtype: only looked-up rows are widened.
+        let embed_name = "model.embed_tokens.weight";
+        let embed = dense(
+            embed_name,
+            &[c.vocab_size, h],
+            weights.stored_dtype(embed_name)?,
+        )?;
+        let head_name = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            embed_name
+        } else {
+            "lm_head.weight"
+        };
+        let lm_head = Linear::new(dense(head_name, &[c.vocab_size, h], dtype)?, None);
+        let norm = dense("model.norm.weight", &[h], DType::F32)?;
+        let (inv_freq, rope_scaling) = config.rope_frequencies();
+        let info = ModelInfo {
+            architecture: "gpt_oss".into(),
+            vocab_size: c.vocab_size,
+            context_length: c.max_position_embeddings,
+            cache_layers: c.num_hidden_layers,
+            kv_heads: nkv,
+            head_dim: hd,
+            cache_dtype: dtype,
+            device: device.clone(),
+            weight_format: "mxfp4+bf16".into(),
+        };
+        Ok(Self {
+            config,
+            info,
+            device: device.clone(),
+            dtype,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            rope_scaling,
+        })
+    }
+
+    /// Bytes of MXFP4 expert weights (all layers), as held in the mapped checkpoint.
+    pub fn packed_expert_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.experts.packed_bytes()).sum()
+    }
+
+    /// `cos`, `sin` `[t, head_dim/2]` for positions `start..start + t`, YaRN-scaled.
+    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in start..start + t {
+            for &f in &self.inv_freq {
+                // f32 product as the reference computes it, then cos/sin.
+                let angle = p as f32 * f;
+                cos.push(angle.cos() * self.rope_scaling);
+                sin.push(angle.sin() * self.rope_scaling);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        cache: &mut SequenceCache,
+        layer: usize,
+        start: usize,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (t, _) = x.dims2()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let group = nh / nkv;
+        let q = attn
+            .q
+            .forward(x)?
+            .reshape((1, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = attn
+            .k
+            .forward(x)?
+            .reshape((1, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = attn
+            .v
+            .forward(x)?
+            .reshape((1, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k_all, v_all) = cache.layers[layer].append(&k, &v)?;
+        let total = start + t;
+        // Keys no query of this chunk can see are skipped on sliding layers.
+        let first_key = match attn.window {
+            Some(w) => (start + 1).saturating_sub(w),
+            None => 0,
+        };
+        let keys = total - first_key;
+        let k_all = k_all.narrow(2, first_key, keys)?.squeeze(0)?.contiguous()?;
+        let v_all = v_all.narrow(2, first_key, keys)?.squeeze(0)?.contiguous()?;
+        // Heads sharing a KV head are consecutive: fold them into the query axis.
+        let q = q.reshape((nkv, group * t, hd))?;
+        let scale = (hd as f64).powf(-0.5);
+        let scores = (q.matmul(&k_all.t()?)? * scale)?.reshape((nh, t, keys))?;
+        let mut mask = Vec::with_capacity(t * keys);
+        for qi in 0..t {
+            let qpos = start + qi;
+            for kj in 0..keys {
+                let kpos = first_key + kj;
+                let visible = kpos <= qpos && attn.window.is_none_or(|w| kpos + w > qpos);
+                mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        let mask = Tensor::from_vec(mask, (1, t, keys), &self.device)?.to_dtype(scores.dtype())?;
+        let scores = scores.broadcast_add(&mask)?;
+        let sinks = attn
+            .sinks
+            .broadcast_as((nh, t, 1))?
+            .to_dtype(scores.dtype())?;
+        let logits = Tensor::cat(&[&scores, &sinks], D::Minus1)?.contiguous()?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.narrow(2, 0, keys)?;
+        let probs = probs.reshape((nkv, group * t, keys))?.contiguous()?;
+        let out = probs
+            .matmul(&v_all)?
+            .reshape((nh, t, hd))?
+            .transpose(0, 1)?
+            .reshape((t, nh * hd))?;
+        attn.o.forward(&out)
+    }
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.to_dtype(dtype)
+}
+
+/// Registry builder: safetensors only (gpt-oss ships no GGUF we read).
+pub fn build(
+    source: &WeightSource<'_>,
+    options: &BuildOptions,
+) -> anyhow::Result<Box<dyn CausalLm>> {
+    let WeightSource::Safetensors { config, weights } = source else {
+        bail!("gpt_oss models are read from safetensors (openai/gpt-oss-*), not GGUF");
+    };
+    let packed = PackedTensors::open(&weights.files())?;
+    let model = GptOss::from_weights(config, weights, &packed, &options.device, options.dtype)?;
+    Ok(Box::new(model))
+}
+
+/// Where the table finds tensor names (documentation for readers of the registry).
+pub const TENSOR_NAMES_DOC: &str = "transformers names: model.layers.N.{self_attn.{q,k,v,o}_proj,self_attn.sinks,\
+mlp.router,mlp.experts.{gate_up,down}_proj_{blocks,scales,bias}}, model.embed_tokens, model.norm, lm_head";
+
+impl CausalLm for GptOss {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            candle_core::bail!("gpt-oss forward: no tokens");
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let start = cache.position();
+        let ids = Tensor::from_slice(tokens, t, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
+        let (cos, sin) = self.rope_tables(start, t)?;
+        let eps = self.config.rms_norm_eps;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_norm, eps)?;
+            let a = self.attention(&layer.attn, &h, (&cos, &sin), cache, l, start)?;
+            x = (x + a)?;
+            let h = rms_norm(&x, &layer.post_attention_norm, eps)?;
+            let router_logits = layer.router.forward(&h)?;
+            let m = layer.experts.forward(&h, &router_logits)?;
+            x = (x + m)?;
+        }
+        let x = if last_only { x.narrow(0, t - 1, 1)? } else { x };
+        let x = rms_norm(&x, &self.norm, eps)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+}

@@ -1,0 +1,158 @@
+//! gpt-oss against transformers on the tiny fixture (scripts/make_gpt_oss_fixture.py): logits,
+//! perplexity and greedy continuations, through prefill, chunked prefill and cached decode, at
+//! lengths that cross the sliding window (16 in the fixture).
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, IndexOp};
+use serde_json::Value;
+use xllm::arch::gpt_oss::GptOss;
+use xllm::arch::CausalLm;
+use xllm::quant::KvProfile;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt_oss_tiny")
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn load() -> GptOss {
+    GptOss::load(&fixture(), &Device::Cpu, DType::F32).unwrap()
+}
+
+/// Mean NLL of `tokens[1..]` given logits rows `[n, vocab]` for positions `0..n`.
+fn mean_nll(logits: &[Vec<f32>], tokens: &[u32]) -> f64 {
+    let mut total = 0f64;
+    for (row, &next) in logits.iter().zip(&tokens[1..]) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let lse = row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
+        total += lse - row[next as usize] as f64;
+    }
+    total / (tokens.len() - 1) as f64
+}
+
+#[test]
+fn logits_and_perplexity_match_transformers() {
+    let model = load();
+    let r = reference();
+    let tokens = ids(&r["text_ids"]);
+    let mut cache = model.info().new_cache(KvProfile::Default, 4096).unwrap();
+    let logits = model.forward(&tokens, &mut cache, false).unwrap();
+    assert_eq!(logits.dims(), &[tokens.len(), model.config.vocab_size]);
+    for (pos, want) in r["logits_at"].as_object().unwrap() {
+        let p: usize = pos.parse().unwrap();
+        let got = logits.i(p).unwrap().to_vec1::<f32>().unwrap();
+        let max_diff = got
+            .iter()
+            .zip(want.as_array().unwrap())
+            .map(|(g, w)| (*g as f64 - w.as_f64().unwrap()).abs())
+            .fold(0f64, f64::max);
+        assert!(max_diff < 2e-3, "position {p}: max |logit diff| {max_diff}");
+    }
+    let rows: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+    let nll = mean_nll(&rows[..tokens.len() - 1], &tokens);
+    let ppl = nll.exp();
+    let want = r["perplexity"].as_f64().unwrap();
+    let rel = (ppl - want).abs() / want;
+    eprintln!("perplexity: ours {ppl:.4}, transformers {want:.4}, relative difference {rel:.2e}");
+    assert!(rel < 0.005, "perplexity {ppl} vs transformers {want}");
+}
+
+#[test]
+fn chunked_prefill_and_decode_match_one_shot() {
+    let model = load();
+    let tokens = ids(&reference()["text_ids"]);
+    let n = 120;
+    let mut one = model.info().new_cache(KvProfile::Default, 4096).unwrap();
+    let full: Vec<Vec<f32>> = model
+        .forward(&tokens[..n], &mut one, false)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    // Chunks of uneven sizes (some smaller, some larger than the window), then single tokens.
+    let mut cache = model.info().new_cache(KvProfile::Default, 4096).unwrap();
+    let mut rows = Vec::new();
+    let mut at = 0;
+    for size in [5, 17, 1, 30, 3, 9] {
+        let l: Vec<Vec<f32>> = model
+            .forward(&tokens[at..at + size], &mut cache, false)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        rows.extend(l);
+        at += size;
+    }
+    while at < n {
+        let l = model
+            .forward(&tokens[at..at + 1], &mut cache, true)
+            .unwrap();
+        rows.push(l.i(0).unwrap().to_vec1().unwrap());
+        at += 1;
+    }
+    assert_eq!(cache.position(), n);
+    for (p, (a, b)) in full.iter().zip(&rows).enumerate() {
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-3, "position {p}: chunked differs by {d}");
+    }
+}
+
+#[test]
+fn greedy_continuations_match_transformers() {
+    let model = load();
+    for case in reference()["greedy"].as_array().unwrap() {
+        let prompt = ids(&case["prompt"]);
+        let want = ids(&case["continuation"]);
+        let mut cache = model.info().new_cache(KvProfile::Default, 4096).unwrap();
+        let mut logits = model.forward(&prompt, &mut cache, true).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            let next = logits
+                .i(0)
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
+            got.push(next);
+            logits = model.forward(&[next], &mut cache, true).unwrap();
+        }
+        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        assert!(
+            same >= 24 && same == want.len(),
+            "prompt of {} tokens: first {same} tokens agree\n ours {got:?}\n want {want:?}\n margins {}",
+            prompt.len(),
+            case["margins"]
+        );
+    }
+}
+
+#[test]
+fn out_of_vocabulary_token_is_an_error() {
+    let model = load();
+    let mut cache = model.info().new_cache(KvProfile::Default, 64).unwrap();
+    let err = model
+        .forward(&[100_000], &mut cache, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("vocabulary"), "{err}");
+}
