@@ -114,7 +114,7 @@ fn sampling_params(defaults: &SamplingParams, args: &SamplingArgs) -> SamplingPa
 }
 
 fn validate_sampling(p: &SamplingParams) -> anyhow::Result<()> {
-    if !(p.temperature >= 0.0) {
+    if p.temperature.is_nan() || p.temperature < 0.0 {
         anyhow::bail!("--temperature must be 0 or more (0 is greedy)");
     }
     if let Some(v) = p.top_p {
@@ -127,7 +127,7 @@ fn validate_sampling(p: &SamplingParams) -> anyhow::Result<()> {
             anyhow::bail!("--min-p must be in [0, 1]");
         }
     }
-    if !(p.repeat_penalty > 0.0) {
+    if p.repeat_penalty.is_nan() || p.repeat_penalty <= 0.0 {
         anyhow::bail!("--repeat-penalty must be positive (1 is off)");
     }
     Ok(())
@@ -344,7 +344,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(rest) = input.strip_prefix("\"\"\"") {
             // Multi-line input until a line ending with """.
             let mut buf = rest.to_string();
-            while !buf.trim_end().ends_with("\"\"\"") || buf.trim_end() == "" && false {
+            while !buf.trim_end().ends_with("\"\"\"") {
                 eprint!("... ");
                 let _ = std::io::stderr().flush();
                 let Some(next) = lines.next() else { break };
