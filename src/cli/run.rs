@@ -48,7 +48,7 @@ pub(crate) fn load_for(
 ) -> anyhow::Result<(ResolvedModel, LoadedModel)> {
     configure_threads(runtime.threads)?;
     let resolved = resolve(name)?;
-    let device = load::device_from_arg(runtime.device.as_deref())?;
+    let device = crate::device::select_device(runtime.device.as_deref())?;
     let options = LoadOptions {
         device,
         ..LoadOptions::default()
