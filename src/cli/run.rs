@@ -210,6 +210,21 @@ pub(crate) fn print_stats(
         "kv cache:             {:.1} MiB allocated",
         kv_bytes as f64 / (1024.0 * 1024.0)
     );
+    if let Some(peak) = peak_rss_bytes() {
+        let _ = writeln!(
+            out,
+            "peak memory:          {:.1} MiB resident",
+            peak as f64 / (1024.0 * 1024.0)
+        );
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), if the platform reports it.
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Prompt tokens for a conversation (chat template) or raw text.
