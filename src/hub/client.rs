@@ -50,6 +50,8 @@ pub struct FileMeta {
     pub etag: Option<String>,
     /// `X-Linked-Size`.
     pub linked_size: Option<u64>,
+    /// True when `etag` came from `X-Linked-Etag`, which for LFS files is their sha256.
+    pub etag_is_linked: bool,
 }
 
 impl HubClient {
@@ -271,7 +273,9 @@ fn merge_meta(meta: &mut FileMeta, headers: &HeaderMap) {
         meta.commit = get("x-repo-commit");
     }
     if meta.etag.is_none() {
-        meta.etag = get("x-linked-etag")
+        let linked = get("x-linked-etag");
+        meta.etag_is_linked = linked.is_some();
+        meta.etag = linked
             .or_else(|| get("etag"))
             .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string());
     }

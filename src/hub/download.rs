@@ -78,6 +78,9 @@ pub fn download(
     }
     let part = part_path(dest);
     let mut fetched = 0u64;
+    // What to verify against; the `resolve` headers fill in what the repo listing lacked.
+    let mut file = file.clone();
+    let file = &mut file;
     let mut last_err = None;
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
@@ -120,7 +123,7 @@ fn attempt_once(
     client: &HubClient,
     repo: &str,
     commit: &str,
-    file: &RepoFile,
+    file: &mut RepoFile,
     part: &Path,
     progress: &dyn Progress,
     fetched: &mut u64,
@@ -139,11 +142,20 @@ fn attempt_once(
         bar.finish();
         return Ok(hex::encode(hasher.finalize()));
     }
-    let (mut resp, _meta) = match client.get_file(repo, commit, &file.path, have) {
+    let (mut resp, meta) = match client.get_file(repo, commit, &file.path, have) {
         Ok(r) => r,
         Err(e) if is_network(&e) => return Err(AttemptError::Retry(e)),
         Err(e) => return Err(fatal(e)),
     };
+    if file.sha256.is_none() && meta.etag_is_linked {
+        file.sha256 = meta
+            .etag
+            .filter(|e| e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(|e| e.to_ascii_lowercase());
+    }
+    if file.size.is_none() {
+        file.size = meta.linked_size;
+    }
     let status = resp.status();
     let mut out = OpenOptions::new()
         .create(true)

@@ -56,10 +56,54 @@ pub fn pull(
         .clone()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| revision.to_string());
-    let mut selection = select::select_files(&repo, &info.siblings, token.as_ref())?;
+    let gated = !matches!(
+        info.gated,
+        serde_json::Value::Null | serde_json::Value::Bool(false)
+    );
+    if gated && client.config().token.is_none() {
+        return Err(crate::hub::HubError::Gated {
+            repo,
+            endpoint: client.config().endpoint.clone(),
+            authenticated: false,
+        }
+        .into());
+    }
+    let selection = select::select_files(&repo, &info.siblings, token.as_ref())?;
 
     let dir = store.model_dir(&repo);
+    let existed = dir.exists();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let result = pull_into(
+        store, &client, &repo, revision, &commit, selection, &dir, progress,
+    );
+    if result.is_err() && !existed {
+        remove_if_nothing_downloaded(&dir);
+    }
+    result
+}
+
+/// A failed first pull that got no bytes (no access, network down) leaves no folder behind, so
+/// `list` does not show a partial pull there is nothing to resume of.
+fn remove_if_nothing_downloaded(dir: &Path) {
+    let mut bytes = 0u64;
+    let _ = super::for_each_file(dir, &mut |_, m| bytes += m.len());
+    if bytes == 0 {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pull_into(
+    _store: &Store,
+    client: &HubClient,
+    repo: &str,
+    revision: &str,
+    commit: &str,
+    mut selection: Selection,
+    dir: &Path,
+    progress: &dyn Progress,
+) -> anyhow::Result<PullReport> {
+    let (repo, commit, dir) = (repo.to_string(), commit.to_string(), dir.to_path_buf());
     let _lock = ModelLock::acquire(&dir, || {
         progress.note(&format!(
             "another `xllm pull` of {repo} is running; waiting for it to finish"

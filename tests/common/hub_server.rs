@@ -58,6 +58,8 @@ pub struct Behaviour {
     pub corrupt: Vec<String>,
     /// Sleep per 64 KiB chunk of file bodies.
     pub chunk_delay: Option<Duration>,
+    /// Repo info without sizes or LFS metadata, as if `?blobs=true` were not honoured.
+    pub bare_listing: bool,
 }
 
 #[derive(Default)]
@@ -298,13 +300,11 @@ fn route(req: &Request, origin: &str, state: &Arc<Mutex<State>>, cdn_url: &str) 
         let Some(repo) = s.repos.get(repo_name) else {
             return Reply::error(401, "RepoNotFound");
         };
-        if repo.gated && !authorized(req) {
-            return Reply::error(401, "GatedRepo");
-        }
+        // Like the Hub: a gated repo's info is public, its files are not.
         if rev != "main" && rev != repo.commit {
             return Reply::error(404, "RevisionNotFound");
         }
-        let blobs = req.query.contains("blobs=true");
+        let blobs = req.query.contains("blobs=true") && !s.behaviour.bare_listing;
         let mut siblings: Vec<serde_json::Value> = repo
             .files
             .iter()
