@@ -167,7 +167,7 @@ fn pull_into(
         .cloned()
     {
         let (d, r) = fetch_one(
-            &client,
+            client,
             &repo,
             &commit,
             &index,
@@ -185,7 +185,7 @@ fn pull_into(
 
     for file in selection.files.clone() {
         let (d, r) = fetch_one(
-            &client,
+            client,
             &repo,
             &commit,
             &file,
@@ -202,7 +202,7 @@ fn pull_into(
         &repo,
         revision,
         &commit,
-        &client,
+        client,
         &dir,
         &selection,
         &state,
