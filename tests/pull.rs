@@ -528,3 +528,42 @@ fn without_lfs_metadata_the_linked_etag_still_verifies() {
     });
     env.run(&["pull", "org/tiny"]).ok();
 }
+
+#[test]
+fn new_revision_replaces_old_files_and_damaged_models_are_repaired() {
+    let hub = hub_with("org/tiny", tiny_safetensors_repo(COMMIT, 64));
+    let env = Env::new(&hub.url);
+    env.run(&["pull", "org/tiny"]).ok();
+    let dir = env.model_dir("org/tiny");
+
+    // The repo moves on: its weights are renamed to a shard and grow.
+    let mut next = tiny_safetensors_repo("fedcba9876543210fedcba9876543210fedcba98", 128);
+    for f in &mut next.files {
+        if f.path == "model.safetensors" {
+            f.path = "model-00001-of-00001.safetensors".into();
+        }
+    }
+    hub.add_repo("org/tiny", next);
+    let out = env.run(&["pull", "org/tiny"]).ok();
+    assert!(out.stdout.contains("at fedcba987654"), "{}", out.stdout);
+    assert!(
+        !dir.join("model.safetensors").exists(),
+        "stale weights stay behind"
+    );
+    let show = env.run(&["show", "org/tiny", "--json"]).ok().json();
+    assert_eq!(show["parameters"], 1024 * 64 + 64);
+    assert_eq!(
+        show["source"]["commit"],
+        "fedcba9876543210fedcba9876543210fedcba98"
+    );
+
+    // A weight file deleted by hand: show/run refuse with the repair command; pull repairs.
+    std::fs::remove_file(dir.join("model-00001-of-00001.safetensors")).unwrap();
+    env.run(&["show", "org/tiny"])
+        .fails_with(4, "repair it with `xllm pull org/tiny`");
+    hub.clear_log();
+    env.run(&["pull", "org/tiny"]).ok();
+    let cdn = hub.log().into_iter().filter(|l| l.origin == "cdn").count();
+    assert_eq!(cdn, 1, "only the missing file is fetched again");
+    env.run(&["show", "org/tiny"]).ok();
+}

@@ -198,6 +198,9 @@ fn pull_into(
         reused += r;
     }
 
+    if selection.format == ModelFormat::Safetensors {
+        prune_stale_files(&dir, &selection)?;
+    }
     let manifest = build_manifest(
         &repo,
         revision,
@@ -463,6 +466,24 @@ fn build_manifest(
         files,
         pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     })
+}
+
+/// Deletes files a previous revision left that the new selection does not have (old shards would
+/// otherwise be counted by inspection and waste disk).
+fn prune_stale_files(dir: &Path, selection: &Selection) -> anyhow::Result<()> {
+    let keep: BTreeSet<PathBuf> = selection.files.iter().map(|f| dir.join(&f.path)).collect();
+    let mut stale = Vec::new();
+    super::for_each_file(dir, &mut |path, _| {
+        if !keep.contains(path) && path.file_name() != Some(super::manifest::MANIFEST_FILE.as_ref())
+        {
+            stale.push(path.to_path_buf());
+        }
+    })?;
+    for path in stale {
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot remove stale {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Split GGUF parts share the name before `-NNNNN-of-NNNNN`.
