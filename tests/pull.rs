@@ -86,6 +86,12 @@ fn pull_fetches_what_running_needs_and_writes_a_manifest_last() {
     let again = env.run(&["pull", "org/tiny"]).ok();
     assert!(again.stdout.contains("up to date"), "{}", again.stdout);
     assert!(hub.log().iter().all(|l| l.path.starts_with("/api/")));
+
+    // Offline, a complete model counts as pulled and nothing is requested.
+    hub.clear_log();
+    env.run_with(&["pull", "org/tiny"], &[("HF_HUB_OFFLINE", "1")])
+        .ok();
+    assert!(hub.log().is_empty());
 }
 
 #[test]
@@ -566,4 +572,17 @@ fn new_revision_replaces_old_files_and_damaged_models_are_repaired() {
     let cdn = hub.log().into_iter().filter(|l| l.origin == "cdn").count();
     assert_eq!(cdn, 1, "only the missing file is fetched again");
     env.run(&["show", "org/tiny"]).ok();
+}
+
+#[test]
+fn servers_without_the_revision_route_still_work_for_main() {
+    let hub = hub_with("org/tiny", tiny_safetensors_repo(COMMIT, 64));
+    let env = Env::new(&hub.url);
+    hub.set_behaviour(Behaviour {
+        no_revision_route: true,
+        ..Default::default()
+    });
+    env.run(&["pull", "org/tiny"]).ok();
+    env.run(&["pull", "org/absent"])
+        .fails_with(1, "repository 'org/absent' was not found");
 }

@@ -166,7 +166,8 @@ fn attempt_once(
         .map_err(fatal)?;
     let start = match status {
         StatusCode::PARTIAL_CONTENT => {
-            let from = content_range_start(resp.headers());
+            // No Content-Range on a 206: trust that it honoured the range we asked for.
+            let from = content_range_start(resp.headers()).or(Some(have));
             if from != Some(have) {
                 // A range we did not ask for: start over rather than splice bytes wrongly.
                 let _ = std::fs::remove_file(part);

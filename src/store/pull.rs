@@ -49,6 +49,29 @@ pub fn pull(
         ),
     };
     let config = HubConfig::from_env();
+    if config.offline {
+        // Offline, a complete model is as good as pulled; anything else needs the network.
+        if let Some(super::StoreEntry {
+            state: super::EntryState::Ready(m),
+            ..
+        }) = store.find(&repo)?
+        {
+            if token.is_none() || super::resolve::open_model(reference).is_ok() {
+                return Ok(PullReport {
+                    name: repo,
+                    dir: store.model_dir(&m.name),
+                    commit: m.source.commit.clone(),
+                    format: m.format,
+                    gguf_type: None,
+                    files: m.files.len(),
+                    total_size: m.total_size(),
+                    downloaded: 0,
+                    reused: 0,
+                    up_to_date: true,
+                });
+            }
+        }
+    }
     let client = HubClient::new(config)?;
     let info = client.repo_info(&repo, revision)?;
     let commit = info

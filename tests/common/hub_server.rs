@@ -60,6 +60,8 @@ pub struct Behaviour {
     pub chunk_delay: Option<Duration>,
     /// Repo info without sizes or LFS metadata, as if `?blobs=true` were not honoured.
     pub bare_listing: bool,
+    /// Only `/api/models/{repo}` exists (no `/revision/{rev}` route).
+    pub no_revision_route: bool,
 }
 
 #[derive(Default)]
@@ -294,8 +296,11 @@ fn route(req: &Request, origin: &str, state: &Arc<Mutex<State>>, cdn_url: &str) 
         return Reply::new(404);
     }
     if let Some(rest) = req.path.strip_prefix("/api/models/") {
-        let Some((repo_name, rev)) = rest.split_once("/revision/") else {
-            return Reply::new(404);
+        let (repo_name, rev) = match rest.split_once("/revision/") {
+            Some(_) if s.behaviour.no_revision_route => return Reply::new(404),
+            Some(pair) => pair,
+            None if s.behaviour.no_revision_route => (rest, "main"),
+            None => return Reply::new(404),
         };
         let Some(repo) = s.repos.get(repo_name) else {
             return Reply::error(401, "RepoNotFound");
