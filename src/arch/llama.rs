@@ -9,6 +9,8 @@ use anyhow::{bail, Context};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+use super::bf16_linear::Bf16Matrix;
+use super::qlinear::Q41Matrix;
 use super::rope::{Rope, RopeLayout};
 use super::{BuildOptions, CausalLm, ModelInfo, WeightSource};
 use crate::engine::kv_cache::{KvStore, SequenceCache};
@@ -89,6 +91,10 @@ pub enum Weight {
     Dense(Tensor),
     /// GGUF blocks through candle's quantized matmul (f32 activations).
     Quantized(Arc<QTensor>),
+    /// GGUF Q4_1 through our own kernel (candle's is scalar on x86).
+    Q41(Arc<Q41Matrix>),
+    /// bf16 safetensors weights kept as stored, through our own kernel (CPU).
+    Bf16(Arc<Bf16Matrix>),
 }
 
 pub struct Linear {
@@ -120,6 +126,8 @@ impl Linear {
                 y.reshape(out)?
             }
             Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(x)?,
+            Weight::Q41(q) => q.forward(x)?,
+            Weight::Bf16(w) => w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -133,6 +141,8 @@ fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
     match weight {
         Weight::Dense(w) => w.index_select(ids, 0)?.to_dtype(dtype),
         Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
+        Weight::Q41(_) => candle_core::bail!("Q4_1 token embeddings are not supported"),
+        Weight::Bf16(w) => w.gather_rows(&ids.to_vec1::<u32>()?)?.to_dtype(dtype),
     }
 }
 
@@ -191,6 +201,18 @@ impl Loader for SafetensorsLoader<'_> {
     fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight> {
         let name = format!("{}.weight", role.hf_name(layer));
         let stored = self.weights.stored_dtype(&name)?;
+        if self.options.keep_weight_dtype && stored == DType::BF16 && self.options.device.is_cpu() {
+            let raw = self.weights.raw(&name)?;
+            if raw.shape != shape {
+                bail!(
+                    "tensor '{name}' has shape {:?}, expected {shape:?} from config.json",
+                    raw.shape
+                );
+            }
+            let m = Bf16Matrix::from_le_bytes(raw.data, shape[0], shape[1])?;
+            self.weights.release_pages(&name);
+            return Ok(Weight::Bf16(Arc::new(m)));
+        }
         let dtype = if self.options.keep_weight_dtype && matches!(stored, DType::BF16 | DType::F16)
         {
             stored
@@ -248,6 +270,14 @@ impl Loader for GgufLoader<'_> {
                 q.dequantize(&self.options.device)?
                     .to_dtype(self.options.dtype)?,
             ),
+            GgmlDType::Q4_1 if self.options.device.is_cpu() && role != Role::Embed => {
+                let (rows, cols) = q.shape().dims2()?;
+                Weight::Q41(Arc::new(Q41Matrix::new(
+                    q.data()?.into_owned(),
+                    rows,
+                    cols,
+                )?))
+            }
             _ => Weight::Quantized(Arc::new(q)),
         })
     }
@@ -633,5 +663,72 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(y, vec![3.5, 7., 10.]);
+    }
+}
+
+#[cfg(test)]
+mod quantized_tests {
+    use super::*;
+
+    /// The quantized path must agree with a dense matmul on the dequantized weight.
+    #[test]
+    fn quantized_linear_matches_dequantized() {
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+        ] {
+            for rows in [1usize, 7] {
+                let dev = Device::Cpu;
+                let w = Tensor::randn(0f32, 1.0, (192, 512), &dev).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let dense = q.dequantize(&dev).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (1, rows, 512), &dev).unwrap();
+                let a = Linear::new(Weight::Quantized(Arc::new(q)), None)
+                    .forward(&x)
+                    .unwrap();
+                let b = Linear::new(Weight::Dense(dense), None).forward(&x).unwrap();
+                let err = (&a - &b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    err / scale < 0.05,
+                    "{dtype:?} rows={rows}: error {err} vs scale {scale}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_embedding_matches_dequantized() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (300, 576), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let dense = q.dequantize(&dev).unwrap();
+        let ids = Tensor::new(&[5u32, 299, 0, 17], &dev).unwrap();
+        let a = embed(&Weight::Quantized(Arc::new(q)), &ids, DType::F32).unwrap();
+        let b = embed(&Weight::Dense(dense), &ids, DType::F32).unwrap();
+        let err = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-6, "embedding rows differ by {err}");
     }
 }

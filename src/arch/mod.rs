@@ -8,7 +8,9 @@ use crate::model::gguf::GgufFile;
 use crate::model::safetensors::SafetensorsWeights;
 use crate::quant::KvProfile;
 
+pub mod bf16_linear;
 pub mod llama;
+pub mod qlinear;
 pub mod rope;
 
 /// A causal language model ready to run on a device.

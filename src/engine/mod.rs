@@ -1,6 +1,11 @@
 //! Generation: tokenizer + chat template → prefill → decode loop with KV cache, sampling, stop
 //! conditions, streaming callback and cancellation. Drivable step by step (no stdout here).
 
+pub mod chat_template;
+pub mod generate;
 pub mod harmony;
 pub mod kv_cache;
 pub mod kv_quant;
+pub mod load;
+pub mod sampler;
+pub mod tokenizer;

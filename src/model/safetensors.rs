@@ -213,6 +213,13 @@ impl SafetensorsWeights {
             .map_err(|e| anyhow::anyhow!("tensor '{name}' has an unsupported dtype: {e}"))
     }
 
+    /// Drops the mapped pages of a tensor the caller has copied out (see [`Self::raw`]).
+    pub fn release_pages(&self, name: &str) {
+        if let Ok((shard, info)) = self.locate(name) {
+            self.release(shard, info);
+        }
+    }
+
     /// Drops the pages of a copied tensor from this process's resident set (the data stays in the
     /// page cache and is read again if needed).
     fn release(&self, shard: &Shard, info: &TensorInfo) {

@@ -1,0 +1,307 @@
+//! Matmul with bf16 weights and f32 activations on the CPU. Keeping safetensors bf16 weights as
+//! stored halves memory against converting them to f32, but candle's CPU bf16 matmul is slow and
+//! allocates converted copies. Here each weight row is widened to f32 once (a 16-bit shift) and
+//! dotted with every activation row with AVX2/FMA chosen at run time; rows are spread over rayon
+//! threads. Activations stay f32, so results match an f32 matmul on the bf16 values.
+
+use candle_core::{Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// A `[rows, cols]` bf16 matrix (raw bits).
+pub struct Bf16Matrix {
+    data: Vec<u16>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Bf16Matrix {
+    /// From little-endian bf16 bytes as stored in safetensors.
+    pub fn from_le_bytes(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        if bytes.len() != rows * cols * 2 {
+            candle_core::bail!(
+                "bf16 matrix [{rows}, {cols}] needs {} bytes, got {}",
+                rows * cols * 2,
+                bytes.len()
+            );
+        }
+        let data = bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        Ok(Self { data, rows, cols })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows `ids` widened to f32: `[ids.len(), cols]` (token embedding lookup).
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.rows {
+                candle_core::bail!("token id {id} is outside the vocabulary of {}", self.rows);
+            }
+            out.extend(
+                self.data[id * self.cols..(id + 1) * self.cols]
+                    .iter()
+                    .map(|&b| f32::from_bits((b as u32) << 16)),
+            );
+        }
+        Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)
+    }
+
+    /// `x`: `[.., cols]` f32 → `[.., rows]` f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap();
+        if k != self.cols {
+            candle_core::bail!(
+                "bf16 matmul: input has {k} columns, weight has {}",
+                self.cols
+            );
+        }
+        let m = x.elem_count() / k;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let n = self.rows;
+        let mut yt = vec![0f32; n * m];
+        let avx2 = has_avx2();
+        let chunk_rows = 32;
+        yt.par_chunks_mut(chunk_rows * m)
+            .enumerate()
+            .for_each(|(c, out)| {
+                let mut wrow = vec![0f32; k];
+                for (r_local, out_row) in out.chunks_mut(m).enumerate() {
+                    let r = c * chunk_rows + r_local;
+                    let w = &self.data[r * k..(r + 1) * k];
+                    if m == 1 {
+                        out_row[0] = if avx2 {
+                            // SAFETY: AVX2 and FMA were detected at run time.
+                            unsafe { dot_bf16_avx2(w, &xs) }
+                        } else {
+                            w.iter()
+                                .zip(&xs)
+                                .map(|(&b, &x)| f32::from_bits((b as u32) << 16) * x)
+                                .sum()
+                        };
+                        continue;
+                    }
+                    for (o, &b) in wrow.iter_mut().zip(w) {
+                        *o = f32::from_bits((b as u32) << 16);
+                    }
+                    let mut i = 0;
+                    // Four activation rows per pass share each load of the weight row.
+                    while avx2 && i + 4 <= m {
+                        // SAFETY: as above.
+                        let y4 = unsafe { dot4_f32_avx2(&wrow, &xs[i * k..(i + 4) * k]) };
+                        out_row[i..i + 4].copy_from_slice(&y4);
+                        i += 4;
+                    }
+                    for (i, y) in out_row.iter_mut().enumerate().skip(i) {
+                        let xrow = &xs[i * k..(i + 1) * k];
+                        *y = if avx2 {
+                            // SAFETY: as above.
+                            unsafe { dot_f32_avx2(&wrow, xrow) }
+                        } else {
+                            wrow.iter().zip(xrow).map(|(a, b)| a * b).sum()
+                        };
+                    }
+                }
+            });
+        let y = if m == 1 {
+            yt
+        } else {
+            let mut y = vec![0f32; n * m];
+            for r in 0..n {
+                for i in 0..m {
+                    y[i * n + r] = yt[r * m + i];
+                }
+            }
+            y
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = n;
+        Tensor::from_vec(y, out_dims, &Device::Cpu)
+    }
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Σ bf16(w) · x, 16 elements per step in two accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let k = w.len();
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= k {
+        let raw = _mm256_loadu_si256(w.as_ptr().add(i) as *const __m256i);
+        let lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16);
+        let hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16);
+        a0 = _mm256_fmadd_ps(
+            _mm256_castsi256_ps(lo),
+            _mm256_loadu_ps(x.as_ptr().add(i)),
+            a0,
+        );
+        a1 = _mm256_fmadd_ps(
+            _mm256_castsi256_ps(hi),
+            _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+            a1,
+        );
+        i += 16;
+    }
+    let mut s = hsum(_mm256_add_ps(a0, a1));
+    while i < k {
+        s += f32::from_bits((w[i] as u32) << 16) * x[i];
+        i += 1;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let k = w.len();
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= k {
+        a0 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(w.as_ptr().add(i)),
+            _mm256_loadu_ps(x.as_ptr().add(i)),
+            a0,
+        );
+        a1 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(w.as_ptr().add(i + 8)),
+            _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+            a1,
+        );
+        i += 16;
+    }
+    let mut s = hsum(_mm256_add_ps(a0, a1));
+    while i < k {
+        s += w[i] * x[i];
+        i += 1;
+    }
+    s
+}
+
+/// `w` dotted with four consecutive rows of `x4` (`[4, k]`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_f32_avx2(w: &[f32], x4: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let k = w.len();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 8 <= k {
+        let wv = _mm256_loadu_ps(w.as_ptr().add(i));
+        for (r, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x4.as_ptr().add(r * k + i)), *a);
+        }
+        i += 8;
+    }
+    let mut out = [0f32; 4];
+    for r in 0..4 {
+        out[r] = hsum(acc[r]);
+        for j in i..k {
+            out[r] += w[j] * x4[r * k + j];
+        }
+    }
+    out
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot4_f32_avx2(w: &[f32], x4: &[f32]) -> [f32; 4] {
+    let k = w.len();
+    std::array::from_fn(|r| {
+        w.iter()
+            .zip(&x4[r * k..(r + 1) * k])
+            .map(|(a, b)| a * b)
+            .sum()
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    w.iter()
+        .zip(x)
+        .map(|(&b, &x)| f32::from_bits((b as u32) << 16) * x)
+        .sum()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(a, b)| a * b).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    #[test]
+    fn matches_f32_matmul_on_the_same_values() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (37, 100), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let bits: Vec<u8> = w
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect();
+        let mat = Bf16Matrix::from_le_bytes(&bits, 37, 100).unwrap();
+        let wf = w.to_dtype(DType::F32).unwrap();
+        for rows in [1usize, 5, 9] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 100), &dev).unwrap();
+            let ours = mat.forward(&x).unwrap();
+            let reference = x.matmul(&wf.t().unwrap()).unwrap();
+            let err = (ours - &reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(err.to_scalar::<f32>().unwrap() < 1e-4, "rows={rows}");
+        }
+        let emb = mat.gather_rows(&[3, 0]).unwrap();
+        let reference = wf
+            .index_select(&Tensor::new(&[3u32, 0], &dev).unwrap(), 0)
+            .unwrap();
+        assert_eq!(
+            emb.to_vec2::<f32>().unwrap(),
+            reference.to_vec2::<f32>().unwrap()
+        );
+        assert!(mat.gather_rows(&[37]).is_err());
+    }
+}

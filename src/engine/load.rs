@@ -1,0 +1,233 @@
+//! From a resolved model to something that generates: weights through the architecture table,
+//! tokenizer, chat template and generation defaults.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use serde_json::Value;
+
+use super::chat_template::ChatTemplate;
+use super::sampler::SamplingParams;
+use super::tokenizer::TextTokenizer;
+use crate::arch::{self, BuildOptions, CausalLm, WeightSource};
+use crate::model::config::token_ids;
+use crate::model::gguf::GgufFile;
+use crate::model::safetensors::SafetensorsWeights;
+use crate::store::{ModelFormat, ResolvedModel};
+
+/// A model with everything needed to talk to it.
+pub struct LoadedModel {
+    pub model: Box<dyn CausalLm>,
+    pub tokenizer: TextTokenizer,
+    pub template: Option<ChatTemplate>,
+    /// Sampling defaults from generation_config.json, over our own defaults.
+    pub sampling: SamplingParams,
+    pub load_duration: Duration,
+    /// Bytes of the weight files.
+    pub file_bytes: u64,
+}
+
+/// Where and how to load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Keep bf16/f16 weights as stored (activations stay f32); `false` converts them to f32.
+    pub keep_weight_dtype: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            keep_weight_dtype: true,
+        }
+    }
+}
+
+/// Parses `--device` (`cpu`, `cuda`, `cuda:N`, `metal`; default: the best available).
+pub fn device_from_arg(arg: Option<&str>) -> anyhow::Result<Device> {
+    match arg {
+        None => Ok(best_device()),
+        Some("cpu") => Ok(Device::Cpu),
+        Some(s) if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>())
+                .transpose()
+                .with_context(|| format!("bad device '{s}': expected cuda:N"))?
+                .unwrap_or(0);
+            Device::new_cuda(ordinal).map_err(|e| {
+                anyhow::anyhow!(
+                    "device '{s}' is not available ({e}); this build may lack --features cuda"
+                )
+            })
+        }
+        Some("metal") => Device::new_metal(0).map_err(|e| {
+            anyhow::anyhow!(
+                "device 'metal' is not available ({e}); this build may lack --features metal"
+            )
+        }),
+        Some(other) => bail!("unknown device '{other}': expected cpu, cuda, cuda:N or metal"),
+    }
+}
+
+fn best_device() -> Device {
+    if candle_core::utils::cuda_is_available() {
+        if let Ok(d) = Device::new_cuda(0) {
+            return d;
+        }
+    }
+    if candle_core::utils::metal_is_available() {
+        if let Ok(d) = Device::new_metal(0) {
+            return d;
+        }
+    }
+    Device::Cpu
+}
+
+fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// Sampling defaults a checkpoint's generation_config.json asks for.
+fn sampling_from_generation_config(gen: Option<&Value>) -> SamplingParams {
+    let mut p = SamplingParams::default();
+    let Some(gen) = gen else { return p };
+    if gen.get("do_sample").and_then(Value::as_bool) == Some(false) {
+        p.temperature = 0.0;
+    }
+    if let Some(t) = gen.get("temperature").and_then(Value::as_f64) {
+        p.temperature = t;
+    }
+    if let Some(v) = gen.get("top_p").and_then(Value::as_f64) {
+        p.top_p = Some(v);
+    }
+    if let Some(v) = gen.get("top_k").and_then(Value::as_u64) {
+        p.top_k = Some(v as usize);
+    }
+    if let Some(v) = gen.get("min_p").and_then(Value::as_f64) {
+        p.min_p = Some(v);
+    }
+    if let Some(v) = gen.get("repetition_penalty").and_then(Value::as_f64) {
+        p.repeat_penalty = v as f32;
+    }
+    p
+}
+
+/// Loads weights, tokenizer and template of `resolved`.
+pub fn load(resolved: &ResolvedModel, options: &LoadOptions) -> anyhow::Result<LoadedModel> {
+    let t0 = Instant::now();
+    let build = BuildOptions {
+        device: options.device.clone(),
+        dtype: DType::F32,
+        keep_weight_dtype: options.keep_weight_dtype,
+    };
+    let (model, tokenizer, sampling, file_bytes) = match resolved.format {
+        ModelFormat::Safetensors => {
+            let dir = &resolved.dir;
+            let config_path = dir.join("config.json");
+            let config = read_json(&config_path)?
+                .with_context(|| format!("{} has no config.json", dir.display()))?;
+            let weights = SafetensorsWeights::open_dir(dir)?;
+            let model = arch::build(
+                &WeightSource::Safetensors {
+                    config: &config,
+                    weights: &weights,
+                },
+                &build,
+            )
+            .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+            let gen = read_json(&dir.join("generation_config.json"))?;
+            let mut eos = token_ids(config.get("eos_token_id"));
+            if let Some(g) = &gen {
+                eos.extend(token_ids(g.get("eos_token_id")));
+            }
+            let tokenizer = TextTokenizer::from_dir(dir, &eos)?;
+            (
+                model,
+                tokenizer,
+                sampling_from_generation_config(gen.as_ref()),
+                weights.total_bytes(),
+            )
+        }
+        ModelFormat::Gguf => {
+            let path = resolved
+                .gguf_file
+                .as_ref()
+                .context("GGUF model without a .gguf file")?;
+            let file = GgufFile::open(path)?;
+            let model = arch::build(&WeightSource::Gguf(&file), &build)
+                .with_context(|| format!("cannot load {}", path.display()))?;
+            let tokenizer = TextTokenizer::from_gguf(&file)?;
+            let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            (model, tokenizer, SamplingParams::default(), bytes)
+        }
+    };
+    let template = match &tokenizer.chat_template {
+        Some(src) => Some(ChatTemplate::new(
+            src,
+            tokenizer.bos_token.as_deref(),
+            tokenizer.eos_token.as_deref(),
+        )?),
+        None => None,
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        template,
+        sampling,
+        load_duration: t0.elapsed(),
+        file_bytes,
+    })
+}
+
+/// Resolves a local path: a folder with config.json (safetensors), a .gguf file, or a folder
+/// holding exactly one .gguf file. `None` when `name` is not a local path.
+pub fn resolve_local_path(name: &str) -> anyhow::Result<Option<ResolvedModel>> {
+    let path = Path::new(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let gguf = |file: &Path| ResolvedModel {
+        display_name: name.to_string(),
+        format: ModelFormat::Gguf,
+        dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        gguf_file: Some(file.to_path_buf()),
+        kv_profile: crate::quant::KvProfile::Default,
+        gguf_type: None,
+    };
+    if path.is_file() {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            return Ok(Some(gguf(path)));
+        }
+        bail!("{name} is a file but not a .gguf model");
+    }
+    if path.join("config.json").is_file() {
+        return Ok(Some(ResolvedModel {
+            display_name: name.to_string(),
+            format: ModelFormat::Safetensors,
+            dir: path.to_path_buf(),
+            gguf_file: None,
+            kv_profile: crate::quant::KvProfile::Default,
+            gguf_type: None,
+        }));
+    }
+    let ggufs: Vec<_> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
+    match ggufs.as_slice() {
+        [one] => Ok(Some(gguf(one))),
+        [] => bail!("{name} has neither config.json nor a .gguf file"),
+        _ => bail!("{name} holds several .gguf files; name the one to run"),
+    }
+}

@@ -1,0 +1,278 @@
+//! Tokenizer from a model folder (`tokenizer.json` + `tokenizer_config.json`) or built from GGUF
+//! metadata (`tokenizer.ggml.*`, gpt2-style byte-level BPE), with the special tokens and chat
+//! template the engine needs, and a streaming decoder that never emits half a UTF-8 character.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+use crate::model::gguf::GgufFile;
+
+/// A tokenizer plus what generation needs from the model's tokenizer config.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub bos_id: Option<u32>,
+    /// Every token id that ends generation.
+    pub eos_ids: Vec<u32>,
+    /// Prepend BOS to raw prompts ourselves (GGUF `add_bos_token`; tokenizer.json models do it
+    /// through their own post-processor).
+    add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+fn json_file(path: &Path) -> anyhow::Result<Option<Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| {
+        format!("{} is not valid JSON", path.display())
+    })?))
+}
+
+/// `"<s>"` or `{"content": "<s>", ...}` in tokenizer_config.json.
+fn token_text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Loads from a model folder. `extra_eos` adds ids from config.json/generation_config.json.
+    pub fn from_dir(dir: &Path, extra_eos: &[u32]) -> anyhow::Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            bail!("{} has no tokenizer.json", dir.display());
+        }
+        let inner = Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
+        let config = json_file(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let bos_token = token_text(config.get("bos_token"));
+        let eos_token = token_text(config.get("eos_token"));
+        let chat_template = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+            Ok(t) => Some(t),
+            Err(_) => match config.get("chat_template") {
+                Some(Value::String(t)) => Some(t.clone()),
+                // A list of named templates: take "default".
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .or(list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                _ => None,
+            },
+        };
+        let mut eos_ids: Vec<u32> = extra_eos.to_vec();
+        if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
+            eos_ids.push(id);
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Ok(Self {
+            bos_id: bos_token.as_deref().and_then(|t| inner.token_to_id(t)),
+            inner,
+            bos_token,
+            eos_token,
+            eos_ids,
+            add_bos: false,
+            chat_template,
+        })
+    }
+
+    /// Builds the tokenizer a GGUF file describes.
+    pub fn from_gguf(file: &GgufFile) -> anyhow::Result<Self> {
+        let kind = file.get_str("tokenizer.ggml.model").unwrap_or("");
+        if kind != "gpt2" {
+            bail!(
+                "{}: tokenizer type '{kind}' is not supported yet (supported: gpt2 byte-level BPE); use the safetensors model with its tokenizer.json",
+                file.path.display()
+            );
+        }
+        let strings = |key: &str| -> anyhow::Result<Vec<String>> {
+            file.get(key)
+                .with_context(|| format!("{} lacks '{key}'", file.path.display()))?
+                .to_vec()?
+                .iter()
+                .map(|v| Ok(v.to_string()?.clone()))
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .filter_map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the BPE tokenizer from GGUF: {e}"))?;
+        let mut inner = Tokenizer::new(bpe);
+        let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("default");
+        inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+        inner.with_decoder(Some(ByteLevel::default()));
+        // Control (3) and user-defined (4) tokens are matched whole in the text, like llama.cpp.
+        let types: Vec<i64> = file
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| {
+                v.iter()
+                    .map(|t| t.to_i32().map(i64::from).unwrap_or(1))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let specials: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(i, &t)| AddedToken::from(tokens[i].clone(), t == 3))
+            .collect();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| anyhow::anyhow!("cannot add GGUF special tokens: {e}"))?;
+        let id = |key: &str| file.get_usize(key).map(|v| v as u32);
+        let bos_id = id("tokenizer.ggml.bos_token_id");
+        let eos_id = id("tokenizer.ggml.eos_token_id");
+        let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
+        eos_ids.extend(id("tokenizer.ggml.eot_token_id"));
+        eos_ids.extend(id("tokenizer.ggml.eom_token_id"));
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+        Ok(Self {
+            bos_token: name(bos_id),
+            eos_token: name(eos_id),
+            bos_id,
+            eos_ids,
+            add_bos: file
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false),
+            chat_template: file.get_str("tokenizer.chat_template").map(str::to_string),
+            inner,
+        })
+    }
+
+    /// Tokens of `text`. `add_special` adds what the model adds to a raw prompt (BOS); rendered
+    /// chat templates already contain it.
+    pub fn encode(&self, text: &str, add_special: bool) -> anyhow::Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special && self.add_bos {
+            if let Some(bos) = self.bos_id {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos_ids.contains(&id)
+    }
+}
+
+/// Pre-tokenizer for llama.cpp's `tokenizer.ggml.pre` names.
+fn pre_tokenizer(pre: &str) -> anyhow::Result<PreTokenizerWrapper> {
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let split = |regex: &str| -> anyhow::Result<PreTokenizerWrapper> {
+        let split = Split::new(
+            SplitPattern::Regex(regex.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow::anyhow!("bad pre-tokenizer regex: {e}"))?;
+        Ok(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into())
+    };
+    Ok(match pre {
+        "llama3" | "llama-bpe" | "smaug-bpe" | "falcon3" => split(LLAMA3)?,
+        "qwen2" | "deepseek-r1-qwen" => split(QWEN2)?,
+        // StarCoder-style vocabularies (SmolLM): single digits, then GPT-2 byte-level.
+        "smollm" | "starcoder" | "refact" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
+        _ => ByteLevel::new(false, true, true).into(),
+    })
+}
+
+/// Turns a growing list of token ids into text pieces, holding back incomplete characters.
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    /// Start of the window re-decoded each step (keeps the cost per token constant).
+    prefix: usize,
+    /// Tokens whose text has been emitted.
+    read: usize,
+}
+
+impl StreamDecoder {
+    /// Adds a token and returns the new text it completes (maybe empty).
+    pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> anyhow::Result<String> {
+        self.ids.push(id);
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = tokenizer.decode(&self.ids[self.prefix..])?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
+            let piece = now[before.len()..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            Ok(piece)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Whatever is still held back (at the end of generation).
+    pub fn flush(&mut self, tokenizer: &TextTokenizer) -> anyhow::Result<String> {
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = tokenizer.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).unwrap_or("").to_string())
+    }
+}
