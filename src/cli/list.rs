@@ -42,7 +42,7 @@ pub fn run(args: ListArgs) -> anyhow::Result<()> {
     }
     if items.is_empty() {
         return print_stdout(&format!(
-            "No models in {} yet. Download one with `xllm pull <org/name>`, e.g. `xllm pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF`.\n",
+            "No models in {} yet. Download one with `xllm pull <org/name>`, e.g. `xllm pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_K_M`.\n",
             store.root().display()
         ));
     }
