@@ -155,3 +155,55 @@ fn raw_prompt_bypasses_harmony_and_other_models_ignore_the_flags_with_a_note() {
         "{err}"
     );
 }
+
+#[test]
+fn show_reports_gpt_oss_parameters_experts_weights_and_window() {
+    let out = xllm(&["show", FIXTURE, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURE}/config.json")).unwrap())
+            .unwrap();
+    let (total, active) = xllm::arch::gpt_oss::GptOssConfig::from_value(&config)
+        .unwrap()
+        .parameter_counts();
+    assert_eq!(v["parameters"], total);
+    assert_eq!(v["active_parameters"], active);
+    // The count from config shapes agrees with the tensors actually stored (MXFP4: 2 per byte).
+    let mut stored = 0u64;
+    for shard in ["model-00000-of-00001", "model-00001-of-00001"] {
+        let header = xllm::model::inspect::read_safetensors_header(std::path::Path::new(&format!(
+            "{FIXTURE}/{shard}.safetensors"
+        )))
+        .unwrap();
+        for (name, t) in header {
+            let n: u64 = t.shape.iter().product();
+            stored += if name.ends_with("_blocks") {
+                2 * n
+            } else if name.ends_with("_scales") {
+                0
+            } else {
+                n
+            };
+        }
+    }
+    assert_eq!(total, stored, "parameters from config vs from tensors");
+    assert!(active < total);
+    assert_eq!(
+        (&v["experts"], &v["experts_active"]),
+        (&8.into(), &4.into())
+    );
+    assert_eq!(v["quantization"], "mxfp4+bf16");
+    assert_eq!(v["context_length"], 131072);
+    assert_eq!(v["sliding_window"], 16);
+
+    let text = xllm(&["show", FIXTURE]);
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("experts             4 active of 8"), "{text}");
+    assert!(text.contains("sliding window      16"), "{text}");
+    assert!(text.contains("weights             mxfp4+bf16"), "{text}");
+}
