@@ -156,3 +156,72 @@ fn out_of_vocabulary_token_is_an_error() {
         .to_string();
     assert!(err.contains("vocabulary"), "{err}");
 }
+
+#[test]
+fn registry_builds_gpt_oss_like_direct_load() {
+    use xllm::arch::{build, BuildOptions, WeightSource};
+    use xllm::model::safetensors::SafetensorsWeights;
+    let dir = fixture();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let weights = SafetensorsWeights::open_dir(&dir).unwrap();
+    let options = BuildOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        keep_weight_dtype: false,
+    };
+    let model = build(
+        &WeightSource::Safetensors {
+            config: &config,
+            weights: &weights,
+        },
+        &options,
+    )
+    .unwrap();
+    drop(weights); // the MXFP4 experts keep their own mapping
+    assert_eq!(model.info().architecture, "gpt_oss");
+    assert_eq!(model.info().weight_format, "mxfp4+bf16");
+    let tokens = &ids(&reference()["text_ids"])[..40];
+    let mut a = model.info().new_cache(KvProfile::Default, 64).unwrap();
+    let mut b = model.info().new_cache(KvProfile::Default, 64).unwrap();
+    let via_registry: Vec<f32> = model
+        .forward(tokens, &mut a, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let direct: Vec<f32> = load()
+        .forward(tokens, &mut b, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(via_registry, direct);
+}
+
+#[test]
+/// The tiny random model has very peaked logits (perplexity ≈ 31500 over 360 tokens), so
+/// quantization noise in keys moves perplexity by a few percent; the mean NLL moves < 0.1 nat,
+/// while a broken cache moves it by several nats.
+fn quantized_kv_cache_keeps_perplexity_close() {
+    let model = load();
+    let r = reference();
+    let tokens = ids(&r["text_ids"]);
+    let want = r["mean_nll"].as_f64().unwrap();
+    for profile in [KvProfile::KvInt8, KvProfile::KvFp8] {
+        let mut cache = model.info().new_cache(profile, 4096).unwrap();
+        let rows: Vec<Vec<f32>> = model
+            .forward(&tokens, &mut cache, false)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let nll = mean_nll(&rows[..tokens.len() - 1], &tokens);
+        eprintln!("{profile}: mean NLL {nll:.4} vs {want:.4} (f32 cache, transformers)");
+        assert!(
+            (nll - want).abs() < 0.1,
+            "{profile}: mean NLL {nll} vs {want}"
+        );
+    }
+}

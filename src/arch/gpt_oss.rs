@@ -248,7 +248,9 @@ impl GptOssConfig {
         (inv_freq, scaling as f32)
     }
 
-    /// `(total, active)` parameter counts from the shapes; active counts `top_k` experts.
+    /// `(total, active)` parameter counts from the shapes. Active = what one token computes
+    /// with: `top_k` experts per layer, and not the input embedding table (a token reads one row
+    /// of it); the output head is counted. For gpt-oss-20b this gives 20.9B / 3.6B.
     pub fn parameter_counts(&self) -> (u64, u64) {
         let (h, i, e, k) = (
             self.hidden_size as u64,
@@ -265,11 +267,13 @@ impl GptOssConfig {
         let attn = (h * nh * hd + nh * hd) + 2 * (h * nkv * hd + nkv * hd) + (nh * hd * h + h) + nh;
         let router = e * h + e;
         let expert = 2 * i * h + 2 * i + i * h + h;
-        let per_layer_shared = attn + router + 2 * h;
         let layers = self.num_hidden_layers as u64;
-        let embeddings = v * h * if self.tie_word_embeddings { 1 } else { 2 };
-        let shared = layers * per_layer_shared + embeddings + h;
-        (shared + layers * e * expert, shared + layers * k * expert)
+        let dense_layers = layers * (attn + router + 2 * h) + h;
+        let head = v * h;
+        let embedding = if self.tie_word_embeddings { 0 } else { v * h };
+        let total = dense_layers + head + embedding + layers * e * expert;
+        let active = dense_layers + head + layers * k * expert;
+        (total, active)
     }
 }
 
@@ -652,5 +656,63 @@ impl CausalLm for GptOss {
         let x = if last_only { x.narrow(0, t - 1, 1)? } else { x };
         let x = rms_norm(&x, &self.norm, eps)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fields of openai/gpt-oss-20b's config.json that shape the model.
+    fn gpt_oss_20b() -> GptOssConfig {
+        GptOssConfig::from_value(&serde_json::json!({
+            "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+            "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8,
+            "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4,
+            "experts_per_token": 4, "sliding_window": 128, "rope_theta": 150000,
+            "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 4096},
+            "max_position_embeddings": 131072, "tie_word_embeddings": false,
+            "quantization_config": {"quant_method": "mxfp4"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn parameter_counts_of_gpt_oss_20b() {
+        let (total, active) = gpt_oss_20b().parameter_counts();
+        assert_eq!((total + 50_000_000) / 100_000_000, 209, "total {total}");
+        assert_eq!((active + 50_000_000) / 100_000_000, 36, "active {active}");
+    }
+
+    #[test]
+    fn yarn_attention_scaling_and_frequency_ends() {
+        let cfg = gpt_oss_20b();
+        let (inv, scale) = cfg.rope_frequencies();
+        assert_eq!(inv.len(), 32);
+        assert!((scale - (0.1 * 32f32.ln() + 1.0)).abs() < 1e-6);
+        // Highest frequency is extrapolated (unchanged), lowest interpolated (divided by factor).
+        assert!((inv[0] - 1.0).abs() < 1e-6);
+        let plain_last = 1.0 / 150000f64.powf(62.0 / 64.0);
+        assert!(((inv[31] as f64) - plain_last / 32.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let mut v = serde_json::json!({
+            "vocab_size": 10, "hidden_size": 64, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3,
+            "num_local_experts": 4, "max_position_embeddings": 128
+        });
+        let err = GptOssConfig::from_value(&v).unwrap_err().to_string();
+        assert!(err.contains("num_key_value_heads"), "{err}");
+        v["num_key_value_heads"] = 2.into();
+        v["quantization_config"] = serde_json::json!({"quant_method": "gptq"});
+        let err = GptOssConfig::from_value(&v).unwrap_err().to_string();
+        assert!(err.contains("gptq") && err.contains("mxfp4"), "{err}");
+        v["quantization_config"] = serde_json::json!({"quant_method": "mxfp4"});
+        v["layer_types"] = serde_json::json!(["sliding_attention"]);
+        let err = GptOssConfig::from_value(&v).unwrap_err().to_string();
+        assert!(err.contains("layer_types"), "{err}");
     }
 }

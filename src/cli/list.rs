@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use comfy_table::{presets::NOTHING, Table};
 use serde::Serialize;
 
+use super::output::print_stdout;
 use super::ListArgs;
 use crate::store::resolve::format_name;
 use crate::store::{human_bytes, EntryState, Store, StoreEntry};
@@ -37,15 +38,13 @@ pub fn run(args: ListArgs) -> anyhow::Result<()> {
     let entries = store.entries()?;
     let items: Vec<ListItem> = entries.iter().map(item).collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&items)?);
-        return Ok(());
+        return print_stdout(&format!("{}\n", serde_json::to_string_pretty(&items)?));
     }
     if items.is_empty() {
-        println!(
-            "No models in {} yet. Download one with `xllm pull <org/name>`, e.g. `xllm pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF`.",
+        return print_stdout(&format!(
+            "No models in {} yet. Download one with `xllm pull <org/name>`, e.g. `xllm pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF`.\n",
             store.root().display()
-        );
-        return Ok(());
+        ));
     }
     let mut table = Table::new();
     table.load_preset(NOTHING);
@@ -82,17 +81,26 @@ pub fn run(args: ListArgs) -> anyhow::Result<()> {
             relative_time(now, entry.modified),
         ]);
     }
-    for line in table.to_string().lines() {
-        println!("{}", line.trim_end());
+    let mut text = String::new();
+    let rendered = table.to_string();
+    // The preset has no borders but keeps cell padding: drop the indent all lines share.
+    let indent = rendered
+        .lines()
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    for line in rendered.lines() {
+        text.push_str(line[indent..].trim_end());
+        text.push('\n');
     }
     for it in items.iter().filter(|i| i.status == "partial") {
-        println!(
-            "\n{} is not complete; resume with `{}`",
+        text.push_str(&format!(
+            "\n{} is not complete; resume with `{}`\n",
             it.name,
             it.resume.as_deref().unwrap_or("")
-        );
+        ));
     }
-    Ok(())
+    print_stdout(&text)
 }
 
 fn item(entry: &StoreEntry) -> ListItem {

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub mod bench;
 pub mod completions;
 pub mod list;
+pub mod output;
 pub mod perplexity;
 pub mod pull;
 pub mod rm;

@@ -81,11 +81,9 @@ pub fn run(args: ShowArgs) -> anyhow::Result<()> {
                 }),
             files,
         };
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
+        return super::output::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&out)?));
     }
-    print!("{}", render_text(&model, &files));
-    Ok(())
+    super::output::print_stdout(&render_text(&model, &files))
 }
 
 fn files_of(model: &OpenedModel) -> anyhow::Result<Vec<FileEntry>> {

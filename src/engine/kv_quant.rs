@@ -263,6 +263,11 @@ impl<C: ByteCodec> ScaledKvStore<C> {
         if self.host_path {
             quantize_host::<C>(x)
         } else {
+            // One fused kernel instead of the chain of tensor ops (src/kernels/cuda/kv_quant.cu).
+            #[cfg(feature = "cuda")]
+            if self.device.is_cuda() {
+                return crate::kernels::cuda::kv_quantize(x, C::PROFILE);
+            }
             quantize_tensor_ops::<C>(x)
         }
     }

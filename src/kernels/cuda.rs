@@ -467,6 +467,31 @@ pub fn kv_quantize_into(src: &Tensor, plane: &QuantPlane, pos: usize, code: KvCo
     Ok(())
 }
 
+/// Quantizes `x [1, kv_heads, tokens, head_dim]` into fresh `(codes, scales)` tensors
+/// (`[1, kv_heads, tokens, head_dim]` u8 / F8E4M3, `[1, kv_heads, tokens, 1]` f16) for a
+/// `kv_int8` / `kv_fp8` store: the fused kernel of [`kv_quantize_into`] in place of tensor ops.
+pub fn kv_quantize(x: &Tensor, profile: crate::quant::KvProfile) -> Result<(Tensor, Tensor)> {
+    use crate::quant::KvProfile;
+    let (code, code_dtype) = match profile {
+        KvProfile::KvInt8 => (KvCode::Int8, DType::U8),
+        KvProfile::KvFp8 => (KvCode::Fp8, DType::F8E4M3),
+        other => bail!("{other} is not a quantized KV profile"),
+    };
+    let (one, heads, tokens, dim) = x.dims4()?;
+    let codes = Tensor::zeros((one, heads, tokens, dim), code_dtype, x.device())?;
+    let scales = Tensor::zeros((one, heads, tokens, 1), DType::F16, x.device())?;
+    kv_quantize_into(
+        x,
+        &QuantPlane {
+            codes: &codes,
+            scales: &scales,
+        },
+        0,
+        code,
+    )?;
+    Ok((codes, scales))
+}
+
 /// The cache attention reads, at full capacity; only the first `len` tokens count.
 pub enum KvView<'a> {
     /// `k`, `v`: `[1, kv_heads, capacity, head_dim]` in the compute dtype.

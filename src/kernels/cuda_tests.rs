@@ -787,3 +787,83 @@ fn cpu_ops_and_their_cuda_fwd_agree() {
         assert!(err <= 1e-4, "moe op, tokens={tokens}: {err}");
     }
 }
+
+/// The engine's kv_int8 / kv_fp8 stores on CUDA (fused quantize kernel) return what the CPU
+/// stores return, and hold less device memory than the bf16 cache (measured with cuMemGetInfo).
+#[test]
+fn quantized_kv_stores_on_cuda_match_cpu_and_save_device_memory() {
+    use crate::engine::kv_cache::{new_store, KvLayout};
+    use crate::quant::KvProfile;
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(23);
+    let layout = KvLayout {
+        kv_heads: 8,
+        head_dim: 64,
+        max_tokens: 1024,
+    };
+    for profile in [KvProfile::KvInt8, KvProfile::KvFp8] {
+        let mut cpu = new_store(profile, layout, DType::F32, &Device::Cpu).unwrap();
+        let mut cuda = new_store(profile, layout, DType::F32, &dev).unwrap();
+        for tokens in [37, 1, 300] {
+            let k = Tensor::from_vec(
+                activations(&mut rng, 8 * tokens, 64),
+                (1, 8, tokens, 64),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let v = Tensor::from_vec(
+                activations(&mut rng, 8 * tokens, 64),
+                (1, 8, tokens, 64),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let (kc, vc) = cpu.append(&k, &v).unwrap();
+            let (kg, vg) = cuda
+                .append(&k.to_device(&dev).unwrap(), &v.to_device(&dev).unwrap())
+                .unwrap();
+            assert!(
+                rel_err(&to_vec(&kg), &to_vec(&kc)) <= 1e-6,
+                "{profile} K after {tokens}"
+            );
+            assert!(
+                rel_err(&to_vec(&vg), &to_vec(&vc)) <= 1e-6,
+                "{profile} V after {tokens}"
+            );
+        }
+    }
+
+    // gpt-oss-20b's cache shape (24 layers × 8 KV heads × 64) for 4096 tokens.
+    let Device::Cuda(cuda_dev) = &dev else {
+        unreachable!()
+    };
+    let free = || cuda_dev.cuda_stream().context().mem_get_info().unwrap().0 as i64;
+    let layout = KvLayout {
+        kv_heads: 8,
+        head_dim: 64,
+        max_tokens: 4096,
+    };
+    let kv = Tensor::zeros((1, 8, 4096, 64), DType::BF16, &dev).unwrap();
+    let mut used = Vec::new();
+    for profile in [KvProfile::Default, KvProfile::KvInt8, KvProfile::KvFp8] {
+        dev.synchronize().unwrap();
+        let before = free();
+        let mut layers: Vec<_> = (0..24)
+            .map(|_| new_store(profile, layout, DType::BF16, &dev).unwrap())
+            .collect();
+        for layer in &mut layers {
+            drop(layer.append(&kv, &kv).unwrap());
+        }
+        dev.synchronize().unwrap();
+        let bytes = before - free();
+        println!(
+            "{profile}: {:.1} MB of device memory for 4096 tokens × 24 layers",
+            bytes as f64 / 1e6
+        );
+        used.push(bytes);
+        drop(layers);
+    }
+    assert!(
+        used[1] < used[0] && used[2] < used[0],
+        "quantized caches must use less device memory: {used:?}"
+    );
+}

@@ -8,6 +8,7 @@ pub mod hub_server;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[allow(unused_imports)]
 pub use hub_server::{Behaviour, MockHub, Repo, RepoFile, GOOD_TOKEN};
 
 /// A temporary XLLM_HOME and HF_HOME, and the binary pointed at a mock Hub.
@@ -37,7 +38,11 @@ impl Env {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_xllm"));
+        // XLLM_TEST_BIN lets a developer test a copied binary when several checkouts share
+        // one CARGO_TARGET_DIR (and so overwrite each other's `xllm`).
+        let bin =
+            std::env::var_os("XLLM_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_xllm").into());
+        let mut c = Command::new(bin);
         c.args(args)
             .env("XLLM_HOME", self.home())
             .env("HF_HOME", self.hf_home())

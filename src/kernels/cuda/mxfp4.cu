@@ -30,7 +30,7 @@ struct Segments {
 };
 
 // Decode path (1..8 rows at a time): one warp per output feature. Each lane reads whole 16-byte
-// blocks (coalesced across the warp), dequantizes them in registers through the constant LUT and
+// blocks (coalesced across the warp), dequantizes them in registers through a shared-memory LUT and
 // applies them to every row of the chunk, so each weight byte is read once per chunk of 8 rows.
 constexpr int GEMV_ROWS = 8;
 constexpr int GEMV_WARPS = 8;
@@ -39,6 +39,11 @@ template <typename T>
 __device__ void mxfp4_gemv(const T *__restrict__ x, const uint8_t *__restrict__ blocks,
                            const uint8_t *__restrict__ scales, const T *__restrict__ bias,
                            T *__restrict__ y, Segments seg, int in_features, int out_features) {
+    // The LUT lives in shared memory: lanes look up different codes, which a __constant__ array
+    // would serialize; 16 words in 16 banks are read without conflicts.
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = FP4_VALUES[threadIdx.x];
+    __syncthreads();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int o = blockIdx.x * GEMV_WARPS + warp;
     const int s = blockIdx.y;
@@ -67,8 +72,8 @@ __device__ void mxfp4_gemv(const T *__restrict__ x, const uint8_t *__restrict__ 
 #pragma unroll
                 for (int byte = 0; byte < 4; ++byte) {
                     const uint32_t v = (words[q] >> (8 * byte)) & 0xffu;
-                    w[q * 8 + byte * 2] = FP4_VALUES[v & 0xf] * scale;
-                    w[q * 8 + byte * 2 + 1] = FP4_VALUES[v >> 4] * scale;
+                    w[q * 8 + byte * 2] = lut[v & 0xf] * scale;
+                    w[q * 8 + byte * 2 + 1] = lut[v >> 4] * scale;
                 }
             }
             const int k0 = blk * 32;
@@ -101,6 +106,9 @@ __device__ void mxfp4_gemm(const T *__restrict__ x, const uint8_t *__restrict__ 
                            T *__restrict__ y, Segments seg, int in_features, int out_features) {
     __shared__ float xs[TILE_K][TILE_M + 1];
     __shared__ float ws[TILE_K][TILE_N + 1];
+    __shared__ float lut[16];  // see mxfp4_gemv
+    if (threadIdx.x < 16) lut[threadIdx.x] = FP4_VALUES[threadIdx.x];
+    __syncthreads();
     const int s = blockIdx.z;
     const int begin = seg.begin(s), end = seg.end(s);
     const int m0 = begin + blockIdx.y * TILE_M;
@@ -129,8 +137,8 @@ __device__ void mxfp4_gemm(const T *__restrict__ x, const uint8_t *__restrict__ 
 #pragma unroll
             for (int byte = 0; byte < 4; ++byte) {
                 const uint32_t v = (word >> (8 * byte)) & 0xffu;
-                ws[load_k + byte * 2][load_row] = FP4_VALUES[v & 0xf] * scale;
-                ws[load_k + byte * 2 + 1][load_row] = FP4_VALUES[v >> 4] * scale;
+                ws[load_k + byte * 2][load_row] = lut[v & 0xf] * scale;
+                ws[load_k + byte * 2 + 1][load_row] = lut[v >> 4] * scale;
             }
         } else {
 #pragma unroll

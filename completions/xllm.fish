@@ -1,0 +1,101 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_xllm_global_optspecs
+    string join \n h/help V/version
+end
+
+function __fish_xllm_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_xllm_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_xllm_using_subcommand
+    set -l cmd (__fish_xllm_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c xllm -n "__fish_xllm_needs_command" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_needs_command" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "pull" -d 'Download a model from the Hugging Face Hub into the store (resumable, verified)'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "list" -d 'List the models in the store'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "show" -d 'Show a model\'s architecture, parameters, quantization and files'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "rm" -d 'Remove models from the store (partial downloads included)'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "run" -d 'Chat with a model (REPL), or answer one prompt and exit'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "perplexity" -d 'Measure perplexity of a model on a text file'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "completions" -d 'Print shell completions'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c xllm -n "__fish_xllm_using_subcommand pull" -l revision -d 'Branch, tag or commit to download' -r
+complete -c xllm -n "__fish_xllm_using_subcommand pull" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand pull" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand list" -l json -d 'Print a JSON array instead of a table'
+complete -c xllm -n "__fish_xllm_using_subcommand list" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand list" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand show" -l json -d 'Print JSON instead of text'
+complete -c xllm -n "__fish_xllm_using_subcommand show" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand show" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand rm" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand rm" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l system -d 'System prompt' -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l format -d 'Output format of a one-shot answer' -r -f -a "text\t''
+json\t''"
+complete -c xllm -n "__fish_xllm_using_subcommand run" -s n -l max-tokens -d 'Maximum tokens to generate' -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l stop -d 'Stop when this text is generated (repeatable)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l reasoning-effort -d 'gpt-oss: reasoning effort' -r -f -a "low\t''
+medium\t''
+high\t''"
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l temperature -d 'Sampling temperature; 0 is greedy' -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l top-k -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l top-p -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l min-p -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l repeat-penalty -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l repeat-last-n -d 'Tokens considered by the repeat penalty' -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l presence-penalty -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l frequency-penalty -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l seed -d 'Random seed (same seed, same output)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l device -d 'Device: `cpu`, `cuda`, `cuda:N` or `metal` (default: the best available)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l threads -d 'CPU threads (default: all cores)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l ctx -d 'Context length to allocate (default: the model\'s, capped for memory)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l raw -d 'Feed the prompt as is, without the chat template'
+complete -c xllm -n "__fish_xllm_using_subcommand run" -s v -l verbose -d 'Print timing statistics to stderr'
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l hide-thinking -d 'gpt-oss: hide the reasoning ("analysis") channel'
+complete -c xllm -n "__fish_xllm_using_subcommand run" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand run" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -s f -l file -d 'Text file to score' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l device -d 'Device: `cpu`, `cuda`, `cuda:N` or `metal` (default: the best available)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l threads -d 'CPU threads (default: all cores)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l ctx -d 'Context length to allocate (default: the model\'s, capped for memory)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l add-bos -d 'Prepend the BOS token'
+complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l json -d 'Print JSON'
+complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -s p -l prompt-tokens -d 'Prompt tokens to prefill' -r
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -s n -l gen-tokens -d 'Tokens to decode' -r
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -s r -l repeats -d 'Repetitions (the median is reported)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l device -d 'Device: `cpu`, `cuda`, `cuda:N` or `metal` (default: the best available)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l threads -d 'CPU threads (default: all cores)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l ctx -d 'Context length to allocate (default: the model\'s, capped for memory)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l json -d 'Print JSON'
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand completions" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand completions" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench completions help" -f -a "pull" -d 'Download a model from the Hugging Face Hub into the store (resumable, verified)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench completions help" -f -a "list" -d 'List the models in the store'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench completions help" -f -a "show" -d 'Show a model\'s architecture, parameters, quantization and files'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench completions help" -f -a "rm" -d 'Remove models from the store (partial downloads included)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench completions help" -f -a "run" -d 'Chat with a model (REPL), or answer one prompt and exit'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench completions help" -f -a "perplexity" -d 'Measure perplexity of a model on a text file'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench completions help" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench completions help" -f -a "completions" -d 'Print shell completions'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
