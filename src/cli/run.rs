@@ -20,17 +20,10 @@ use crate::store::ResolvedModel;
 /// Context allocated when neither `--ctx` nor a smaller model limit says otherwise.
 pub const DEFAULT_CTX: usize = 4096;
 
-/// Turns a model name or path into files on disk.
+/// Turns a model name or path into files on disk (the store's resolution: `org/name[:quant]`,
+/// a local folder with config.json, or a .gguf file).
 pub(crate) fn resolve(name: &str) -> anyhow::Result<ResolvedModel> {
-    if let Some(local) = load::resolve_local_path(name)? {
-        return Ok(local);
-    }
-    Err(crate::error::NotFound {
-        message: format!(
-            "model '{name}' not found: it is not a local model folder or .gguf file (pull it first with `xllm pull {name}`)"
-        ),
-    }
-    .into())
+    crate::store::resolve_for_run(name)
 }
 
 /// Applies `--threads` (all cores by default) to the thread pools candle uses.
