@@ -20,17 +20,10 @@ use crate::store::ResolvedModel;
 /// Context allocated when neither `--ctx` nor a smaller model limit says otherwise.
 pub const DEFAULT_CTX: usize = 4096;
 
-/// Turns a model name or path into files on disk.
+/// Turns a model name or path into files on disk (the store's resolution: `org/name[:quant]`,
+/// a local folder with config.json, or a .gguf file).
 pub(crate) fn resolve(name: &str) -> anyhow::Result<ResolvedModel> {
-    if let Some(local) = load::resolve_local_path(name)? {
-        return Ok(local);
-    }
-    Err(crate::error::NotFound {
-        message: format!(
-            "model '{name}' not found: it is not a local model folder or .gguf file (pull it first with `xllm pull {name}`)"
-        ),
-    }
-    .into())
+    crate::store::resolve_for_run(name)
 }
 
 /// Applies `--threads` (all cores by default) to the thread pools candle uses.
@@ -55,7 +48,14 @@ pub(crate) fn load_for(
 ) -> anyhow::Result<(ResolvedModel, LoadedModel)> {
     configure_threads(runtime.threads)?;
     let resolved = resolve(name)?;
-    let device = load::device_from_arg(runtime.device.as_deref())?;
+    // A KV profile the device cannot run is refused before anything is opened or loaded
+    // (checked again once `auto` has picked a device).
+    if let Some(spec) = runtime.device.as_deref() {
+        let request: crate::device::DeviceRequest = spec.parse()?;
+        crate::engine::kv_quant::check_kv_profile_on_request(resolved.kv_profile, request)?;
+    }
+    let device = crate::device::select_device(runtime.device.as_deref())?;
+    crate::engine::kv_quant::check_kv_profile_on_device(resolved.kv_profile, device.location())?;
     let options = LoadOptions {
         device,
         ..LoadOptions::default()
@@ -121,7 +121,7 @@ fn sampling_params(defaults: &SamplingParams, args: &SamplingArgs) -> SamplingPa
 }
 
 fn validate_sampling(p: &SamplingParams) -> anyhow::Result<()> {
-    if !(p.temperature >= 0.0) {
+    if p.temperature.is_nan() || p.temperature < 0.0 {
         anyhow::bail!("--temperature must be 0 or more (0 is greedy)");
     }
     if let Some(v) = p.top_p {
@@ -134,7 +134,7 @@ fn validate_sampling(p: &SamplingParams) -> anyhow::Result<()> {
             anyhow::bail!("--min-p must be in [0, 1]");
         }
     }
-    if !(p.repeat_penalty > 0.0) {
+    if p.repeat_penalty.is_nan() || p.repeat_penalty <= 0.0 {
         anyhow::bail!("--repeat-penalty must be positive (1 is off)");
     }
     Ok(())
@@ -217,6 +217,21 @@ pub(crate) fn print_stats(
         "kv cache:             {:.1} MiB allocated",
         kv_bytes as f64 / (1024.0 * 1024.0)
     );
+    if let Some(peak) = peak_rss_bytes() {
+        let _ = writeln!(
+            out,
+            "peak memory:          {:.1} MiB resident",
+            peak as f64 / (1024.0 * 1024.0)
+        );
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), if the platform reports it.
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Prompt tokens for a conversation (chat template) or raw text.
@@ -351,7 +366,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(rest) = input.strip_prefix("\"\"\"") {
             // Multi-line input until a line ending with """.
             let mut buf = rest.to_string();
-            while !buf.trim_end().ends_with("\"\"\"") || buf.trim_end() == "" && false {
+            while !buf.trim_end().ends_with("\"\"\"") {
                 eprint!("... ");
                 let _ = std::io::stderr().flush();
                 let Some(next) = lines.next() else { break };

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use candle_core::{DType, Device};
 use serde_json::Value;
 
@@ -44,47 +44,6 @@ impl Default for LoadOptions {
             keep_weight_dtype: true,
         }
     }
-}
-
-/// Parses `--device` (`cpu`, `cuda`, `cuda:N`, `metal`; default: the best available).
-pub fn device_from_arg(arg: Option<&str>) -> anyhow::Result<Device> {
-    match arg {
-        None => Ok(best_device()),
-        Some("cpu") => Ok(Device::Cpu),
-        Some(s) if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s
-                .strip_prefix("cuda:")
-                .map(|n| n.parse::<usize>())
-                .transpose()
-                .with_context(|| format!("bad device '{s}': expected cuda:N"))?
-                .unwrap_or(0);
-            Device::new_cuda(ordinal).map_err(|e| {
-                anyhow::anyhow!(
-                    "device '{s}' is not available ({e}); this build may lack --features cuda"
-                )
-            })
-        }
-        Some("metal") => Device::new_metal(0).map_err(|e| {
-            anyhow::anyhow!(
-                "device 'metal' is not available ({e}); this build may lack --features metal"
-            )
-        }),
-        Some(other) => bail!("unknown device '{other}': expected cpu, cuda, cuda:N or metal"),
-    }
-}
-
-fn best_device() -> Device {
-    if candle_core::utils::cuda_is_available() {
-        if let Ok(d) = Device::new_cuda(0) {
-            return d;
-        }
-    }
-    if candle_core::utils::metal_is_available() {
-        if let Ok(d) = Device::new_metal(0) {
-            return d;
-        }
-    }
-    Device::Cpu
 }
 
 fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
@@ -188,46 +147,4 @@ pub fn load(resolved: &ResolvedModel, options: &LoadOptions) -> anyhow::Result<L
         load_duration: t0.elapsed(),
         file_bytes,
     })
-}
-
-/// Resolves a local path: a folder with config.json (safetensors), a .gguf file, or a folder
-/// holding exactly one .gguf file. `None` when `name` is not a local path.
-pub fn resolve_local_path(name: &str) -> anyhow::Result<Option<ResolvedModel>> {
-    let path = Path::new(name);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let gguf = |file: &Path| ResolvedModel {
-        display_name: name.to_string(),
-        format: ModelFormat::Gguf,
-        dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
-        gguf_file: Some(file.to_path_buf()),
-        kv_profile: crate::quant::KvProfile::Default,
-        gguf_type: None,
-    };
-    if path.is_file() {
-        if path.extension().is_some_and(|e| e == "gguf") {
-            return Ok(Some(gguf(path)));
-        }
-        bail!("{name} is a file but not a .gguf model");
-    }
-    if path.join("config.json").is_file() {
-        return Ok(Some(ResolvedModel {
-            display_name: name.to_string(),
-            format: ModelFormat::Safetensors,
-            dir: path.to_path_buf(),
-            gguf_file: None,
-            kv_profile: crate::quant::KvProfile::Default,
-            gguf_type: None,
-        }));
-    }
-    let ggufs: Vec<_> = std::fs::read_dir(path)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
-        .collect();
-    match ggufs.as_slice() {
-        [one] => Ok(Some(gguf(one))),
-        [] => bail!("{name} has neither config.json nor a .gguf file"),
-        _ => bail!("{name} holds several .gguf files; name the one to run"),
-    }
 }
