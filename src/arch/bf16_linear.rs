@@ -4,8 +4,8 @@
 //! dotted with every activation row with AVX2/FMA chosen at run time; rows are spread over rayon
 //! threads. Activations stay f32, so results match an f32 matmul on the bf16 values.
 
+use super::qlinear::{for_each_chunk, rows_per_task};
 use candle_core::{Device, Result, Tensor};
-use rayon::prelude::*;
 
 /// A `[rows, cols]` bf16 matrix (raw bits).
 pub struct Bf16Matrix {
@@ -67,52 +67,53 @@ impl Bf16Matrix {
             );
         }
         let m = x.elem_count() / k;
+        if m >= GEMM_MIN_ROWS {
+            return self.forward_gemm(x, m);
+        }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let n = self.rows;
         let mut yt = vec![0f32; n * m];
         let avx2 = has_avx2();
-        let chunk_rows = 32;
-        yt.par_chunks_mut(chunk_rows * m)
-            .enumerate()
-            .for_each(|(c, out)| {
-                let mut wrow = vec![0f32; k];
-                for (r_local, out_row) in out.chunks_mut(m).enumerate() {
-                    let r = c * chunk_rows + r_local;
-                    let w = &self.data[r * k..(r + 1) * k];
-                    if m == 1 {
-                        out_row[0] = if avx2 {
-                            // SAFETY: AVX2 and FMA were detected at run time.
-                            unsafe { dot_bf16_avx2(w, &xs) }
-                        } else {
-                            w.iter()
-                                .zip(&xs)
-                                .map(|(&b, &x)| f32::from_bits((b as u32) << 16) * x)
-                                .sum()
-                        };
-                        continue;
-                    }
-                    for (o, &b) in wrow.iter_mut().zip(w) {
-                        *o = f32::from_bits((b as u32) << 16);
-                    }
-                    let mut i = 0;
-                    // Four activation rows per pass share each load of the weight row.
-                    while avx2 && i + 4 <= m {
-                        // SAFETY: as above.
-                        let y4 = unsafe { dot4_f32_avx2(&wrow, &xs[i * k..(i + 4) * k]) };
-                        out_row[i..i + 4].copy_from_slice(&y4);
-                        i += 4;
-                    }
-                    for (i, y) in out_row.iter_mut().enumerate().skip(i) {
-                        let xrow = &xs[i * k..(i + 1) * k];
-                        *y = if avx2 {
-                            // SAFETY: as above.
-                            unsafe { dot_f32_avx2(&wrow, xrow) }
-                        } else {
-                            wrow.iter().zip(xrow).map(|(a, b)| a * b).sum()
-                        };
-                    }
+        let chunk_rows = rows_per_task(n, 16);
+        for_each_chunk(&mut yt, chunk_rows * m, |c, out| {
+            let mut wrow = vec![0f32; k];
+            for (r_local, out_row) in out.chunks_mut(m).enumerate() {
+                let r = c * chunk_rows + r_local;
+                let w = &self.data[r * k..(r + 1) * k];
+                if m == 1 {
+                    out_row[0] = if avx2 {
+                        // SAFETY: AVX2 and FMA were detected at run time.
+                        unsafe { dot_bf16_avx2(w, &xs) }
+                    } else {
+                        w.iter()
+                            .zip(&xs)
+                            .map(|(&b, &x)| f32::from_bits((b as u32) << 16) * x)
+                            .sum()
+                    };
+                    continue;
                 }
-            });
+                for (o, &b) in wrow.iter_mut().zip(w) {
+                    *o = f32::from_bits((b as u32) << 16);
+                }
+                let mut i = 0;
+                // Four activation rows per pass share each load of the weight row.
+                while avx2 && i + 4 <= m {
+                    // SAFETY: as above.
+                    let y4 = unsafe { dot4_f32_avx2(&wrow, &xs[i * k..(i + 4) * k]) };
+                    out_row[i..i + 4].copy_from_slice(&y4);
+                    i += 4;
+                }
+                for (i, y) in out_row.iter_mut().enumerate().skip(i) {
+                    let xrow = &xs[i * k..(i + 1) * k];
+                    *y = if avx2 {
+                        // SAFETY: as above.
+                        unsafe { dot_f32_avx2(&wrow, xrow) }
+                    } else {
+                        wrow.iter().zip(xrow).map(|(a, b)| a * b).sum()
+                    };
+                }
+            }
+        });
         let y = if m == 1 {
             yt
         } else {
@@ -129,6 +130,37 @@ impl Bf16Matrix {
         Tensor::from_vec(y, out_dims, &Device::Cpu)
     }
 }
+
+/// Prefill: widen [`GEMM_ROWS`] weight rows at a time to f32 and let candle's f32 GEMM (packed,
+/// cache-blocked) do the product; the f32 copy is bounded by one block, not the whole matrix.
+impl Bf16Matrix {
+    fn forward_gemm(&self, x: &Tensor, m: usize) -> Result<Tensor> {
+        let k = self.cols;
+        let x2 = x.reshape((m, k))?.to_dtype(candle_core::DType::F32)?;
+        let mut parts = Vec::with_capacity(self.rows.div_ceil(GEMM_ROWS));
+        for start in (0..self.rows).step_by(GEMM_ROWS) {
+            let rows = GEMM_ROWS.min(self.rows - start);
+            let mut block = vec![0f32; rows * k];
+            for (o, &b) in block
+                .iter_mut()
+                .zip(&self.data[start * k..(start + rows) * k])
+            {
+                *o = f32::from_bits((b as u32) << 16);
+            }
+            let w = Tensor::from_vec(block, (rows, k), &Device::Cpu)?;
+            parts.push(x2.matmul(&w.t()?)?);
+        }
+        let y = Tensor::cat(&parts, 1)?;
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().unwrap() = self.rows;
+        y.reshape(out_dims)
+    }
+}
+
+/// Activation rows from which the GEMM path is used.
+const GEMM_MIN_ROWS: usize = 16;
+/// Weight rows widened per GEMM call (≈ 1 MiB of f32 for 576 columns).
+const GEMM_ROWS: usize = 512;
 
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -282,7 +314,7 @@ mod tests {
             .collect();
         let mat = Bf16Matrix::from_le_bytes(&bits, 37, 100).unwrap();
         let wf = w.to_dtype(DType::F32).unwrap();
-        for rows in [1usize, 5, 9] {
+        for rows in [1usize, 5, 9, 40] {
             let x = Tensor::randn(0f32, 1.0, (rows, 100), &dev).unwrap();
             let ours = mat.forward(&x).unwrap();
             let reference = x.matmul(&wf.t().unwrap()).unwrap();

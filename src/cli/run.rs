@@ -48,7 +48,14 @@ pub(crate) fn load_for(
 ) -> anyhow::Result<(ResolvedModel, LoadedModel)> {
     configure_threads(runtime.threads)?;
     let resolved = resolve(name)?;
+    // A KV profile the device cannot run is refused before anything is opened or loaded
+    // (checked again once `auto` has picked a device).
+    if let Some(spec) = runtime.device.as_deref() {
+        let request: crate::device::DeviceRequest = spec.parse()?;
+        crate::engine::kv_quant::check_kv_profile_on_request(resolved.kv_profile, request)?;
+    }
     let device = crate::device::select_device(runtime.device.as_deref())?;
+    crate::engine::kv_quant::check_kv_profile_on_device(resolved.kv_profile, device.location())?;
     let options = LoadOptions {
         device,
         ..LoadOptions::default()
