@@ -207,3 +207,29 @@ fn show_reports_gpt_oss_parameters_experts_weights_and_window() {
     assert!(text.contains("sliding window      16"), "{text}");
     assert!(text.contains("weights             mxfp4+bf16"), "{text}");
 }
+
+/// `run`, `perplexity` and `bench` share the device selection: a GPU asked of a CPU-only build
+/// is a clear error and a non-zero exit, before anything is loaded.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_on_a_cpu_build_is_a_clear_error_for_every_command() {
+    let text = format!("{FIXTURE}/tokenizer_config.json");
+    let runs: [Vec<&str>; 3] = [
+        vec!["run", FIXTURE, "hi", "--device", "cuda"],
+        vec!["perplexity", FIXTURE, "--file", &text, "--device", "cuda:0"],
+        vec!["bench", FIXTURE, "-p", "8", "-n", "2", "--device", "cuda"],
+    ];
+    for args in runs {
+        let out = xllm(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("cuda:0 requested, but this xllm was built without CUDA support")
+                && err.contains("--device cpu"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = xllm(&["run", FIXTURE, "hi", "--device", "tpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid device 'tpu'"));
+}

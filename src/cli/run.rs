@@ -56,6 +56,7 @@ pub(crate) fn load_for(
     }
     let device = crate::device::select_device(runtime.device.as_deref())?;
     crate::engine::kv_quant::check_kv_profile_on_device(resolved.kv_profile, device.location())?;
+    crate::engine::memory_plan::ensure_fits(&resolved, &device, runtime.ctx, DEFAULT_CTX)?;
     let options = LoadOptions {
         device,
         ..LoadOptions::default()

@@ -8,5 +8,6 @@ pub mod harmony_chat;
 pub mod kv_cache;
 pub mod kv_quant;
 pub mod load;
+pub mod memory_plan;
 pub mod sampler;
 pub mod tokenizer;
