@@ -2,7 +2,7 @@
 """Reference numbers from llama.cpp (llama-cpp-python) for SmolLM2-135M-Instruct Q4_1 GGUF:
 
 - tests/fixtures/smollm2_tokens.json: token ids llama.cpp gives for a few texts (our GGUF
-  tokenizer must match them);
+  tokenizer must match them), and its greedy continuation of a raw prompt;
 - tests/fixtures/smollm2_ppl.json: perplexity of tests/fixtures/ppl_text.txt over the same tokens
   (no BOS, context = whole text), computed from llama.cpp's logits in float64;
   and, when models/smollm2-st exists (scripts/convert_smollm2_safetensors.py), the same for
@@ -33,8 +33,15 @@ def main():
     gguf = glob.glob(os.path.join(ROOT, "models/smollm2/*.gguf"))[0]
     llm = Llama(model_path=gguf, n_ctx=2048, logits_all=True, verbose=False, n_threads=2)
     cases = [{"text": t, "ids": llm.tokenize(t.encode(), add_bos=False, special=True)} for t in TEXTS]
+    prompt = "The capital of France is"
+    greedy = []
+    for t in llm.generate(llm.tokenize(prompt.encode(), add_bos=False), temp=0, top_k=1):
+        greedy.append(t)
+        if len(greedy) == 16:
+            break
     with open(os.path.join(FIX, "smollm2_tokens.json"), "w") as f:
-        json.dump({"source": "llama-cpp-python " + __import__("llama_cpp").__version__, "cases": cases}, f, indent=1)
+        json.dump({"source": "llama-cpp-python " + __import__("llama_cpp").__version__, "cases": cases,
+                   "greedy": {"prompt": prompt, "ids": greedy, "text": llm.detokenize(greedy).decode()}}, f, indent=1)
 
     text = open(os.path.join(FIX, "ppl_text.txt")).read()
     ids = llm.tokenize(text.encode(), add_bos=False, special=False)

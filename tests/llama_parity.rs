@@ -101,3 +101,69 @@ fn tiny_qwen3_matches_transformers() {
 fn tiny_qwen2_with_sliding_window_matches_transformers() {
     check_full_and_incremental("tiny-qwen2");
 }
+
+/// Splits tiny-llama's weights over two shards, with and without model.safetensors.index.json:
+/// both load and give the reference logits.
+#[test]
+fn sharded_checkpoints_load_with_and_without_index() {
+    let src = fixture("tiny-llama");
+    let reference_weights = SafetensorsWeights::open_dir(&src).unwrap();
+    let names: Vec<String> = reference_weights
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    for with_index in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+        let mut map = serde_json::Map::new();
+        for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+            let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+            let tensors: std::collections::HashMap<String, Tensor> = part
+                .iter()
+                .map(|n| {
+                    map.insert(n.clone(), serde_json::Value::String(file.clone()));
+                    (
+                        n.clone(),
+                        reference_weights.load(n, DType::F32, &Device::Cpu).unwrap(),
+                    )
+                })
+                .collect();
+            candle_core::safetensors::save(&tensors, dir.join(&file)).unwrap();
+        }
+        if with_index {
+            let index = serde_json::json!({"metadata": {}, "weight_map": map});
+            std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        }
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let weights = SafetensorsWeights::open_dir(dir).unwrap();
+        let options = BuildOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            keep_weight_dtype: false,
+        };
+        let model = arch::build(
+            &WeightSource::Safetensors {
+                config: &config,
+                weights: &weights,
+            },
+            &options,
+        )
+        .unwrap();
+        let (_, ids, reference) = load("tiny-llama");
+        let mut cache = model.info().new_cache(KvProfile::Default, 256).unwrap();
+        let logits = model.forward(&ids, &mut cache, false).unwrap();
+        assert!(relative_error(&logits, &reference) <= 1e-3);
+
+        // A missing shard is named in the error.
+        std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+        let err = SafetensorsWeights::open_dir(dir).err().unwrap().to_string();
+        assert!(
+            err.contains("00002") || err.contains("expected 2 shards"),
+            "{err}"
+        );
+    }
+}

@@ -86,6 +86,12 @@ fn pull_fetches_what_running_needs_and_writes_a_manifest_last() {
     let again = env.run(&["pull", "org/tiny"]).ok();
     assert!(again.stdout.contains("up to date"), "{}", again.stdout);
     assert!(hub.log().iter().all(|l| l.path.starts_with("/api/")));
+
+    // Offline, a complete model counts as pulled and nothing is requested.
+    hub.clear_log();
+    env.run_with(&["pull", "org/tiny"], &[("HF_HUB_OFFLINE", "1")])
+        .ok();
+    assert!(hub.log().is_empty());
 }
 
 #[test]
@@ -245,6 +251,10 @@ fn gated_repo_needs_a_token_that_never_leaves_the_hub() {
     let env2 = Env::new(&hub.url);
     env2.run_with(&["pull", "org/gated"], &[("HF_TOKEN", "hf_wrong")])
         .fails_with(1, "your token has no access");
+    assert!(
+        !env2.model_dir("org/gated").exists(),
+        "nothing to resume, so no partial folder"
+    );
 }
 
 #[test]
@@ -443,4 +453,136 @@ fn blobs_in_the_hugging_face_cache_are_reused_after_verification() {
         std::fs::read(env2.model_dir("org/tiny").join("model.safetensors")).unwrap(),
         f.data
     );
+}
+
+#[test]
+fn killed_pull_resumes_where_it_stopped() {
+    let repo = tiny_safetensors_repo(COMMIT, 4096);
+    let f = repo
+        .files
+        .iter()
+        .find(|f| f.path == "model.safetensors")
+        .unwrap()
+        .clone();
+    let size = f.data.len() as u64;
+    let hub = hub_with("org/tiny", repo);
+    let env = Env::new(&hub.url);
+    hub.set_behaviour(Behaviour {
+        chunk_delay: Some(Duration::from_millis(25)),
+        ..Default::default()
+    });
+    let mut child = env
+        .command(&["pull", "org/tiny"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let part = env.model_dir("org/tiny").join("model.safetensors.part");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0) < 512 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "download never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = std::fs::metadata(&part).unwrap().len();
+    assert!(kept > 0 && kept < size);
+
+    hub.set_behaviour(Behaviour::default());
+    hub.clear_log();
+    env.run(&["pull", "org/tiny"]).ok();
+    // The killed run's request may be logged late (when its server thread notices the broken
+    // pipe); the resumed one is the request with a Range.
+    let cdn: Vec<_> = hub
+        .log()
+        .into_iter()
+        .filter(|l| l.origin == "cdn" && l.range.is_some())
+        .collect();
+    assert_eq!(cdn.len(), 1, "{cdn:?}");
+    assert_eq!(
+        cdn[0].range.as_deref(),
+        Some(format!("bytes={kept}-").as_str())
+    );
+    assert!(
+        cdn[0].body_bytes <= size - kept,
+        "refetched {} bytes",
+        cdn[0].body_bytes
+    );
+    assert_eq!(
+        std::fs::read(env.model_dir("org/tiny").join("model.safetensors")).unwrap(),
+        f.data
+    );
+}
+
+#[test]
+fn without_lfs_metadata_the_linked_etag_still_verifies() {
+    let hub = hub_with("org/tiny", tiny_safetensors_repo(COMMIT, 64));
+    let env = Env::new(&hub.url);
+    hub.set_behaviour(Behaviour {
+        bare_listing: true,
+        corrupt: vec!["model.safetensors".into()],
+        ..Default::default()
+    });
+    env.run(&["pull", "org/tiny"])
+        .fails_with(1, "is corrupt: sha256");
+    hub.set_behaviour(Behaviour {
+        bare_listing: true,
+        ..Default::default()
+    });
+    env.run(&["pull", "org/tiny"]).ok();
+}
+
+#[test]
+fn new_revision_replaces_old_files_and_damaged_models_are_repaired() {
+    let hub = hub_with("org/tiny", tiny_safetensors_repo(COMMIT, 64));
+    let env = Env::new(&hub.url);
+    env.run(&["pull", "org/tiny"]).ok();
+    let dir = env.model_dir("org/tiny");
+
+    // The repo moves on: its weights are renamed to a shard and grow.
+    let mut next = tiny_safetensors_repo("fedcba9876543210fedcba9876543210fedcba98", 128);
+    for f in &mut next.files {
+        if f.path == "model.safetensors" {
+            f.path = "model-00001-of-00001.safetensors".into();
+        }
+    }
+    hub.add_repo("org/tiny", next);
+    let out = env.run(&["pull", "org/tiny"]).ok();
+    assert!(out.stdout.contains("at fedcba987654"), "{}", out.stdout);
+    assert!(
+        !dir.join("model.safetensors").exists(),
+        "stale weights stay behind"
+    );
+    let show = env.run(&["show", "org/tiny", "--json"]).ok().json();
+    assert_eq!(show["parameters"], 1024 * 64 + 64);
+    assert_eq!(
+        show["source"]["commit"],
+        "fedcba9876543210fedcba9876543210fedcba98"
+    );
+
+    // A weight file deleted by hand: show/run refuse with the repair command; pull repairs.
+    std::fs::remove_file(dir.join("model-00001-of-00001.safetensors")).unwrap();
+    env.run(&["show", "org/tiny"])
+        .fails_with(4, "repair it with `xllm pull org/tiny`");
+    hub.clear_log();
+    env.run(&["pull", "org/tiny"]).ok();
+    let cdn = hub.log().into_iter().filter(|l| l.origin == "cdn").count();
+    assert_eq!(cdn, 1, "only the missing file is fetched again");
+    env.run(&["show", "org/tiny"]).ok();
+}
+
+#[test]
+fn servers_without_the_revision_route_still_work_for_main() {
+    let hub = hub_with("org/tiny", tiny_safetensors_repo(COMMIT, 64));
+    let env = Env::new(&hub.url);
+    hub.set_behaviour(Behaviour {
+        no_revision_route: true,
+        ..Default::default()
+    });
+    env.run(&["pull", "org/tiny"]).ok();
+    env.run(&["pull", "org/absent"])
+        .fails_with(1, "repository 'org/absent' was not found");
 }

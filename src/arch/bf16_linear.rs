@@ -4,8 +4,8 @@
 //! dotted with every activation row with AVX2/FMA chosen at run time; rows are spread over rayon
 //! threads. Activations stay f32, so results match an f32 matmul on the bf16 values.
 
+use super::qlinear::{for_each_chunk, rows_per_task};
 use candle_core::{Device, Result, Tensor};
-use rayon::prelude::*;
 
 /// A `[rows, cols]` bf16 matrix (raw bits).
 pub struct Bf16Matrix {
@@ -71,48 +71,46 @@ impl Bf16Matrix {
         let n = self.rows;
         let mut yt = vec![0f32; n * m];
         let avx2 = has_avx2();
-        let chunk_rows = 32;
-        yt.par_chunks_mut(chunk_rows * m)
-            .enumerate()
-            .for_each(|(c, out)| {
-                let mut wrow = vec![0f32; k];
-                for (r_local, out_row) in out.chunks_mut(m).enumerate() {
-                    let r = c * chunk_rows + r_local;
-                    let w = &self.data[r * k..(r + 1) * k];
-                    if m == 1 {
-                        out_row[0] = if avx2 {
-                            // SAFETY: AVX2 and FMA were detected at run time.
-                            unsafe { dot_bf16_avx2(w, &xs) }
-                        } else {
-                            w.iter()
-                                .zip(&xs)
-                                .map(|(&b, &x)| f32::from_bits((b as u32) << 16) * x)
-                                .sum()
-                        };
-                        continue;
-                    }
-                    for (o, &b) in wrow.iter_mut().zip(w) {
-                        *o = f32::from_bits((b as u32) << 16);
-                    }
-                    let mut i = 0;
-                    // Four activation rows per pass share each load of the weight row.
-                    while avx2 && i + 4 <= m {
-                        // SAFETY: as above.
-                        let y4 = unsafe { dot4_f32_avx2(&wrow, &xs[i * k..(i + 4) * k]) };
-                        out_row[i..i + 4].copy_from_slice(&y4);
-                        i += 4;
-                    }
-                    for (i, y) in out_row.iter_mut().enumerate().skip(i) {
-                        let xrow = &xs[i * k..(i + 1) * k];
-                        *y = if avx2 {
-                            // SAFETY: as above.
-                            unsafe { dot_f32_avx2(&wrow, xrow) }
-                        } else {
-                            wrow.iter().zip(xrow).map(|(a, b)| a * b).sum()
-                        };
-                    }
+        let chunk_rows = rows_per_task(n, 16);
+        for_each_chunk(&mut yt, chunk_rows * m, |c, out| {
+            let mut wrow = vec![0f32; k];
+            for (r_local, out_row) in out.chunks_mut(m).enumerate() {
+                let r = c * chunk_rows + r_local;
+                let w = &self.data[r * k..(r + 1) * k];
+                if m == 1 {
+                    out_row[0] = if avx2 {
+                        // SAFETY: AVX2 and FMA were detected at run time.
+                        unsafe { dot_bf16_avx2(w, &xs) }
+                    } else {
+                        w.iter()
+                            .zip(&xs)
+                            .map(|(&b, &x)| f32::from_bits((b as u32) << 16) * x)
+                            .sum()
+                    };
+                    continue;
                 }
-            });
+                for (o, &b) in wrow.iter_mut().zip(w) {
+                    *o = f32::from_bits((b as u32) << 16);
+                }
+                let mut i = 0;
+                // Four activation rows per pass share each load of the weight row.
+                while avx2 && i + 4 <= m {
+                    // SAFETY: as above.
+                    let y4 = unsafe { dot4_f32_avx2(&wrow, &xs[i * k..(i + 4) * k]) };
+                    out_row[i..i + 4].copy_from_slice(&y4);
+                    i += 4;
+                }
+                for (i, y) in out_row.iter_mut().enumerate().skip(i) {
+                    let xrow = &xs[i * k..(i + 1) * k];
+                    *y = if avx2 {
+                        // SAFETY: as above.
+                        unsafe { dot_f32_avx2(&wrow, xrow) }
+                    } else {
+                        wrow.iter().zip(xrow).map(|(a, b)| a * b).sum()
+                    };
+                }
+            }
+        });
         let y = if m == 1 {
             yt
         } else {

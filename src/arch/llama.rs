@@ -235,12 +235,10 @@ impl Loader for SafetensorsLoader<'_> {
 
     fn format(&self) -> String {
         let name = Role::Embed.hf_name(0) + ".weight";
-        let stored = self
-            .weights
+        self.weights
             .stored_dtype(&name)
             .map(|d| d.as_str().to_string())
-            .unwrap_or_else(|_| "?".into());
-        stored
+            .unwrap_or_else(|_| "?".into())
     }
 }
 

@@ -64,32 +64,30 @@ impl Q41Matrix {
         let mut yt = vec![0f32; n * m];
         let avx2 = has_avx2();
         let row_bytes = blocks * Q4_1_BYTES;
-        let chunk_rows = 16;
-        yt.par_chunks_mut(chunk_rows * m)
-            .enumerate()
-            .for_each(|(c, out)| {
-                for (r_local, out_row) in out.chunks_mut(m).enumerate() {
-                    let r = c * chunk_rows + r_local;
-                    let w = &self.data[r * row_bytes..(r + 1) * row_bytes];
-                    let mut i = 0;
-                    // Four activation rows per pass share each unpacked weight block.
-                    while avx2 && i + 4 <= m {
-                        // SAFETY: as below.
-                        let y4 = unsafe { dot4_avx2(w, &xq[i * blocks..(i + 4) * blocks], blocks) };
-                        out_row[i..i + 4].copy_from_slice(&y4);
-                        i += 4;
-                    }
-                    for (i, y) in out_row.iter_mut().enumerate().skip(i) {
-                        let xb = &xq[i * blocks..(i + 1) * blocks];
-                        *y = if avx2 {
-                            // SAFETY: AVX2, FMA and F16C were detected at run time.
-                            unsafe { dot_avx2(w, xb) }
-                        } else {
-                            dot_scalar(w, xb)
-                        };
-                    }
+        let chunk_rows = rows_per_task(n, 16);
+        for_each_chunk(&mut yt, chunk_rows * m, |c, out| {
+            for (r_local, out_row) in out.chunks_mut(m).enumerate() {
+                let r = c * chunk_rows + r_local;
+                let w = &self.data[r * row_bytes..(r + 1) * row_bytes];
+                let mut i = 0;
+                // Four activation rows per pass share each unpacked weight block.
+                while avx2 && i + 4 <= m {
+                    // SAFETY: as below.
+                    let y4 = unsafe { dot4_avx2(w, &xq[i * blocks..(i + 4) * blocks], blocks) };
+                    out_row[i..i + 4].copy_from_slice(&y4);
+                    i += 4;
                 }
-            });
+                for (i, y) in out_row.iter_mut().enumerate().skip(i) {
+                    let xb = &xq[i * blocks..(i + 1) * blocks];
+                    *y = if avx2 {
+                        // SAFETY: AVX2, FMA and F16C were detected at run time.
+                        unsafe { dot_avx2(w, xb) }
+                    } else {
+                        dot_scalar(w, xb)
+                    };
+                }
+            }
+        });
         let y = if m == 1 {
             yt
         } else {
@@ -104,6 +102,29 @@ impl Q41Matrix {
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = n;
         Tensor::from_vec(y, out_dims, &Device::Cpu)
+    }
+}
+
+/// Output rows per parallel task: about four tasks per thread, at least `min` rows.
+pub(crate) fn rows_per_task(rows: usize, min: usize) -> usize {
+    rows.div_ceil(4 * rayon::current_num_threads()).max(min)
+}
+
+/// Runs `f(chunk_index, chunk)` over `out` split in `chunk_len` pieces: on the rayon pool, or in
+/// this thread when the pool has one thread (no hand-off and wake-up per matmul).
+pub(crate) fn for_each_chunk(
+    out: &mut [f32],
+    chunk_len: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    if rayon::current_num_threads() == 1 {
+        out.chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        out.par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
     }
 }
 

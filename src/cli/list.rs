@@ -42,7 +42,7 @@ pub fn run(args: ListArgs) -> anyhow::Result<()> {
     }
     if items.is_empty() {
         return print_stdout(&format!(
-            "No models in {} yet. Download one with `xllm pull <org/name>`, e.g. `xllm pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF`.\n",
+            "No models in {} yet. Download one with `xllm pull <org/name>`, e.g. `xllm pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_K_M`.\n",
             store.root().display()
         ));
     }
@@ -165,14 +165,19 @@ fn item(entry: &StoreEntry) -> ListItem {
 /// Parameter counts the way model cards write them: `20.9B`, `135M`.
 pub fn human_params(n: u64) -> String {
     let v = n as f64;
-    if v >= 1e9 {
-        format!("{:.1}B", v / 1e9)
+    let (scaled, unit) = if v >= 1e9 {
+        (v / 1e9, "B")
     } else if v >= 1e6 {
-        format!("{:.0}M", v / 1e6)
+        (v / 1e6, "M")
     } else if v >= 1e3 {
-        format!("{:.0}K", v / 1e3)
+        (v / 1e3, "K")
     } else {
-        n.to_string()
+        return n.to_string();
+    };
+    if unit == "B" || scaled < 10.0 {
+        format!("{scaled:.1}{unit}")
+    } else {
+        format!("{scaled:.0}{unit}")
     }
 }
 
@@ -200,6 +205,8 @@ mod tests {
     fn formats_params_and_times() {
         assert_eq!(human_params(20_914_757_184), "20.9B");
         assert_eq!(human_params(134_515_008), "135M");
+        assert_eq!(human_params(1_500_064), "1.5M");
+        assert_eq!(human_params(32_832), "33K");
         let now = SystemTime::now();
         assert_eq!(relative_time(now, now), "just now");
         assert_eq!(

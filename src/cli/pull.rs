@@ -38,9 +38,10 @@ pub fn run(args: PullArgs) -> anyhow::Result<()> {
             String::new()
         };
         println!(
-            "pulled {}{variant} at {short}: {} files, {} ({} downloaded{reused}) in {:.1}s",
+            "pulled {}{variant} at {short}: {} file{}, {} ({} downloaded{reused}) in {:.1}s",
             report.name,
             report.files,
+            if report.files == 1 { "" } else { "s" },
             human_bytes(report.total_size),
             human_bytes(report.downloaded),
             started.elapsed().as_secs_f64()

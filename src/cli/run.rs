@@ -54,7 +54,7 @@ pub(crate) fn load_for(
         let request: crate::device::DeviceRequest = spec.parse()?;
         crate::engine::kv_quant::check_kv_profile_on_request(resolved.kv_profile, request)?;
     }
-    let device = load::device_from_arg(runtime.device.as_deref())?;
+    let device = crate::device::select_device(runtime.device.as_deref())?;
     crate::engine::kv_quant::check_kv_profile_on_device(resolved.kv_profile, device.location())?;
     let options = LoadOptions {
         device,
@@ -121,7 +121,7 @@ fn sampling_params(defaults: &SamplingParams, args: &SamplingArgs) -> SamplingPa
 }
 
 fn validate_sampling(p: &SamplingParams) -> anyhow::Result<()> {
-    if !(p.temperature >= 0.0) {
+    if p.temperature.is_nan() || p.temperature < 0.0 {
         anyhow::bail!("--temperature must be 0 or more (0 is greedy)");
     }
     if let Some(v) = p.top_p {
@@ -134,7 +134,7 @@ fn validate_sampling(p: &SamplingParams) -> anyhow::Result<()> {
             anyhow::bail!("--min-p must be in [0, 1]");
         }
     }
-    if !(p.repeat_penalty > 0.0) {
+    if p.repeat_penalty.is_nan() || p.repeat_penalty <= 0.0 {
         anyhow::bail!("--repeat-penalty must be positive (1 is off)");
     }
     Ok(())
@@ -217,6 +217,21 @@ pub(crate) fn print_stats(
         "kv cache:             {:.1} MiB allocated",
         kv_bytes as f64 / (1024.0 * 1024.0)
     );
+    if let Some(peak) = peak_rss_bytes() {
+        let _ = writeln!(
+            out,
+            "peak memory:          {:.1} MiB resident",
+            peak as f64 / (1024.0 * 1024.0)
+        );
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), if the platform reports it.
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Prompt tokens for a conversation (chat template) or raw text.
@@ -351,7 +366,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(rest) = input.strip_prefix("\"\"\"") {
             // Multi-line input until a line ending with """.
             let mut buf = rest.to_string();
-            while !buf.trim_end().ends_with("\"\"\"") || buf.trim_end() == "" && false {
+            while !buf.trim_end().ends_with("\"\"\"") {
                 eprint!("... ");
                 let _ = std::io::stderr().flush();
                 let Some(next) = lines.next() else { break };

@@ -301,10 +301,20 @@ impl<'a> Generation<'a> {
 
     fn finish(&mut self, reason: FinishReason) -> anyhow::Result<Step> {
         self.finished = Some(reason);
-        let mut rest = std::mem::take(&mut self.held);
-        rest.push_str(&self.decoder.flush(self.tokenizer)?);
+        // Text held back (incomplete characters, possible stop-string starts) is released now,
+        // still cut at a stop string.
+        let tail = self.decoder.flush(self.tokenizer)?;
+        self.held.push_str(&tail);
+        let rest = match self.take_text() {
+            Some((text, true)) => {
+                self.finished = Some(FinishReason::StopString);
+                text
+            }
+            Some((text, false)) => text + &std::mem::take(&mut self.held),
+            None => String::new(),
+        };
         if rest.is_empty() {
-            Ok(Step::Finished(reason))
+            Ok(Step::Finished(self.finished.unwrap_or(reason)))
         } else {
             Ok(Step::Text(rest))
         }

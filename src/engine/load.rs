@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use candle_core::{DType, Device};
 use serde_json::Value;
 
@@ -44,47 +44,6 @@ impl Default for LoadOptions {
             keep_weight_dtype: true,
         }
     }
-}
-
-/// Parses `--device` (`cpu`, `cuda`, `cuda:N`, `metal`; default: the best available).
-pub fn device_from_arg(arg: Option<&str>) -> anyhow::Result<Device> {
-    match arg {
-        None => Ok(best_device()),
-        Some("cpu") => Ok(Device::Cpu),
-        Some(s) if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s
-                .strip_prefix("cuda:")
-                .map(|n| n.parse::<usize>())
-                .transpose()
-                .with_context(|| format!("bad device '{s}': expected cuda:N"))?
-                .unwrap_or(0);
-            Device::new_cuda(ordinal).map_err(|e| {
-                anyhow::anyhow!(
-                    "device '{s}' is not available ({e}); this build may lack --features cuda"
-                )
-            })
-        }
-        Some("metal") => Device::new_metal(0).map_err(|e| {
-            anyhow::anyhow!(
-                "device 'metal' is not available ({e}); this build may lack --features metal"
-            )
-        }),
-        Some(other) => bail!("unknown device '{other}': expected cpu, cuda, cuda:N or metal"),
-    }
-}
-
-fn best_device() -> Device {
-    if candle_core::utils::cuda_is_available() {
-        if let Ok(d) = Device::new_cuda(0) {
-            return d;
-        }
-    }
-    if candle_core::utils::metal_is_available() {
-        if let Ok(d) = Device::new_metal(0) {
-            return d;
-        }
-    }
-    Device::Cpu
 }
 
 fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {

@@ -198,6 +198,13 @@ impl TextTokenizer {
             .map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
     }
 
+    /// Writes the tokenizer as a tokenizer.json (e.g. when converting a GGUF to a folder).
+    pub fn save_json(&self, path: &Path) -> anyhow::Result<()> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

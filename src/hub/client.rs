@@ -50,6 +50,8 @@ pub struct FileMeta {
     pub etag: Option<String>,
     /// `X-Linked-Size`.
     pub linked_size: Option<u64>,
+    /// True when `etag` came from `X-Linked-Etag`, which for LFS files is their sha256.
+    pub etag_is_linked: bool,
 }
 
 impl HubClient {
@@ -84,7 +86,20 @@ impl HubClient {
             self.config.endpoint,
             encode_segment(revision)
         );
-        let (resp, _) = self.send(&url, None, &Context::Info { repo, revision })?;
+        let ctx = Context::Info { repo, revision };
+        let resp = match self.send(&url, None, &ctx) {
+            Ok((resp, _)) => resp,
+            // Servers that only implement `/api/models/{repo}` answer the revision route with a
+            // 404; for the default branch that route says the same thing.
+            Err(e) if revision == "main" && is_repo_not_found(&e) => {
+                let plain = format!("{}/api/models/{repo}?blobs=true", self.config.endpoint);
+                match self.send(&plain, None, &ctx) {
+                    Ok((resp, _)) => resp,
+                    Err(_) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let info: RepoInfo = resp
             .json()
             .map_err(|e| anyhow::anyhow!("the Hub's repo info for '{repo}' is not valid: {e}"))?;
@@ -248,6 +263,13 @@ impl HubClient {
     }
 }
 
+fn is_repo_not_found(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<HubError>(),
+        Some(HubError::RepoNotFound { .. })
+    )
+}
+
 enum Context<'a> {
     Info {
         repo: &'a str,
@@ -271,7 +293,9 @@ fn merge_meta(meta: &mut FileMeta, headers: &HeaderMap) {
         meta.commit = get("x-repo-commit");
     }
     if meta.etag.is_none() {
-        meta.etag = get("x-linked-etag")
+        let linked = get("x-linked-etag");
+        meta.etag_is_linked = linked.is_some();
+        meta.etag = linked
             .or_else(|| get("etag"))
             .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string());
     }

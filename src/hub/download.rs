@@ -78,6 +78,9 @@ pub fn download(
     }
     let part = part_path(dest);
     let mut fetched = 0u64;
+    // What to verify against; the `resolve` headers fill in what the repo listing lacked.
+    let mut file = file.clone();
+    let file = &mut file;
     let mut last_err = None;
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
@@ -120,7 +123,7 @@ fn attempt_once(
     client: &HubClient,
     repo: &str,
     commit: &str,
-    file: &RepoFile,
+    file: &mut RepoFile,
     part: &Path,
     progress: &dyn Progress,
     fetched: &mut u64,
@@ -139,11 +142,20 @@ fn attempt_once(
         bar.finish();
         return Ok(hex::encode(hasher.finalize()));
     }
-    let (mut resp, _meta) = match client.get_file(repo, commit, &file.path, have) {
+    let (mut resp, meta) = match client.get_file(repo, commit, &file.path, have) {
         Ok(r) => r,
         Err(e) if is_network(&e) => return Err(AttemptError::Retry(e)),
         Err(e) => return Err(fatal(e)),
     };
+    if file.sha256.is_none() && meta.etag_is_linked {
+        file.sha256 = meta
+            .etag
+            .filter(|e| e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(|e| e.to_ascii_lowercase());
+    }
+    if file.size.is_none() {
+        file.size = meta.linked_size;
+    }
     let status = resp.status();
     let mut out = OpenOptions::new()
         .create(true)
@@ -154,7 +166,8 @@ fn attempt_once(
         .map_err(fatal)?;
     let start = match status {
         StatusCode::PARTIAL_CONTENT => {
-            let from = content_range_start(resp.headers());
+            // No Content-Range on a 206: trust that it honoured the range we asked for.
+            let from = content_range_start(resp.headers()).or(Some(have));
             if from != Some(have) {
                 // A range we did not ask for: start over rather than splice bytes wrongly.
                 let _ = std::fs::remove_file(part);

@@ -49,6 +49,29 @@ pub fn pull(
         ),
     };
     let config = HubConfig::from_env();
+    if config.offline {
+        // Offline, a complete model is as good as pulled; anything else needs the network.
+        if let Some(super::StoreEntry {
+            state: super::EntryState::Ready(m),
+            ..
+        }) = store.find(&repo)?
+        {
+            if token.is_none() || super::resolve::open_model(reference).is_ok() {
+                return Ok(PullReport {
+                    name: repo,
+                    dir: store.model_dir(&m.name),
+                    commit: m.source.commit.clone(),
+                    format: m.format,
+                    gguf_type: None,
+                    files: m.files.len(),
+                    total_size: m.total_size(),
+                    downloaded: 0,
+                    reused: 0,
+                    up_to_date: true,
+                });
+            }
+        }
+    }
     let client = HubClient::new(config)?;
     let info = client.repo_info(&repo, revision)?;
     let commit = info
@@ -56,10 +79,54 @@ pub fn pull(
         .clone()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| revision.to_string());
-    let mut selection = select::select_files(&repo, &info.siblings, token.as_ref())?;
+    let gated = !matches!(
+        info.gated,
+        serde_json::Value::Null | serde_json::Value::Bool(false)
+    );
+    if gated && client.config().token.is_none() {
+        return Err(crate::hub::HubError::Gated {
+            repo,
+            endpoint: client.config().endpoint.clone(),
+            authenticated: false,
+        }
+        .into());
+    }
+    let selection = select::select_files(&repo, &info.siblings, token.as_ref())?;
 
     let dir = store.model_dir(&repo);
+    let existed = dir.exists();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let result = pull_into(
+        store, &client, &repo, revision, &commit, selection, &dir, progress,
+    );
+    if result.is_err() && !existed {
+        remove_if_nothing_downloaded(&dir);
+    }
+    result
+}
+
+/// A failed first pull that got no bytes (no access, network down) leaves no folder behind, so
+/// `list` does not show a partial pull there is nothing to resume of.
+fn remove_if_nothing_downloaded(dir: &Path) {
+    let mut bytes = 0u64;
+    let _ = super::for_each_file(dir, &mut |_, m| bytes += m.len());
+    if bytes == 0 {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pull_into(
+    _store: &Store,
+    client: &HubClient,
+    repo: &str,
+    revision: &str,
+    commit: &str,
+    mut selection: Selection,
+    dir: &Path,
+    progress: &dyn Progress,
+) -> anyhow::Result<PullReport> {
+    let (repo, commit, dir) = (repo.to_string(), commit.to_string(), dir.to_path_buf());
     let _lock = ModelLock::acquire(&dir, || {
         progress.note(&format!(
             "another `xllm pull` of {repo} is running; waiting for it to finish"
@@ -123,7 +190,7 @@ pub fn pull(
         .cloned()
     {
         let (d, r) = fetch_one(
-            &client,
+            client,
             &repo,
             &commit,
             &index,
@@ -141,7 +208,7 @@ pub fn pull(
 
     for file in selection.files.clone() {
         let (d, r) = fetch_one(
-            &client,
+            client,
             &repo,
             &commit,
             &file,
@@ -154,11 +221,14 @@ pub fn pull(
         reused += r;
     }
 
+    if selection.format == ModelFormat::Safetensors {
+        prune_stale_files(&dir, &selection)?;
+    }
     let manifest = build_manifest(
         &repo,
         revision,
         &commit,
-        &client,
+        client,
         &dir,
         &selection,
         &state,
@@ -419,6 +489,24 @@ fn build_manifest(
         files,
         pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     })
+}
+
+/// Deletes files a previous revision left that the new selection does not have (old shards would
+/// otherwise be counted by inspection and waste disk).
+fn prune_stale_files(dir: &Path, selection: &Selection) -> anyhow::Result<()> {
+    let keep: BTreeSet<PathBuf> = selection.files.iter().map(|f| dir.join(&f.path)).collect();
+    let mut stale = Vec::new();
+    super::for_each_file(dir, &mut |path, _| {
+        if !keep.contains(path) && path.file_name() != Some(super::manifest::MANIFEST_FILE.as_ref())
+        {
+            stale.push(path.to_path_buf());
+        }
+    })?;
+    for path in stale {
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot remove stale {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Split GGUF parts share the name before `-NNNNN-of-NNNNN`.

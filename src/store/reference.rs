@@ -33,6 +33,16 @@ impl ModelRef {
         if let Some(local) = local_ref(Path::new(text), None) {
             return Ok(local);
         }
+        // Names copied from the Hub's web page or Ollama's `hf.co/` form.
+        let text = [
+            "https://huggingface.co/",
+            "http://huggingface.co/",
+            "huggingface.co/",
+            "hf.co/",
+        ]
+        .iter()
+        .find_map(|p| text.strip_prefix(p))
+        .unwrap_or(text);
         let (base, token) = match text.rsplit_once(':') {
             Some((base, raw)) => (base, Some(QuantToken::parse(raw)?)),
             None => (text, None),

@@ -146,6 +146,20 @@ pub fn open_model(reference: &str) -> anyhow::Result<OpenedModel> {
                     .into())
                 }
             };
+            if let Some(f) = manifest.files.iter().find(|f| {
+                std::fs::metadata(entry.dir.join(&f.path))
+                    .map(|m| m.len())
+                    .ok()
+                    != Some(f.size)
+            }) {
+                return Err(NotFound {
+                    message: format!(
+                        "model '{repo}' is damaged: '{}' is missing or has the wrong size; repair it with `xllm pull {repo}`",
+                        f.path
+                    ),
+                }
+                .into());
+            }
             let gguf_types: Vec<String> = manifest
                 .gguf_variants
                 .iter()

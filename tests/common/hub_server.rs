@@ -58,6 +58,10 @@ pub struct Behaviour {
     pub corrupt: Vec<String>,
     /// Sleep per 64 KiB chunk of file bodies.
     pub chunk_delay: Option<Duration>,
+    /// Repo info without sizes or LFS metadata, as if `?blobs=true` were not honoured.
+    pub bare_listing: bool,
+    /// Only `/api/models/{repo}` exists (no `/revision/{rev}` route).
+    pub no_revision_route: bool,
 }
 
 #[derive(Default)]
@@ -292,19 +296,20 @@ fn route(req: &Request, origin: &str, state: &Arc<Mutex<State>>, cdn_url: &str) 
         return Reply::new(404);
     }
     if let Some(rest) = req.path.strip_prefix("/api/models/") {
-        let Some((repo_name, rev)) = rest.split_once("/revision/") else {
-            return Reply::new(404);
+        let (repo_name, rev) = match rest.split_once("/revision/") {
+            Some(_) if s.behaviour.no_revision_route => return Reply::new(404),
+            Some(pair) => pair,
+            None if s.behaviour.no_revision_route => (rest, "main"),
+            None => return Reply::new(404),
         };
         let Some(repo) = s.repos.get(repo_name) else {
             return Reply::error(401, "RepoNotFound");
         };
-        if repo.gated && !authorized(req) {
-            return Reply::error(401, "GatedRepo");
-        }
+        // Like the Hub: a gated repo's info is public, its files are not.
         if rev != "main" && rev != repo.commit {
             return Reply::error(404, "RevisionNotFound");
         }
-        let blobs = req.query.contains("blobs=true");
+        let blobs = req.query.contains("blobs=true") && !s.behaviour.bare_listing;
         let mut siblings: Vec<serde_json::Value> = repo
             .files
             .iter()
