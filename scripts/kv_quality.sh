@@ -4,15 +4,17 @@
 # at a long context (docs/quantization.md, "Speed"). Prints markdown rows.
 #
 #   scripts/kv_quality.sh [model] [text] [ctx]
-#   default: models/smollm2-st tests/fixtures/texts/gpl3-excerpt.txt 4096
+#   default: models/smollm2-st tests/fixtures/texts/gpl3-excerpt.txt 2048
+#   SKIP_PPL=1 skips the perplexity part; REPEATS sets bench repeats (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-models/smollm2-st}
 text=${2:-tests/fixtures/texts/gpl3-excerpt.txt}
-ctx=${3:-4096}
+ctx=${3:-2048}
 xllm=${XLLM:-${CARGO_TARGET_DIR:-target}/release/xllm}
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(d['$1'])"; }
 
+if [ -z "${SKIP_PPL:-}" ]; then
 echo "| profile | perplexity | vs default |"
 echo "|---|---|---|"
 base=""
@@ -22,6 +24,7 @@ for profile in default kv_int8 kv_fp8; do
     if [ -z "$base" ]; then base=$ppl; fi
     echo "| $profile | $(printf %.4f "$ppl") | $(python3 -c "print(f'{($ppl/$base-1)*100:+.2f} %')") |"
 done
+fi
 
 echo
 echo "| profile | decode tok/s at ctx $ctx (prompt $((ctx - 64))) | vs default | KV bytes | vs default |"
@@ -29,7 +32,7 @@ echo "|---|---|---|---|---|"
 base_tps=""; base_bytes=""
 for profile in default kv_int8 kv_fp8; do
     name=$model; [ "$profile" = default ] || name="$model:$profile"
-    out=$("$xllm" bench "$name" --ctx "$ctx" -p $((ctx - 64)) -n 32 -r "${REPEATS:-2}" --json)
+    out=$("$xllm" bench "$name" --ctx "$ctx" -p $((ctx - 64)) -n 32 -r "${REPEATS:-1}" --json)
     tps=$(echo "$out" | json decode_tokens_per_second)
     bytes=$(echo "$out" | json kv_cache_bytes)
     if [ -z "$base_tps" ]; then base_tps=$tps; base_bytes=$bytes; fi

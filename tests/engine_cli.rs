@@ -448,3 +448,45 @@ fn truncated_gguf_is_a_clear_error() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn prompt_is_read_from_stdin_when_not_a_terminal() {
+    use std::io::Write;
+    let dir = fixture("tiny-qwen3");
+    let home = tempfile::tempdir().unwrap();
+    let run = |stdin_text: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xllm"));
+        cmd.args([
+            "run",
+            dir.to_str().unwrap(),
+            "--raw",
+            "--temperature",
+            "0",
+            "-n",
+            "5",
+            "--format",
+            "json",
+        ])
+        .env("XLLM_HOME", home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        if stdin_text.is_none() {
+            cmd.arg("Paris is the");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(text) = stdin_text {
+            stdin.write_all(text.as_bytes()).unwrap();
+        }
+        drop(stdin);
+        json_of(&child.wait_with_output().unwrap())
+    };
+    let piped = run(Some("Paris is the"));
+    let argument = run(None);
+    assert_eq!(piped["tokens"], argument["tokens"]);
+    assert_eq!(
+        piped["stats"]["prompt_eval_count"],
+        argument["stats"]["prompt_eval_count"]
+    );
+}

@@ -306,3 +306,38 @@ fn kv_profiles_on_gguf_fail_the_same_way_in_run_bench_and_perplexity() {
         assert!(out.stderr.contains("available: Q8_0"), "{}", out.stderr);
     }
 }
+
+#[test]
+fn run_reports_the_kv_cache_actually_allocated() {
+    let env = Env::new("http://127.0.0.1:9");
+    let model = long_context_model(&env.dir.path().join("long"));
+    // One 256-token chunk: 256 × 3 heads × 2 (K, V) × (64 × 4 B) unquantized, × (64 + 2) B quantized.
+    for (suffix, bytes) in [
+        ("", 256 * 3 * 2 * 256),
+        (":kv_int8", 256 * 3 * 2 * 66),
+        (":kv_fp8", 256 * 3 * 2 * 66),
+    ] {
+        let name = format!("{model}{suffix}");
+        let args = [
+            "run",
+            &name,
+            "hello world",
+            "--raw",
+            "-n",
+            "3",
+            "--temperature",
+            "0",
+            "--format",
+            "json",
+            "--verbose",
+        ];
+        let out = env.run(&args).ok();
+        let json = out.json();
+        assert_eq!(json["stats"]["kv_cache_bytes"], bytes, "{suffix}");
+        let mib = format!(
+            "kv cache:             {:.1} MiB allocated",
+            bytes as f64 / 1048576.0
+        );
+        assert!(out.stderr.contains(&mib), "{suffix}: {}", out.stderr);
+    }
+}
