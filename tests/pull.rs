@@ -345,6 +345,15 @@ fn gguf_repo_tag_selects_the_file() {
     assert_eq!(show["selected"]["gguf_type"], "Q4_K_M");
     assert_eq!(show["parameters"], 256);
 
+    // A failed pull of another variant leaves the first one usable.
+    hub.set_behaviour(Behaviour {
+        cut_at: Some(100),
+        ..Default::default()
+    });
+    env.run(&["pull", "org/tiny-GGUF:Q8_0"])
+        .fails_with(1, "interrupted");
+    env.run(&["show", "org/tiny-GGUF"]).ok();
+    hub.set_behaviour(Behaviour::default());
     env.run(&["pull", "org/tiny-GGUF:q8_0"]).ok();
     assert!(dir.join("tiny-q8_0.gguf").exists());
     let show = env
@@ -364,7 +373,7 @@ fn gguf_repo_tag_selects_the_file() {
 
 #[test]
 fn concurrent_pulls_of_one_model_do_not_corrupt_it() {
-    let repo = tiny_safetensors_repo(COMMIT, 1024);
+    let repo = tiny_safetensors_repo(COMMIT, 2048);
     let f = repo
         .files
         .iter()
@@ -374,7 +383,7 @@ fn concurrent_pulls_of_one_model_do_not_corrupt_it() {
     let hub = hub_with("org/tiny", repo);
     let env = Env::new(&hub.url);
     hub.set_behaviour(Behaviour {
-        chunk_delay: Some(Duration::from_millis(20)),
+        chunk_delay: Some(Duration::from_millis(40)),
         ..Default::default()
     });
     let a = env

@@ -67,6 +67,9 @@ impl Bf16Matrix {
             );
         }
         let m = x.elem_count() / k;
+        if m >= GEMM_MIN_ROWS {
+            return self.forward_gemm(x, m);
+        }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let n = self.rows;
         let mut yt = vec![0f32; n * m];
@@ -127,6 +130,37 @@ impl Bf16Matrix {
         Tensor::from_vec(y, out_dims, &Device::Cpu)
     }
 }
+
+/// Prefill: widen [`GEMM_ROWS`] weight rows at a time to f32 and let candle's f32 GEMM (packed,
+/// cache-blocked) do the product; the f32 copy is bounded by one block, not the whole matrix.
+impl Bf16Matrix {
+    fn forward_gemm(&self, x: &Tensor, m: usize) -> Result<Tensor> {
+        let k = self.cols;
+        let x2 = x.reshape((m, k))?.to_dtype(candle_core::DType::F32)?;
+        let mut parts = Vec::with_capacity(self.rows.div_ceil(GEMM_ROWS));
+        for start in (0..self.rows).step_by(GEMM_ROWS) {
+            let rows = GEMM_ROWS.min(self.rows - start);
+            let mut block = vec![0f32; rows * k];
+            for (o, &b) in block
+                .iter_mut()
+                .zip(&self.data[start * k..(start + rows) * k])
+            {
+                *o = f32::from_bits((b as u32) << 16);
+            }
+            let w = Tensor::from_vec(block, (rows, k), &Device::Cpu)?;
+            parts.push(x2.matmul(&w.t()?)?);
+        }
+        let y = Tensor::cat(&parts, 1)?;
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().unwrap() = self.rows;
+        y.reshape(out_dims)
+    }
+}
+
+/// Activation rows from which the GEMM path is used.
+const GEMM_MIN_ROWS: usize = 16;
+/// Weight rows widened per GEMM call (≈ 1 MiB of f32 for 576 columns).
+const GEMM_ROWS: usize = 512;
 
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -280,7 +314,7 @@ mod tests {
             .collect();
         let mat = Bf16Matrix::from_le_bytes(&bits, 37, 100).unwrap();
         let wf = w.to_dtype(DType::F32).unwrap();
-        for rows in [1usize, 5, 9] {
+        for rows in [1usize, 5, 9, 40] {
             let x = Tensor::randn(0f32, 1.0, (rows, 100), &dev).unwrap();
             let ours = mat.forward(&x).unwrap();
             let reference = x.matmul(&wf.t().unwrap()).unwrap();

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub mod bench;
 pub mod completions;
+pub mod harmony_view;
 pub mod list;
 pub mod output;
 pub mod perplexity;

@@ -268,6 +268,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sampling = sampling_params(&loaded.sampling, &args.sampling);
     validate_sampling(&sampling)?;
     let mut seq = new_sequence(&loaded, &resolved, ctx)?;
+    let harmony = super::harmony_view::chat_for(&loaded, &args);
     if !args.raw && loaded.template.is_none() {
         eprintln!("note: the model has no chat template; the prompt is used as raw text");
     }
@@ -281,13 +282,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             messages.push(Message::new("system", s.clone()));
         }
         messages.push(Message::new("user", prompt));
-        let tokens = prompt_tokens(&loaded, &messages, args.raw)?;
+        let tokens = match &harmony {
+            Some(chat) => chat.prompt_tokens(&loaded, &messages)?,
+            None => prompt_tokens(&loaded, &messages, args.raw)?,
+        };
         let stop = StopConditions {
             max_tokens,
             stop_strings: args.stop.clone(),
             cancel: Some(interrupts.cancel.clone()),
         };
         interrupts.generating();
+        if let Some(chat) = &harmony {
+            let inputs = super::harmony_view::TurnInputs {
+                chat,
+                loaded: &loaded,
+                seq: &mut seq,
+                prompt: &tokens,
+                sampling,
+                stop,
+            };
+            return super::harmony_view::one_shot(inputs, &args, &resolved, t0);
+        }
         let mut generation = Generation::start(
             loaded.model.as_ref(),
             &loaded.tokenizer,
@@ -434,13 +449,32 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         messages.extend(history.iter().cloned());
         messages.push(Message::new("user", input.clone()));
-        let tokens = prompt_tokens(&loaded, &messages, args.raw)?;
+        let tokens = match &harmony {
+            Some(chat) => chat.prompt_tokens(&loaded, &messages)?,
+            None => prompt_tokens(&loaded, &messages, args.raw)?,
+        };
         let stop = StopConditions {
             max_tokens,
             stop_strings: args.stop.clone(),
             cancel: Some(interrupts.cancel.clone()),
         };
         interrupts.generating();
+        if let Some(chat) = &harmony {
+            let inputs = super::harmony_view::TurnInputs {
+                chat,
+                loaded: &loaded,
+                seq: &mut seq,
+                prompt: &tokens,
+                sampling: sampling.clone(),
+                stop,
+            };
+            // Only the final answer goes into the history: prior reasoning is not fed back.
+            if let Some(answer) = super::harmony_view::repl_turn(inputs, &args)? {
+                history.push(Message::new("user", input));
+                history.push(Message::new("assistant", answer));
+            }
+            continue;
+        }
         let mut generation = match Generation::start(
             loaded.model.as_ref(),
             &loaded.tokenizer,

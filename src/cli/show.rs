@@ -147,6 +147,9 @@ fn render_text(model: &OpenedModel, files: &[FileEntry]) -> String {
         format!("{} / {}", opt(m.attention_heads), opt(m.kv_heads)),
     );
     row(&mut s, "head dim", opt(m.head_dim));
+    if let Some(window) = m.sliding_window {
+        row(&mut s, "sliding window", window.to_string());
+    }
     if let (Some(total), Some(active)) = (m.experts, m.experts_active) {
         row(&mut s, "experts", format!("{active} active of {total}"));
     }

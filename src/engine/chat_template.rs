@@ -75,6 +75,25 @@ impl ChatTemplate {
             })
             .map_err(|e| anyhow::anyhow!("cannot render the chat template: {e}"))
     }
+
+    /// Like [`Self::render`], with extra template variables (e.g. gpt-oss `reasoning_effort`).
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: minijinja::Value,
+    ) -> anyhow::Result<String> {
+        let template = self.env.get_template("chat").expect("template was added");
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+                ..extra
+            })
+            .map_err(|e| anyhow::anyhow!("cannot render the chat template: {e}"))
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod chat_template;
 pub mod generate;
 pub mod harmony;
+pub mod harmony_chat;
 pub mod kv_cache;
 pub mod kv_quant;
 pub mod load;

@@ -174,7 +174,7 @@ pub fn select_files(
                 });
             }
             anyhow::bail!(
-                "'{repo}' ships several GGUF files and no {DEFAULT_GGUF_TYPE}; pick one with a tag, e.g. `xllm pull {repo}:{}` (available: {})",
+                "'{repo}' has no {DEFAULT_GGUF_TYPE} GGUF file (the default); pick one with a tag, e.g. `xllm pull {repo}:{}` (available: {})",
                 gguf_types.first().map(String::as_str).unwrap_or("Q8_0"),
                 gguf_types.join(", ")
             )

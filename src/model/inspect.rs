@@ -33,6 +33,9 @@ pub struct ModelMetadata {
     pub experts: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub experts_active: Option<u64>,
+    /// Attention window of the sliding-window layers, when the model has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<u64>,
     /// Weight storage, e.g. `bf16`, `mxfp4+bf16`, `Q4_K_M`.
     pub quantization: String,
     /// KV-cache profiles this model can run with.
@@ -93,6 +96,7 @@ pub fn inspect_dir(dir: &Path) -> anyhow::Result<ModelMetadata> {
     }
     meta.parameters = Some(counts.total);
     meta.active_parameters = counts.active(meta.experts, meta.experts_active);
+    super::arch_facts::apply(&config, &mut meta);
     let method = config
         .get("quantization_config")
         .and_then(|q| q.get("quant_method"))

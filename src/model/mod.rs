@@ -1,5 +1,6 @@
 //! Reading model files: config.json, safetensors (mmap), GGUF; metadata for `show`/manifests.
 
+pub mod arch_facts;
 pub mod config;
 pub mod gguf;
 pub mod inspect;

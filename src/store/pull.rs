@@ -177,9 +177,21 @@ fn pull_into(
         });
     }
 
-    // From here on the folder is a partial pull until the new manifest is written.
+    // From here on the folder is a partial pull until the new manifest is written, unless this
+    // pull only adds another GGUF variant beside intact ones (those stay usable meanwhile).
     state.write(&dir)?;
-    let _ = std::fs::remove_file(dir.join(super::manifest::MANIFEST_FILE));
+    let adds_variant_only = previous.as_ref().is_some_and(|m| {
+        m.format == ModelFormat::Gguf
+            && selection.format == ModelFormat::Gguf
+            && m.source.commit == commit
+            && selection
+                .files
+                .iter()
+                .all(|f| !m.files.iter().any(|x| x.path == f.path))
+    });
+    if !adds_variant_only {
+        let _ = std::fs::remove_file(dir.join(super::manifest::MANIFEST_FILE));
+    }
 
     let mut downloaded = 0u64;
     let mut reused = 0u64;

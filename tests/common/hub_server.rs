@@ -69,6 +69,9 @@ struct State {
     repos: HashMap<String, Repo>,
     log: Vec<Logged>,
     behaviour: Behaviour,
+    /// Requests answered but not yet logged: `log`/`clear_log` wait for them, so a test never
+    /// sees (or clears) a log that a finished client's last request has not reached yet.
+    unlogged: usize,
 }
 
 pub struct MockHub {
@@ -117,11 +120,23 @@ impl MockHub {
     }
 
     pub fn log(&self) -> Vec<Logged> {
-        self.state.lock().unwrap().log.clone()
+        self.settled().log.clone()
     }
 
     pub fn clear_log(&self) {
-        self.state.lock().unwrap().log.clear();
+        self.settled().log.clear();
+    }
+
+    /// The state once every answered request is logged.
+    fn settled(&self) -> std::sync::MutexGuard<'_, State> {
+        loop {
+            let s = self.state.lock().unwrap();
+            if s.unlogged == 0 {
+                return s;
+            }
+            drop(s);
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 
@@ -220,7 +235,8 @@ fn handle(
     };
     let reply = route(&req, origin, state, cdn_url);
     let (cut_at, delay) = {
-        let s = state.lock().unwrap();
+        let mut s = state.lock().unwrap();
+        s.unlogged += 1;
         (s.behaviour.cut_at, s.behaviour.chunk_delay)
     };
     let status_text = match reply.status {
@@ -241,10 +257,14 @@ fn handle(
     }
     let len = reply.declared_len.unwrap_or(reply.body.len() as u64);
     head.push_str(&format!("Content-Length: {len}\r\n\r\n"));
-    stream.write_all(head.as_bytes())?;
+    let mut result = stream.write_all(head.as_bytes());
     let mut sent = 0u64;
-    let mut result = Ok(());
-    for chunk in reply.body.chunks(64 * 1024) {
+    let body = if result.is_ok() {
+        &reply.body[..]
+    } else {
+        &[][..]
+    };
+    for chunk in body.chunks(64 * 1024) {
         let mut chunk = chunk;
         if let (Some(cut), Some(off)) = (cut_at, reply.file_offset) {
             let pos = off + sent;
@@ -265,14 +285,18 @@ fn handle(
         }
         sent += chunk.len() as u64;
     }
-    state.lock().unwrap().log.push(Logged {
-        origin,
-        path: req.path.clone(),
-        range: req.headers.get("range").cloned(),
-        authorization: req.headers.get("authorization").cloned(),
-        status: reply.status,
-        body_bytes: sent,
-    });
+    {
+        let mut s = state.lock().unwrap();
+        s.log.push(Logged {
+            origin,
+            path: req.path.clone(),
+            range: req.headers.get("range").cloned(),
+            authorization: req.headers.get("authorization").cloned(),
+            status: reply.status,
+            body_bytes: sent,
+        });
+        s.unlogged -= 1;
+    }
     let _ = stream.flush();
     let _ = stream.shutdown(std::net::Shutdown::Both);
     result
