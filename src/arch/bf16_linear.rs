@@ -4,7 +4,9 @@
 //! dotted with every activation row with AVX2/FMA chosen at run time; rows are spread over rayon
 //! threads. Activations stay f32, so results match an f32 matmul on the bf16 values.
 
-use super::qlinear::{for_each_chunk, rows_per_task};
+#[cfg(target_arch = "x86_64")]
+use super::cpu_matmul::hsum;
+use super::cpu_matmul::{for_each_chunk, input_rows, rows_per_task, transposed_output};
 use candle_core::{Device, Result, Tensor};
 
 /// A `[rows, cols]` bf16 matrix (raw bits).
@@ -58,15 +60,8 @@ impl Bf16Matrix {
 
     /// `x`: `[.., cols]` f32 → `[.., rows]` f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap();
-        if k != self.cols {
-            candle_core::bail!(
-                "bf16 matmul: input has {k} columns, weight has {}",
-                self.cols
-            );
-        }
-        let m = x.elem_count() / k;
+        let (dims, m) = input_rows(x, self.cols, "bf16")?;
+        let k = self.cols;
         if m >= GEMM_MIN_ROWS {
             return self.forward_gemm(x, m);
         }
@@ -114,20 +109,7 @@ impl Bf16Matrix {
                 }
             }
         });
-        let y = if m == 1 {
-            yt
-        } else {
-            let mut y = vec![0f32; n * m];
-            for r in 0..n {
-                for i in 0..m {
-                    y[i * n + r] = yt[r * m + i];
-                }
-            }
-            y
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = n;
-        Tensor::from_vec(y, out_dims, &Device::Cpu)
+        transposed_output(yt, n, m, dims)
     }
 }
 
@@ -171,16 +153,6 @@ fn has_avx2() -> bool {
     {
         false
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
 }
 
 /// Σ bf16(w) · x, 16 elements per step in two accumulators.

@@ -9,6 +9,7 @@ use crate::model::safetensors::SafetensorsWeights;
 use crate::quant::KvProfile;
 
 pub mod bf16_linear;
+mod cpu_matmul;
 pub mod llama;
 pub mod qlinear;
 pub mod rope;

@@ -3,9 +3,11 @@
 //! scalar loop. This kernel quantizes activations to 8-bit blocks (like llama.cpp's Q8_1), takes
 //! an AVX2 path chosen at run time (scalar elsewhere), and spreads weight rows over rayon threads.
 
-use candle_core::{Device, Result, Tensor};
+#[cfg(target_arch = "x86_64")]
+use super::cpu_matmul::hsum;
+use super::cpu_matmul::{for_each_chunk, input_rows, rows_per_task, transposed_output};
+use candle_core::{Result, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
 /// Elements per Q4_1 block.
 const QK: usize = 32;
@@ -46,15 +48,8 @@ impl Q41Matrix {
 
     /// `x`: `[.., cols]` f32 on the CPU → `[.., rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap();
-        if k != self.cols {
-            candle_core::bail!(
-                "Q4_1 matmul: input has {k} columns, weight has {}",
-                self.cols
-            );
-        }
-        let m = x.elem_count() / k;
+        let (dims, m) = input_rows(x, self.cols, "Q4_1")?;
+        let k = self.cols;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let blocks = k / QK;
         let xq: Vec<BlockQ8> = xs.chunks_exact(QK).map(quantize_block).collect();
@@ -88,43 +83,7 @@ impl Q41Matrix {
                 }
             }
         });
-        let y = if m == 1 {
-            yt
-        } else {
-            let mut y = vec![0f32; n * m];
-            for r in 0..n {
-                for i in 0..m {
-                    y[i * n + r] = yt[r * m + i];
-                }
-            }
-            y
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = n;
-        Tensor::from_vec(y, out_dims, &Device::Cpu)
-    }
-}
-
-/// Output rows per parallel task: about four tasks per thread, at least `min` rows.
-pub(crate) fn rows_per_task(rows: usize, min: usize) -> usize {
-    rows.div_ceil(4 * rayon::current_num_threads()).max(min)
-}
-
-/// Runs `f(chunk_index, chunk)` over `out` split in `chunk_len` pieces: on the rayon pool, or in
-/// this thread when the pool has one thread (no hand-off and wake-up per matmul).
-pub(crate) fn for_each_chunk(
-    out: &mut [f32],
-    chunk_len: usize,
-    f: impl Fn(usize, &mut [f32]) + Sync + Send,
-) {
-    if rayon::current_num_threads() == 1 {
-        out.chunks_mut(chunk_len)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
-    } else {
-        out.par_chunks_mut(chunk_len)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
+        transposed_output(yt, n, m, dims)
     }
 }
 
@@ -203,12 +162,7 @@ unsafe fn dot_avx2(w: &[u8], xb: &[BlockQ8]) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(d * x.d), acc);
         acc_min += m * x.s;
     }
-    let hi = _mm256_extractf128_ps(acc, 1);
-    let lo = _mm256_castps256_ps128(acc);
-    let s = _mm_add_ps(hi, lo);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s) + acc_min
+    hsum(acc) + acc_min
 }
 
 /// The weight row `w` dotted with four activation rows (`xq4`: 4 × `blocks` blocks).
@@ -241,16 +195,6 @@ unsafe fn dot4_avx2(w: &[u8], xq4: &[BlockQ8], blocks: usize) -> [f32; 4] {
     std::array::from_fn(|r| hsum(acc[r]) + acc_min[r])
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
-
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot4_avx2(w: &[u8], xq4: &[BlockQ8], blocks: usize) -> [f32; 4] {
     std::array::from_fn(|r| dot_scalar(w, &xq4[r * blocks..(r + 1) * blocks]))
@@ -263,8 +207,10 @@ unsafe fn dot_avx2(w: &[u8], xb: &[BlockQ8]) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu_matmul::max_abs;
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Device;
 
     #[test]
     fn matches_dense_product_of_dequantized_weights() {
@@ -282,20 +228,8 @@ mod tests {
                 .matmul(&dense.t().unwrap())
                 .unwrap();
             let diff = (ours.reshape((rows, 40)).unwrap() - &reference).unwrap();
-            let err = diff
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = reference
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs(&diff);
+            let scale = max_abs(&reference);
             // Only the 8-bit activation rounding separates the two.
             assert!(
                 err / scale < 0.02,
