@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::Linear;
 use serde::Deserialize;
 
+use crate::arch::mask::causal_mask;
 use crate::arch::{BuildOptions, CausalLm, ModelInfo, WeightSource};
 use crate::engine::kv_cache::SequenceCache;
 use crate::kernels::bytes::SharedBytes;
@@ -568,16 +569,13 @@ impl GptOss {
         let q = q.reshape((nkv, group * t, hd))?;
         let scale = (hd as f64).powf(-0.5);
         let scores = (q.matmul(&k_all.t()?)? * scale)?.reshape((nh, t, keys))?;
-        let mut mask = Vec::with_capacity(t * keys);
-        for qi in 0..t {
-            let qpos = start + qi;
-            for kj in 0..keys {
-                let kpos = first_key + kj;
-                let visible = kpos <= qpos && attn.window.is_none_or(|w| kpos + w > qpos);
-                mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-            }
-        }
-        let mask = Tensor::from_vec(mask, (1, t, keys), &self.device)?.to_dtype(scores.dtype())?;
+        let mask = causal_mask(
+            start..start + t,
+            first_key..total,
+            attn.window,
+            &self.device,
+            scores.dtype(),
+        )?;
         let scores = scores.broadcast_add(&mask)?;
         let sinks = attn
             .sinks

@@ -10,6 +10,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::bf16_linear::Bf16Matrix;
+use super::mask::causal_mask;
 use super::qlinear::Q41Matrix;
 use super::rope::{Rope, RopeLayout};
 use super::{BuildOptions, CausalLm, ModelInfo, WeightSource};
@@ -527,19 +528,13 @@ impl Llama {
         if t == 1 && !windowed {
             return Ok(None);
         }
-        let mut m = vec![0f32; t * len];
-        for i in 0..t {
-            let q = start + i;
-            for (j, v) in m[i * len..(i + 1) * len].iter_mut().enumerate() {
-                let visible = j <= q && window.is_none_or(|w| q - j < w);
-                if !visible {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-        }
-        Ok(Some(
-            Tensor::from_vec(m, (t, len), &self.info.device)?.to_dtype(self.dtype)?,
-        ))
+        Ok(Some(causal_mask(
+            start..start + t,
+            0..len,
+            window,
+            &self.info.device,
+            self.dtype,
+        )?))
     }
 
     fn attention(

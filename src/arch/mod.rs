@@ -11,6 +11,7 @@ use crate::quant::KvProfile;
 pub mod bf16_linear;
 mod cpu_matmul;
 pub mod llama;
+mod mask;
 pub mod qlinear;
 pub mod rope;
 
