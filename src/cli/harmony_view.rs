@@ -195,16 +195,7 @@ pub fn one_shot(
             "reasoning_effort": effort.as_str(),
             "tokens": result.tokens,
             "finish_reason": result.finish_reason.as_str(),
-            "stats": {
-                "load_duration_ms": loaded.load_duration.as_secs_f64() * 1e3,
-                "prompt_eval_count": stats.prompt_eval_count,
-                "prompt_eval_duration_ms": stats.prompt_eval_duration.as_secs_f64() * 1e3,
-                "prompt_eval_rate": stats.prompt_rate(),
-                "eval_count": stats.eval_count,
-                "eval_duration_ms": stats.eval_duration.as_secs_f64() * 1e3,
-                "eval_rate": stats.eval_rate(),
-                "kv_cache_bytes": kv,
-            },
+            "stats": super::run::stats_json(loaded, stats, kv),
         });
         super::output::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
     } else if result.finish_reason == FinishReason::ContextFull {

@@ -13,6 +13,7 @@ use crate::engine::chat_template::Message;
 use crate::engine::generate::{
     FinishReason, Generation, GenerationStats, Sequence, StopConditions,
 };
+use crate::engine::harmony_chat::HarmonyChat;
 use crate::engine::load::{self, LoadOptions, LoadedModel};
 use crate::engine::sampler::SamplingParams;
 use crate::store::ResolvedModel;
@@ -148,6 +149,15 @@ struct Interrupts {
 }
 
 impl Interrupts {
+    /// Stop conditions for one turn, cancelled by this handler's Ctrl-C.
+    fn stop_conditions(&self, max_tokens: Option<usize>, stop: &[String]) -> StopConditions {
+        StopConditions {
+            max_tokens,
+            stop_strings: stop.to_vec(),
+            cancel: Some(self.cancel.clone()),
+        }
+    }
+
     fn install(interactive: bool) -> Self {
         let state = Arc::new(AtomicU8::new(1));
         let cancel = Arc::new(AtomicBool::new(false));
@@ -253,6 +263,46 @@ fn prompt_tokens(
     }
 }
 
+/// Prompt tokens for one turn: the system prompt, earlier turns, then `user`; in the harmony
+/// format for gpt-oss models, else through the chat template (or raw text).
+fn turn_prompt(
+    loaded: &LoadedModel,
+    harmony: Option<&HarmonyChat>,
+    system: &Option<String>,
+    history: &[Message],
+    user: String,
+    raw: bool,
+) -> anyhow::Result<Vec<u32>> {
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(Message::new("system", s.clone()));
+    }
+    messages.extend(history.iter().cloned());
+    messages.push(Message::new("user", user));
+    match harmony {
+        Some(chat) => chat.prompt_tokens(loaded, &messages),
+        None => prompt_tokens(loaded, &messages, raw),
+    }
+}
+
+/// The `stats` object of `--format json` output (the same for plain and harmony models).
+pub(crate) fn stats_json(
+    loaded: &LoadedModel,
+    stats: &GenerationStats,
+    kv_cache_bytes: usize,
+) -> serde_json::Value {
+    serde_json::json!({
+        "load_duration_ms": loaded.load_duration.as_secs_f64() * 1e3,
+        "prompt_eval_count": stats.prompt_eval_count,
+        "prompt_eval_duration_ms": stats.prompt_eval_duration.as_secs_f64() * 1e3,
+        "prompt_eval_rate": stats.prompt_rate(),
+        "eval_count": stats.eval_count,
+        "eval_duration_ms": stats.eval_duration.as_secs_f64() * 1e3,
+        "eval_rate": stats.eval_rate(),
+        "kv_cache_bytes": kv_cache_bytes,
+    })
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let stdin_prompt = if args.prompt.is_none() && !std::io::stdin().is_terminal() {
@@ -278,20 +328,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let interrupts = Interrupts::install(one_shot.is_none());
 
     if let Some(prompt) = one_shot {
-        let mut messages = Vec::new();
-        if let Some(s) = &system {
-            messages.push(Message::new("system", s.clone()));
-        }
-        messages.push(Message::new("user", prompt));
-        let tokens = match &harmony {
-            Some(chat) => chat.prompt_tokens(&loaded, &messages)?,
-            None => prompt_tokens(&loaded, &messages, args.raw)?,
-        };
-        let stop = StopConditions {
-            max_tokens,
-            stop_strings: args.stop.clone(),
-            cancel: Some(interrupts.cancel.clone()),
-        };
+        let tokens = turn_prompt(&loaded, harmony.as_ref(), &system, &[], prompt, args.raw)?;
+        let stop = interrupts.stop_conditions(max_tokens, &args.stop);
         interrupts.generating();
         if let Some(chat) = &harmony {
             let inputs = super::harmony_view::TurnInputs {
@@ -332,16 +370,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 "text": text,
                 "tokens": ids,
                 "finish_reason": reason.as_str(),
-                "stats": {
-                    "load_duration_ms": loaded.load_duration.as_secs_f64() * 1e3,
-                    "prompt_eval_count": stats.prompt_eval_count,
-                    "prompt_eval_duration_ms": stats.prompt_eval_duration.as_secs_f64() * 1e3,
-                    "prompt_eval_rate": stats.prompt_rate(),
-                    "eval_count": stats.eval_count,
-                    "eval_duration_ms": stats.eval_duration.as_secs_f64() * 1e3,
-                    "eval_rate": stats.eval_rate(),
-                    "kv_cache_bytes": seq.cache.allocated_bytes(),
-                },
+                "stats": stats_json(&loaded, &stats, seq.cache.allocated_bytes()),
             });
             println!("{}", serde_json::to_string_pretty(&value)?);
         } else {
@@ -444,21 +473,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             continue;
         }
-        let mut messages = Vec::new();
-        if let Some(s) = &system {
-            messages.push(Message::new("system", s.clone()));
-        }
-        messages.extend(history.iter().cloned());
-        messages.push(Message::new("user", input.clone()));
-        let tokens = match &harmony {
-            Some(chat) => chat.prompt_tokens(&loaded, &messages)?,
-            None => prompt_tokens(&loaded, &messages, args.raw)?,
-        };
-        let stop = StopConditions {
-            max_tokens,
-            stop_strings: args.stop.clone(),
-            cancel: Some(interrupts.cancel.clone()),
-        };
+        let tokens = turn_prompt(
+            &loaded,
+            harmony.as_ref(),
+            &system,
+            &history,
+            input.clone(),
+            args.raw,
+        )?;
+        let stop = interrupts.stop_conditions(max_tokens, &args.stop);
         interrupts.generating();
         if let Some(chat) = &harmony {
             let inputs = super::harmony_view::TurnInputs {
