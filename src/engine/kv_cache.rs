@@ -66,6 +66,28 @@ pub struct KvLayout {
     pub max_tokens: usize,
 }
 
+impl KvLayout {
+    /// The capacity to grow to so `needed` tokens fit: `None` when `capacity` already holds them,
+    /// else whole [`KV_CHUNK_TOKENS`] chunks bounded by `max_tokens`; an error past `max_tokens`.
+    pub(crate) fn grown_capacity(&self, capacity: usize, needed: usize) -> Result<Option<usize>> {
+        if needed <= capacity {
+            return Ok(None);
+        }
+        if needed > self.max_tokens {
+            candle_core::bail!(
+                "KV cache full: {needed} tokens exceed the context limit of {}",
+                self.max_tokens
+            );
+        }
+        Ok(Some(
+            needed
+                .div_ceil(KV_CHUNK_TOKENS)
+                .saturating_mul(KV_CHUNK_TOKENS)
+                .min(self.max_tokens),
+        ))
+    }
+}
+
 /// Unquantized store in the compute dtype.
 pub struct DenseKvStore {
     layout: KvLayout,
@@ -94,19 +116,9 @@ impl DenseKvStore {
 
     /// Makes room for `needed` tokens, growing by whole chunks (bounded by `max_tokens`).
     fn reserve(&mut self, needed: usize) -> Result<()> {
-        if needed <= self.capacity() {
+        let Some(new_cap) = self.layout.grown_capacity(self.capacity(), needed)? else {
             return Ok(());
-        }
-        if needed > self.layout.max_tokens {
-            candle_core::bail!(
-                "KV cache full: {needed} tokens exceed the context limit of {}",
-                self.layout.max_tokens
-            );
-        }
-        let new_cap = needed
-            .div_ceil(KV_CHUNK_TOKENS)
-            .saturating_mul(KV_CHUNK_TOKENS)
-            .min(self.layout.max_tokens);
+        };
         let shape = (1, self.layout.kv_heads, new_cap, self.layout.head_dim);
         let grow = |old: Option<&Tensor>| -> Result<Tensor> {
             let fresh = Tensor::zeros(shape, self.dtype, &self.device)?;

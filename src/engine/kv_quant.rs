@@ -22,7 +22,7 @@ use float8::F8E4M3;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::kv_cache::{KvContents, KvLayout, KvStore, KV_CHUNK_TOKENS};
+use super::kv_cache::{KvContents, KvLayout, KvStore};
 use crate::device::DeviceRequest;
 use crate::quant::{KvProfile, QuantError, KV_SCALE_BYTES};
 
@@ -179,7 +179,7 @@ struct Plane {
 }
 
 /// A KV store of one byte per element and one f16 scale per token per head, generic over the
-/// byte encoding. Grows by whole [`KV_CHUNK_TOKENS`] chunks like the dense store.
+/// byte encoding. Grows by whole [`KV_CHUNK_TOKENS`](super::kv_cache::KV_CHUNK_TOKENS) chunks like the dense store.
 pub struct ScaledKvStore<C: ByteCodec> {
     layout: KvLayout,
     /// Compute dtype that `append` returns.
@@ -227,19 +227,9 @@ impl<C: ByteCodec> ScaledKvStore<C> {
 
     /// Makes room for `needed` tokens, growing by whole chunks (bounded by `max_tokens`).
     fn reserve(&mut self, needed: usize) -> Result<()> {
-        if needed <= self.capacity {
+        let Some(new_cap) = self.layout.grown_capacity(self.capacity, needed)? else {
             return Ok(());
-        }
-        if needed > self.layout.max_tokens {
-            candle_core::bail!(
-                "KV cache full: {needed} tokens exceed the context limit of {}",
-                self.layout.max_tokens
-            );
-        }
-        let new_cap = needed
-            .div_ceil(KV_CHUNK_TOKENS)
-            .saturating_mul(KV_CHUNK_TOKENS)
-            .min(self.layout.max_tokens);
+        };
         let (heads, dim) = (self.layout.kv_heads, self.layout.head_dim);
         let grow = |old: Option<&Plane>| -> Result<Plane> {
             let codes = Tensor::zeros((1, heads, new_cap, dim), C::STORAGE_DTYPE, &self.device)?;
@@ -483,7 +473,7 @@ fn decode_planes<C: ByteCodec, T: Copy + Default + Send>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::kv_cache::{new_store, DenseKvStore};
+    use crate::engine::kv_cache::{new_store, DenseKvStore, KV_CHUNK_TOKENS};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     const HEADS: usize = 3;
