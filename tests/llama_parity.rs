@@ -2,10 +2,12 @@
 //! made by scripts/make_llama_fixtures.py: full-sequence logits, and the same logits when the
 //! sequence is fed as a prefill followed by one-token decode steps through the KV cache.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use xllm::arch::{self, BuildOptions, CausalLm, WeightSource};
+use xllm::arch::CausalLm;
 use xllm::model::safetensors::SafetensorsWeights;
 use xllm::quant::KvProfile;
 
@@ -17,22 +19,7 @@ fn fixture(name: &str) -> PathBuf {
 
 fn load(name: &str) -> (Box<dyn CausalLm>, Vec<u32>, Tensor) {
     let dir = fixture(name);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let weights = SafetensorsWeights::open_dir(&dir).unwrap();
-    let options = BuildOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        keep_weight_dtype: false,
-    };
-    let model = arch::build(
-        &WeightSource::Safetensors {
-            config: &config,
-            weights: &weights,
-        },
-        &options,
-    )
-    .unwrap();
+    let model = common::build_f32_cpu(&dir);
     let reference = SafetensorsWeights::open_files(&[dir.join("reference.safetensors")]).unwrap();
     let ids: Vec<u32> = reference
         .load("input_ids", DType::I64, &Device::Cpu)
@@ -136,23 +123,7 @@ fn sharded_checkpoints_load_with_and_without_index() {
             let index = serde_json::json!({"metadata": {}, "weight_map": map});
             std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
         }
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
-                .unwrap();
-        let weights = SafetensorsWeights::open_dir(dir).unwrap();
-        let options = BuildOptions {
-            device: Device::Cpu,
-            dtype: DType::F32,
-            keep_weight_dtype: false,
-        };
-        let model = arch::build(
-            &WeightSource::Safetensors {
-                config: &config,
-                weights: &weights,
-            },
-            &options,
-        )
-        .unwrap();
+        let model = common::build_f32_cpu(dir);
         let (_, ids, reference) = load("tiny-llama");
         let mut cache = model.info().new_cache(KvProfile::Default, 256).unwrap();
         let logits = model.forward(&ids, &mut cache, false).unwrap();

@@ -260,3 +260,21 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// A model built from a safetensors folder (config.json + weights) on the CPU in f32, the way
+/// the parity and KV-cache tests compare it with transformers.
+pub fn build_f32_cpu(dir: &Path) -> Box<dyn xllm::arch::CausalLm> {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let weights = xllm::model::safetensors::SafetensorsWeights::open_dir(dir).unwrap();
+    let options = xllm::arch::BuildOptions {
+        device: candle_core::Device::Cpu,
+        dtype: candle_core::DType::F32,
+        keep_weight_dtype: false,
+    };
+    let source = xllm::arch::WeightSource::Safetensors {
+        config: &config,
+        weights: &weights,
+    };
+    xllm::arch::build(&source, &options).unwrap()
+}
