@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, D};
 use xllm::arch::CausalLm;
-use xllm::model::safetensors::SafetensorsWeights;
 use xllm::quant::KvProfile;
 
 fn fixture(name: &str) -> PathBuf {
@@ -28,16 +27,7 @@ struct Fixture {
 fn load(name: &str) -> Fixture {
     let dir = fixture(name);
     let model = common::build_f32_cpu(&dir);
-    let reference = SafetensorsWeights::open_files(&[dir.join("reference.safetensors")]).unwrap();
-    let ids = reference
-        .load("input_ids", DType::I64, &Device::Cpu)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect();
-    let logits = reference.load("logits", DType::F32, &Device::Cpu).unwrap();
+    let (ids, logits) = common::reference_ids_and_logits(&dir);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();

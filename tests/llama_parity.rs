@@ -20,16 +20,7 @@ fn fixture(name: &str) -> PathBuf {
 fn load(name: &str) -> (Box<dyn CausalLm>, Vec<u32>, Tensor) {
     let dir = fixture(name);
     let model = common::build_f32_cpu(&dir);
-    let reference = SafetensorsWeights::open_files(&[dir.join("reference.safetensors")]).unwrap();
-    let ids: Vec<u32> = reference
-        .load("input_ids", DType::I64, &Device::Cpu)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect();
-    let logits = reference.load("logits", DType::F32, &Device::Cpu).unwrap();
+    let (ids, logits) = common::reference_ids_and_logits(&dir);
     (model, ids, logits)
 }
 

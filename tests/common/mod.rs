@@ -278,3 +278,23 @@ pub fn build_f32_cpu(dir: &Path) -> Box<dyn xllm::arch::CausalLm> {
     };
     xllm::arch::build(&source, &options).unwrap()
 }
+
+/// Token ids and transformers' logits stored beside a fixture checkpoint
+/// (`reference.safetensors`, made by scripts/make_llama_fixtures.py).
+pub fn reference_ids_and_logits(dir: &Path) -> (Vec<u32>, candle_core::Tensor) {
+    use candle_core::{DType, Device};
+    let reference = xllm::model::safetensors::SafetensorsWeights::open_files(&[
+        dir.join("reference.safetensors")
+    ])
+    .unwrap();
+    let ids = reference
+        .load("input_ids", DType::I64, &Device::Cpu)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let logits = reference.load("logits", DType::F32, &Device::Cpu).unwrap();
+    (ids, logits)
+}
