@@ -268,14 +268,14 @@ fn prompt_tokens(
 fn turn_prompt(
     loaded: &LoadedModel,
     harmony: Option<&HarmonyChat>,
-    system: &Option<String>,
+    system: Option<&str>,
     history: &[Message],
     user: String,
     raw: bool,
 ) -> anyhow::Result<Vec<u32>> {
     let mut messages = Vec::new();
     if let Some(s) = system {
-        messages.push(Message::new("system", s.clone()));
+        messages.push(Message::new("system", s));
     }
     messages.extend(history.iter().cloned());
     messages.push(Message::new("user", user));
@@ -328,7 +328,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let interrupts = Interrupts::install(one_shot.is_none());
 
     if let Some(prompt) = one_shot {
-        let tokens = turn_prompt(&loaded, harmony.as_ref(), &system, &[], prompt, args.raw)?;
+        let tokens = turn_prompt(
+            &loaded,
+            harmony.as_ref(),
+            system.as_deref(),
+            &[],
+            prompt,
+            args.raw,
+        )?;
         let stop = interrupts.stop_conditions(max_tokens, &args.stop);
         interrupts.generating();
         if let Some(chat) = &harmony {
@@ -476,7 +483,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let tokens = turn_prompt(
             &loaded,
             harmony.as_ref(),
-            &system,
+            system.as_deref(),
             &history,
             input.clone(),
             args.raw,
