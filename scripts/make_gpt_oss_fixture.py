@@ -157,22 +157,17 @@ def bf16(t):
     return t.to(torch.bfloat16)
 
 
-def main():
-    torch.manual_seed(1234)
-    np.random.seed(1234)
-    if os.path.exists(OUT):
-        shutil.rmtree(OUT)
-    os.makedirs(OUT)
-
-    tok = make_tokenizer()
+def write_metadata(out, tok):
+    """Writes tokenizer, config (vocab and special ids from `tok`), generation and tokenizer configs, chat
+    template; returns (config dict, special token ids)."""
     vocab = tok.get_vocab_size()
     cfg = dict(CONFIG)
     ids = {s: tok.token_to_id(s) for s in SPECIALS}
     cfg.update(vocab_size=vocab, eos_token_id=ids["<|return|>"], pad_token_id=ids["<|endoftext|>"])
-    tok.save(os.path.join(OUT, "tokenizer.json"))
-    with open(os.path.join(OUT, "config.json"), "w") as f:
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    with open(os.path.join(OUT, "generation_config.json"), "w") as f:
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump(
             {
                 "bos_token_id": ids["<|startoftext|>"],
@@ -182,7 +177,7 @@ def main():
             f,
             indent=2,
         )
-    with open(os.path.join(OUT, "tokenizer_config.json"), "w") as f:
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
         json.dump(
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
@@ -194,7 +189,64 @@ def main():
             f,
             indent=2,
         )
-    shutil.copy(os.path.join(HERE, "gpt_oss_harmony.jinja"), os.path.join(OUT, "chat_template.jinja"))
+    shutil.copy(os.path.join(HERE, "gpt_oss_harmony.jinja"), os.path.join(out, "chat_template.jinja"))
+    return cfg, ids
+
+
+def write_shards(out, ckpt, L):
+    """Two shards + index, the first holding the embedding and the first half of the layers; returns the
+    checkpoint's byte size."""
+    def shard_of(name):
+        if name.startswith("model.layers."):
+            return 0 if int(name.split(".")[2]) < L // 2 else 1
+        return 0 if name == "model.embed_tokens.weight" else 1
+
+    files = ["model-00000-of-00001.safetensors", "model-00001-of-00001.safetensors"]
+    weight_map, total = {}, 0
+    for s, fname in enumerate(files):
+        part = {k: v.contiguous() for k, v in ckpt.items() if shard_of(k) == s}
+        save_file(part, os.path.join(out, fname), metadata={"format": "pt"})
+        for k, v in part.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    return total
+
+
+def reference_model(out, ckpt):
+    """The reference model: f32, eager attention, the checkpoint's exact values (experts dequantized
+    from the stored MXFP4 blocks/scales, bf16 widened)."""
+    config = GptOssConfig.from_pretrained(out)
+    config.quantization_config = None
+    config._attn_implementation = "eager"
+    model = GptOssForCausalLM(config).to(torch.float32).eval()
+    state = {}
+    for k, v in ckpt.items():
+        if k.endswith("_blocks"):
+            base = k[: -len("_blocks")]
+            w = dequantize_mxfp4(v.numpy(), ckpt[base + "_scales"].numpy())  # [E, out, in]
+            state[base] = torch.from_numpy(np.ascontiguousarray(w.transpose(0, 2, 1))).float()
+        elif k.endswith("_scales"):
+            continue
+        else:
+            state[k] = v.float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if "rotary" not in m]
+    assert not missing and not unexpected, (missing, unexpected)
+    return model, config
+
+
+def main():
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    if os.path.exists(OUT):
+        shutil.rmtree(OUT)
+    os.makedirs(OUT)
+
+    tok = make_tokenizer()
+    cfg, ids = write_metadata(OUT, tok)
+    vocab = cfg["vocab_size"]
 
     H, I, E = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"]
     nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
@@ -232,41 +284,9 @@ def main():
     ckpt["model.norm.weight"] = bf16(1.0 + rnd(H, std=0.1))
     ckpt["lm_head.weight"] = bf16(rnd(vocab, H, std=0.4))
 
-    # Two shards + index, the first holding the embedding and the first half of the layers.
-    def shard_of(name):
-        if name.startswith("model.layers."):
-            return 0 if int(name.split(".")[2]) < L // 2 else 1
-        return 0 if name == "model.embed_tokens.weight" else 1
+    total = write_shards(OUT, ckpt, L)
 
-    files = ["model-00000-of-00001.safetensors", "model-00001-of-00001.safetensors"]
-    weight_map, total = {}, 0
-    for s, fname in enumerate(files):
-        part = {k: v.contiguous() for k, v in ckpt.items() if shard_of(k) == s}
-        save_file(part, os.path.join(OUT, fname), metadata={"format": "pt"})
-        for k, v in part.items():
-            weight_map[k] = fname
-            total += v.numel() * v.element_size()
-    with open(os.path.join(OUT, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-
-    # The reference model: f32, eager attention, the checkpoint's exact values.
-    config = GptOssConfig.from_pretrained(OUT)
-    config.quantization_config = None
-    config._attn_implementation = "eager"
-    model = GptOssForCausalLM(config).to(torch.float32).eval()
-    state = {}
-    for k, v in ckpt.items():
-        if k.endswith("_blocks"):
-            base = k[: -len("_blocks")]
-            w = dequantize_mxfp4(v.numpy(), ckpt[base + "_scales"].numpy())  # [E, out, in]
-            state[base] = torch.from_numpy(np.ascontiguousarray(w.transpose(0, 2, 1))).float()
-        elif k.endswith("_scales"):
-            continue
-        else:
-            state[k] = v.float()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if "rotary" not in m]
-    assert not missing and not unexpected, (missing, unexpected)
+    model, config = reference_model(OUT, ckpt)
 
     # Our own YaRN formula must agree with what transformers built (catches config reading drift).
     rp = config.rope_parameters
