@@ -6,7 +6,9 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::cpu_matmul::hsum;
-use super::cpu_matmul::{for_each_chunk, input_rows, rows_per_task, transposed_output};
+use super::cpu_matmul::{
+    for_each_chunk, has_avx2_fma_f16c, input_rows, rows_per_task, transposed_output,
+};
 use candle_core::{Device, Result, Tensor};
 
 /// A `[rows, cols]` bf16 matrix (raw bits).
@@ -68,7 +70,7 @@ impl Bf16Matrix {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let n = self.rows;
         let mut yt = vec![0f32; n * m];
-        let avx2 = has_avx2();
+        let avx2 = has_avx2_fma_f16c();
         let chunk_rows = rows_per_task(n, 16);
         for_each_chunk(&mut yt, chunk_rows * m, |c, out| {
             let mut wrow = vec![0f32; k];
@@ -143,17 +145,6 @@ impl Bf16Matrix {
 const GEMM_MIN_ROWS: usize = 16;
 /// Weight rows widened per GEMM call (≈ 1 MiB of f32 for 576 columns).
 const GEMM_ROWS: usize = 512;
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// Σ bf16(w) · x, 16 elements per step in two accumulators.
 #[cfg(target_arch = "x86_64")]

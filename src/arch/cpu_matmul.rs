@@ -64,6 +64,21 @@ pub(crate) fn transposed_output(
     Tensor::from_vec(y, dims, &Device::Cpu)
 }
 
+/// Whether the AVX2 kernels can run: AVX2, FMA and F16C, detected at run time (the binary itself
+/// targets baseline x86-64, so it runs everywhere).
+pub(crate) fn has_avx2_fma_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Sum of the eight lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::bf16_linear::Bf16Matrix;
 use super::mask::causal_mask;
-use super::qlinear::Q41Matrix;
+use super::qlinear::{BlockFormat, QuantMatrix};
 use super::rope::{Rope, RopeLayout};
 use super::{BuildOptions, CausalLm, ModelInfo, WeightSource};
 use crate::engine::kv_cache::{KvStore, SequenceCache};
@@ -92,8 +92,9 @@ pub enum Weight {
     Dense(Tensor),
     /// GGUF blocks through candle's quantized matmul (f32 activations).
     Quantized(Arc<QTensor>),
-    /// GGUF Q4_1 through our own kernel (candle's is scalar on x86).
-    Q41(Arc<Q41Matrix>),
+    /// GGUF Q4_1 / Q8_0 through our own CPU kernels (candle's Q4_1 is scalar on x86, its Q8_0
+    /// slower); also serves embedding lookups, so a tied LM head shares the table.
+    OwnQuant(Arc<QuantMatrix>),
     /// bf16 safetensors weights kept as stored, through our own kernel (CPU).
     Bf16(Arc<Bf16Matrix>),
 }
@@ -127,7 +128,7 @@ impl Linear {
                 y.reshape(out)?
             }
             Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(x)?,
-            Weight::Q41(q) => q.forward(x)?,
+            Weight::OwnQuant(q) => q.forward(x)?,
             Weight::Bf16(w) => w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
         };
         match &self.bias {
@@ -142,7 +143,7 @@ fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
     match weight {
         Weight::Dense(w) => w.index_select(ids, 0)?.to_dtype(dtype),
         Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
-        Weight::Q41(_) => candle_core::bail!("Q4_1 token embeddings are not supported"),
+        Weight::OwnQuant(q) => q.gather_rows(&ids.to_vec1::<u32>()?)?.to_dtype(dtype),
         Weight::Bf16(w) => w.gather_rows(&ids.to_vec1::<u32>()?)?.to_dtype(dtype),
     }
 }
@@ -269,9 +270,10 @@ impl Loader for GgufLoader<'_> {
                 q.dequantize(&self.options.device)?
                     .to_dtype(self.options.dtype)?,
             ),
-            GgmlDType::Q4_1 if self.options.device.is_cpu() && role != Role::Embed => {
+            dtype if self.options.device.is_cpu() && BlockFormat::of(dtype).is_some() => {
                 let (rows, cols) = q.shape().dims2()?;
-                Weight::Q41(Arc::new(Q41Matrix::new(
+                Weight::OwnQuant(Arc::new(QuantMatrix::new(
+                    BlockFormat::of(dtype).unwrap(),
                     q.data()?.into_owned(),
                     rows,
                     cols,

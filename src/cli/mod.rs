@@ -219,9 +219,9 @@ pub fn main() -> ExitCode {
         Command::List(a) => list::run(a),
         Command::Show(a) => show::run(a),
         Command::Rm(a) => rm::run(a),
-        Command::Run(a) => run::run(a),
-        Command::Perplexity(a) => perplexity::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Run(a) => run::with_thread_pool(a.runtime.threads, || run::run(a)),
+        Command::Perplexity(a) => run::with_thread_pool(a.runtime.threads, || perplexity::run(a)),
+        Command::Bench(a) => run::with_thread_pool(a.runtime.threads, || bench::run(a)),
         Command::Completions(a) => completions::run(a),
     };
     match result {

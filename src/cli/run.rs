@@ -27,27 +27,37 @@ pub(crate) fn resolve(name: &str) -> anyhow::Result<ResolvedModel> {
     crate::store::resolve_for_run(name)
 }
 
-/// Applies `--threads` (all cores by default) to the thread pools candle uses.
-pub(crate) fn configure_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    if let Some(n) = threads {
-        if n == 0 {
-            anyhow::bail!("--threads must be at least 1");
-        }
-        // candle sizes its matmul parallelism from this variable; rayon's pool too.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
-    }
-    Ok(())
+/// Runs `command` on a rayon pool of `--threads` threads (all cores by default).
+///
+/// The command runs *inside* the pool, not beside it: candle's CPU ops (softmax, norms, RoPE,
+/// quantized matmul) and our kernels split their work with rayon, and a parallel call made from a
+/// thread outside the pool must hand the work over and sleep until a worker finishes it — two
+/// context switches per op, hundreds per decoded token. From a worker, the work starts in place
+/// and the other workers join in (with one thread, it simply runs inline).
+pub(crate) fn with_thread_pool<T: Send>(
+    threads: Option<usize>,
+    command: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    let n = match threads {
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    // candle sizes its matmul (gemm) parallelism from this variable.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("xllm-worker-{i}"))
+        .build()
+        .context("cannot start the CPU worker threads")?;
+    pool.install(command)
 }
 
-/// Resolves, configures threads and loads.
+/// Resolves and loads (the caller runs inside [`with_thread_pool`]).
 pub(crate) fn load_for(
     name: &str,
     runtime: &RuntimeArgs,
 ) -> anyhow::Result<(ResolvedModel, LoadedModel)> {
-    configure_threads(runtime.threads)?;
     let resolved = resolve(name)?;
     // A KV profile the device cannot run is refused before anything is opened or loaded
     // (checked again once `auto` has picked a device).
