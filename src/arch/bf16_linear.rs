@@ -43,6 +43,20 @@ impl Bf16Matrix {
         self.cols
     }
 
+    /// The matrices one above the other (`[Σ rows, cols]`), or `None` when their widths differ.
+    pub fn stack(parts: &[&Self]) -> Option<Self> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        Some(Self { data, rows, cols })
+    }
+
     /// Rows `ids` widened to f32: `[ids.len(), cols]` (token embedding lookup).
     pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
         let mut out = Vec::with_capacity(ids.len() * self.cols);

@@ -52,10 +52,17 @@ pub(crate) fn transposed_output(
     let y = if m == 1 {
         yt
     } else {
+        // In tiles, so reads and writes both stay within a few cache lines and pages (a plain
+        // double loop strides n floats per write and was 15 % of a prefill).
+        const TILE: usize = 32;
         let mut y = vec![0f32; n * m];
-        for r in 0..n {
-            for i in 0..m {
-                y[i * n + r] = yt[r * m + i];
+        for r0 in (0..n).step_by(TILE) {
+            for i0 in (0..m).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(n) {
+                    for i in i0..(i0 + TILE).min(m) {
+                        y[i * n + r] = yt[r * m + i];
+                    }
+                }
             }
         }
         y
@@ -88,6 +95,26 @@ pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     _mm_cvtss_f32(s)
+}
+
+#[cfg(test)]
+#[test]
+fn transposed_output_restores_row_major_order() {
+    // yt is [n, m] with yt[r][i] = 1000 r + i; the result must be [m, n] with y[i][r] = yt[r][i],
+    // for sizes that are and are not multiples of the tile.
+    for (n, m) in [(3usize, 5usize), (40, 33), (64, 64), (70, 1)] {
+        let yt: Vec<f32> = (0..n * m)
+            .map(|j| (1000 * (j / m) + j % m) as f32)
+            .collect();
+        let y = transposed_output(yt, n, m, vec![m, 7]).unwrap();
+        assert_eq!(y.dims(), [m, n]);
+        let y: Vec<Vec<f32>> = y.to_vec2().unwrap();
+        for (i, row) in y.iter().enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                assert_eq!(v, (1000 * r + i) as f32);
+            }
+        }
+    }
 }
 
 /// Largest absolute element, for kernel tests that compare against a reference product.

@@ -138,6 +138,105 @@ impl Linear {
     }
 }
 
+/// Projections of one input (q/k/v, gate/up). On the CPU their weights are stacked into one
+/// matrix when they allow it: one parallel matmul instead of several (each a rayon fork/join,
+/// which at decode costs as much as a small matmul) and the input quantized once.
+enum Projections {
+    /// One matrix; the output is split into parts of these widths.
+    Stacked {
+        linear: Linear,
+        widths: Vec<usize>,
+    },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> Self {
+        let widths: Vec<usize> = parts.iter().map(|l| l.weight.rows()).collect();
+        match Linear::stack(parts) {
+            Ok(linear) => Self::Stacked { linear, widths },
+            Err(parts) => Self::Separate(parts),
+        }
+    }
+
+    /// The outputs of every projection, in order.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
+            Self::Stacked { linear, widths } => {
+                let y = linear.forward(x)?;
+                let last = y.rank() - 1;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        // Contiguous again (a copy only when several rows ran): candle's
+                        // element-wise ops are much slower on strided views.
+                        let part = y.narrow(last, start, w)?.contiguous();
+                        start += w;
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+impl Weight {
+    /// Output features (rows of `[out, in]`).
+    fn rows(&self) -> usize {
+        match self {
+            Weight::Dense(w) => w.dims()[0],
+            Weight::Quantized(q) => q.shape().dims()[0],
+            Weight::OwnQuant(q) => q.rows(),
+            Weight::Bf16(w) => w.rows(),
+        }
+    }
+}
+
+impl Linear {
+    /// One linear whose output is the parts' outputs side by side, for weights held by our own
+    /// CPU kernels (and biases on all parts or none); else the parts back.
+    fn stack(parts: Vec<Linear>) -> std::result::Result<Linear, Vec<Linear>> {
+        if parts.len() < 2 {
+            return Err(parts);
+        }
+        let weight = {
+            let quant: Option<Vec<&QuantMatrix>> = parts
+                .iter()
+                .map(|l| match &l.weight {
+                    Weight::OwnQuant(q) => Some(q.as_ref()),
+                    _ => None,
+                })
+                .collect();
+            let bf16: Option<Vec<&Bf16Matrix>> = parts
+                .iter()
+                .map(|l| match &l.weight {
+                    Weight::Bf16(w) => Some(w.as_ref()),
+                    _ => None,
+                })
+                .collect();
+            if let Some(m) = quant.and_then(|q| QuantMatrix::stack(&q)) {
+                Weight::OwnQuant(Arc::new(m))
+            } else if let Some(m) = bf16.and_then(|w| Bf16Matrix::stack(&w)) {
+                Weight::Bf16(Arc::new(m))
+            } else {
+                return Err(parts);
+            }
+        };
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
+        let bias = match biases.len() {
+            0 => None,
+            n if n == parts.len() => match Tensor::cat(&biases, 0) {
+                Ok(b) => Some(b),
+                Err(_) => return Err(parts),
+            },
+            _ => return Err(parts),
+        };
+        Ok(Linear::new(weight, bias))
+    }
+}
+
 /// Token embedding table, dense or quantized (looked up row by row without dequantizing all).
 fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
     match weight {
@@ -150,15 +249,14 @@ fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
 
 struct Layer {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k, v.
+    qkv: Projections,
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate, up.
+    gate_up: Projections,
     down: Linear,
     window: Option<usize>,
 }
@@ -464,15 +562,19 @@ impl Llama {
             };
             layers.push(Layer {
                 attn_norm: loader.vector(Role::AttnNorm, i, "weight", h)?,
-                q: linear(Role::Q, i, q_out, h, cfg.qkv_bias)?,
-                k: linear(Role::K, i, kv_out, h, cfg.qkv_bias)?,
-                v: linear(Role::V, i, kv_out, h, cfg.qkv_bias)?,
+                qkv: Projections::new(vec![
+                    linear(Role::Q, i, q_out, h, cfg.qkv_bias)?,
+                    linear(Role::K, i, kv_out, h, cfg.qkv_bias)?,
+                    linear(Role::V, i, kv_out, h, cfg.qkv_bias)?,
+                ]),
                 o: linear(Role::O, i, h, q_out, cfg.o_bias)?,
                 q_norm: norm(Role::QNorm)?,
                 k_norm: norm(Role::KNorm)?,
                 ffn_norm: loader.vector(Role::FfnNorm, i, "weight", h)?,
-                gate: linear(Role::Gate, i, cfg.intermediate_size, h, cfg.mlp_bias)?,
-                up: linear(Role::Up, i, cfg.intermediate_size, h, cfg.mlp_bias)?,
+                gate_up: Projections::new(vec![
+                    linear(Role::Gate, i, cfg.intermediate_size, h, cfg.mlp_bias)?,
+                    linear(Role::Up, i, cfg.intermediate_size, h, cfg.mlp_bias)?,
+                ]),
                 down: linear(Role::Down, i, h, cfg.intermediate_size, cfg.mlp_bias)?,
                 window: cfg.sliding_window.get(i).copied().flatten(),
             });
@@ -549,9 +651,14 @@ impl Llama {
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = layer.q.forward(x)?.reshape((1, t, h, d))?;
-        let mut k = layer.k.forward(x)?.reshape((1, t, kvh, d))?;
-        let v = layer.v.forward(x)?.reshape((1, t, kvh, d))?;
+        let [q, k, v]: [Tensor; 3] = layer
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q/k/v projections".into()))?;
+        let mut q = q.reshape((1, t, h, d))?;
+        let mut k = k.reshape((1, t, kvh, d))?;
+        let v = v.reshape((1, t, kvh, d))?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             q = self.rms_norm(&q, qn)?;
             k = self.rms_norm(&k, kn)?;
@@ -617,8 +724,12 @@ impl CausalLm for Llama {
             let attn = self.attention(layer, &normed, store.as_mut(), start, &cos_sin)?;
             x = (x + attn)?;
             let normed = self.rms_norm(&x, &layer.ffn_norm)?;
-            let gate = candle_nn::ops::silu(&layer.gate.forward(&normed)?)?;
-            let up = layer.up.forward(&normed)?;
+            let [gate, up]: [Tensor; 2] = layer
+                .gate_up
+                .forward(&normed)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate/up projections".into()))?;
+            let gate = candle_nn::ops::silu(&gate)?;
             x = (x + layer.down.forward(&(gate * up)?)?)?;
         }
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };

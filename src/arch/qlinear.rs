@@ -92,6 +92,27 @@ impl QuantMatrix {
         self.rows
     }
 
+    /// The matrices one above the other (`[Σ rows, cols]`), or `None` when their formats or
+    /// widths differ.
+    pub fn stack(parts: &[&Self]) -> Option<Self> {
+        let first = parts.first()?;
+        let (format, cols) = (first.format, first.cols);
+        if parts.iter().any(|p| p.format != format || p.cols != cols) {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        Some(Self {
+            format,
+            data,
+            rows,
+            cols,
+        })
+    }
+
     fn row_bytes(&self) -> usize {
         self.cols / QK * self.format.block_bytes()
     }
@@ -541,6 +562,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn stacked_matrices_give_the_concatenated_outputs() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 64), &dev).unwrap();
+        let make = |rows: usize, dtype: GgmlDType| {
+            let w = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();
+            let data = QTensor::quantize(&w, dtype)
+                .unwrap()
+                .data()
+                .unwrap()
+                .into_owned();
+            QuantMatrix::new(BlockFormat::of(dtype).unwrap(), data, rows, 64).unwrap()
+        };
+        let (a, b) = (make(24, GgmlDType::Q4_1), make(8, GgmlDType::Q4_1));
+        let want = Tensor::cat(&[a.forward(&x).unwrap(), b.forward(&x).unwrap()], 1).unwrap();
+        let stacked = QuantMatrix::stack(&[&a, &b]).unwrap();
+        assert_eq!(stacked.rows(), 32);
+        let diff = max_abs(&(stacked.forward(&x).unwrap() - want).unwrap());
+        assert_eq!(diff, 0.0);
+        let (c, d) = (make(8, GgmlDType::Q4_1), make(8, GgmlDType::Q8_0));
+        assert!(QuantMatrix::stack(&[&c, &d]).is_none(), "formats differ");
     }
 
     #[test]
