@@ -278,8 +278,8 @@ fn quantize_block(x: &[f32]) -> BlockQ8 {
 
 /// [`quantize_block`] in AVX2: the libm `roundf` call per element cost more than the
 /// quantization itself. Both round half to even, as llama.cpp's x86 `quantize_row_q8_1` does
-/// (`_mm256_round_ps`); ties are rarer than one in 10⁵ elements, yet on SmolLM2 Q4_1 half-away
-/// rounding moves the 338-token perplexity by 0.25 % — the noise floor of such comparisons.
+/// (`_mm256_round_ps`). Exact ties are rare, yet on SmolLM2 Q4_1 half-away rounding moves the
+/// 338-token perplexity by 0.25 %: the noise floor of such comparisons.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_block_avx2(x: &[f32]) -> BlockQ8 {
