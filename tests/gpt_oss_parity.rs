@@ -4,49 +4,21 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use candle_core::{DType, Device, IndexOp};
+use candle_core::IndexOp;
+use common::gpt_oss::{fixture, ids, mean_nll};
 use serde_json::Value;
 use xllm::arch::gpt_oss::GptOss;
 use xllm::arch::CausalLm;
 use xllm::quant::KvProfile;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt_oss_tiny")
-}
+const FIXTURE: &str = "gpt_oss_tiny";
 
 fn reference() -> Value {
-    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    common::gpt_oss::reference(FIXTURE)
 }
 
 fn load() -> GptOss {
-    GptOss::load(&fixture(), &Device::Cpu, DType::F32).unwrap()
-}
-
-/// Mean NLL of `tokens[1..]` given logits rows `[n, vocab]` for positions `0..n`.
-fn mean_nll(logits: &[Vec<f32>], tokens: &[u32]) -> f64 {
-    let mut total = 0f64;
-    for (row, &next) in logits.iter().zip(&tokens[1..]) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let lse = row
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
-            + max;
-        total += lse - row[next as usize] as f64;
-    }
-    total / (tokens.len() - 1) as f64
+    common::gpt_oss::load(FIXTURE)
 }
 
 #[test]
@@ -161,7 +133,7 @@ fn out_of_vocabulary_token_is_an_error() {
 
 #[test]
 fn registry_builds_gpt_oss_like_direct_load() {
-    let dir = fixture();
+    let dir = fixture(FIXTURE);
     let model = common::build_f32_cpu(&dir);
     assert_eq!(model.info().architecture, "gpt_oss");
     assert_eq!(model.info().weight_format, "mxfp4+bf16");

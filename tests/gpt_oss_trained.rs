@@ -5,49 +5,23 @@
 //! budgets apply as written: `kv_int8` within 1 % and `kv_fp8` within 3 % of the unquantized cache,
 //! and the unquantized cache within 0.5 % of transformers.
 
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{DType, Device, IndexOp};
+use candle_core::IndexOp;
+use common::gpt_oss::{ids, mean_nll};
 use serde_json::Value;
 use xllm::arch::gpt_oss::GptOss;
 use xllm::arch::CausalLm;
 use xllm::quant::KvProfile;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt_oss_trained")
-}
+const FIXTURE: &str = "gpt_oss_trained";
 
 fn reference() -> Value {
-    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    common::gpt_oss::reference(FIXTURE)
 }
 
 fn load() -> GptOss {
-    GptOss::load(&fixture(), &Device::Cpu, DType::F32).unwrap()
-}
-
-/// Perplexity of `tokens[1..]` given logits rows for positions `0..n-1`.
-fn perplexity(rows: &[Vec<f32>], tokens: &[u32]) -> f64 {
-    let mut total = 0f64;
-    for (row, &next) in rows.iter().zip(&tokens[1..]) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let lse = row
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
-            + max;
-        total += lse - row[next as usize] as f64;
-    }
-    (total / (tokens.len() - 1) as f64).exp()
+    common::gpt_oss::load(FIXTURE)
 }
 
 /// Perplexity with `profile`, the text fed through the cache in chunks of 50 tokens, so every chunk
@@ -60,7 +34,7 @@ fn cached_perplexity(model: &GptOss, profile: KvProfile, tokens: &[u32]) -> f64 
         rows.extend(logits.to_vec2::<f32>().unwrap());
     }
     assert_eq!(cache.position(), tokens.len());
-    perplexity(&rows[..tokens.len() - 1], tokens)
+    mean_nll(&rows[..tokens.len() - 1], tokens).exp()
 }
 
 #[test]

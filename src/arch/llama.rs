@@ -770,6 +770,50 @@ mod tests {
             .unwrap();
         assert_eq!(y, vec![3.5, 7., 10.]);
     }
+
+    #[test]
+    fn stacked_projections_equal_separate_ones() {
+        let dev = Device::Cpu;
+        // bf16 weights (our kernel) with biases: q [4, 8], k [2, 8], v [2, 8].
+        let part = |rows: usize, seed: f32| {
+            let w: Vec<f32> = (0..rows * 8)
+                .map(|i| ((i as f32 + seed) * 0.37).sin())
+                .collect();
+            let bytes: Vec<u8> = w
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect();
+            let m = Bf16Matrix::from_le_bytes(&bytes, rows, 8).unwrap();
+            let b = Tensor::arange(0f32, rows as f32, &dev).unwrap();
+            Linear::new(Weight::Bf16(Arc::new(m)), Some(b))
+        };
+        let make = || vec![part(4, 0.0), part(2, 1.0), part(2, 2.0)];
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 8), &dev).unwrap();
+        let stacked = Projections::new(make());
+        assert!(matches!(stacked, Projections::Stacked { .. }));
+        let separate = Projections::Separate(make());
+        for (a, b) in stacked
+            .forward(&x)
+            .unwrap()
+            .iter()
+            .zip(separate.forward(&x).unwrap())
+        {
+            assert_eq!(a.dims(), b.dims());
+            let diff: f32 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(diff, 0.0);
+        }
+        // A part with a bias beside one without cannot be stacked: kept apart.
+        let mut mixed = make();
+        mixed[1].bias = None;
+        assert!(matches!(Projections::new(mixed), Projections::Separate(_)));
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod gpt_oss;
 pub mod hub_server;
 
 use std::path::{Path, PathBuf};
