@@ -10,6 +10,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::bf16_linear::Bf16Matrix;
+use super::decode_attention::decode_attention;
 use super::mask::causal_mask;
 use super::qlinear::{BlockFormat, QuantMatrix};
 use super::rope::{Rope, RopeLayout};
@@ -671,6 +672,11 @@ impl Llama {
             .apply(&k.transpose(1, 2)?, &cos_sin.0, &cos_sin.1)?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let (k_all, v_all) = store.append(&k, &v)?;
+        if t == 1 {
+            if let Some(out) = decode_attention(&q, &k_all, &v_all, layer.window)? {
+                return layer.o.forward(&out);
+            }
+        }
         let len = k_all.dim(2)?;
         let n_rep = h / kvh;
         // Query heads sharing a KV head are stacked as rows: [kvh, n_rep * t, d], so grouped

@@ -10,6 +10,7 @@ use crate::quant::KvProfile;
 
 pub mod bf16_linear;
 mod cpu_matmul;
+mod decode_attention;
 pub mod llama;
 mod mask;
 pub mod qlinear;
