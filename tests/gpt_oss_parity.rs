@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::IndexOp;
-use common::gpt_oss::{fixture, ids, mean_nll};
+use common::gpt_oss::{fixture, greedy, ids, mean_nll};
 use serde_json::Value;
 use xllm::arch::gpt_oss::GptOss;
 use xllm::arch::CausalLm;
@@ -96,20 +96,7 @@ fn greedy_continuations_match_transformers() {
     for case in reference()["greedy"].as_array().unwrap() {
         let prompt = ids(&case["prompt"]);
         let want = ids(&case["continuation"]);
-        let mut cache = model.info().new_cache(KvProfile::Default, 4096).unwrap();
-        let mut logits = model.forward(&prompt, &mut cache, true).unwrap();
-        let mut got = Vec::new();
-        for _ in 0..want.len() {
-            let next = logits
-                .i(0)
-                .unwrap()
-                .argmax(0)
-                .unwrap()
-                .to_scalar::<u32>()
-                .unwrap();
-            got.push(next);
-            logits = model.forward(&[next], &mut cache, true).unwrap();
-        }
+        let got = greedy(&model, &prompt, want.len());
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         assert!(
             same >= 24 && same == want.len(),

@@ -7,8 +7,7 @@
 
 mod common;
 
-use candle_core::IndexOp;
-use common::gpt_oss::{ids, mean_nll};
+use common::gpt_oss::{greedy, ids, mean_nll};
 use serde_json::Value;
 use xllm::arch::gpt_oss::GptOss;
 use xllm::arch::CausalLm;
@@ -91,20 +90,7 @@ fn greedy_continuations_match_transformers() {
             .iter()
             .map(|m| m.as_f64().unwrap())
             .collect();
-        let mut cache = model.info().new_cache(KvProfile::Default, 4096).unwrap();
-        let mut logits = model.forward(&prompt, &mut cache, true).unwrap();
-        let mut got = Vec::new();
-        for _ in 0..want.len() {
-            let next = logits
-                .i(0)
-                .unwrap()
-                .argmax(0)
-                .unwrap()
-                .to_scalar::<u32>()
-                .unwrap();
-            got.push(next);
-            logits = model.forward(&[next], &mut cache, true).unwrap();
-        }
+        let got = greedy(&model, &prompt, want.len());
         // Tokens must agree up to the first step whose top-2 margin is within float noise.
         let decisive = margins.iter().take_while(|&&m| m > 1e-3).count();
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();

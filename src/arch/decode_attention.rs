@@ -147,6 +147,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu_matmul::max_abs;
     use super::*;
     use candle_core::Device;
 
@@ -193,14 +194,7 @@ mod tests {
             let q = Tensor::randn(0f32, 1.0, (1, heads, 1, dim), &dev).unwrap();
             let ours = decode_attention(&q, &k, &v, window).unwrap().unwrap();
             let want = reference(&q, &k, &v, window);
-            let diff: f32 = (ours - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = max_abs(&(ours - want).unwrap());
             assert!(diff < 1e-5, "heads {heads}/{kv_heads}, len {len}: {diff}");
         }
     }

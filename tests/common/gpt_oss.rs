@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, IndexOp};
 use serde_json::Value;
 use xllm::arch::gpt_oss::GptOss;
+use xllm::arch::CausalLm;
+use xllm::quant::KvProfile;
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -47,4 +49,23 @@ pub fn mean_nll(rows: &[Vec<f32>], tokens: &[u32]) -> f64 {
         total += lse - row[next as usize] as f64;
     }
     total / (tokens.len() - 1) as f64
+}
+
+/// `n` greedy tokens after `prompt`: prefill, then one cached decode step per token.
+pub fn greedy(model: &GptOss, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = model.info().new_cache(KvProfile::Default, 4096).unwrap();
+    let mut logits = model.forward(prompt, &mut cache, true).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let next = logits
+            .i(0)
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
+        got.push(next);
+        logits = model.forward(&[next], &mut cache, true).unwrap();
+    }
+    got
 }
