@@ -490,3 +490,51 @@ fn prompt_is_read_from_stdin_when_not_a_terminal() {
         argument["stats"]["prompt_eval_count"]
     );
 }
+
+/// The worker pool changes how rows are split, never the numbers: greedy tokens and perplexity
+/// are identical with one and two threads (tiny llama: candle's paths; SmolLM2 Q4_1 GGUF: our
+/// Q4_1/Q8_0 kernels, stacked projections and decode attention).
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let mut models = vec![fixture("tiny-llama")];
+    models.extend(smollm2_gguf());
+    let text = fixture("ppl_text.txt");
+    for model in &models {
+        let model = model.to_str().unwrap();
+        let run = |threads: &str| {
+            let greedy = json_of(&xllm(&[
+                "run",
+                model,
+                "--raw",
+                "The capital of France is",
+                "--temperature",
+                "0",
+                "-n",
+                "12",
+                "--format",
+                "json",
+                "--threads",
+                threads,
+            ]));
+            let ppl = json_of(&xllm(&[
+                "perplexity",
+                model,
+                "-f",
+                text.to_str().unwrap(),
+                "--json",
+                "--threads",
+                threads,
+            ]));
+            (
+                greedy["tokens"].clone(),
+                ppl["perplexity"].as_f64().unwrap(),
+            )
+        };
+        let (one, two) = (run("1"), run("2"));
+        assert_eq!(one.0, two.0, "{model}: greedy tokens");
+        assert_eq!(one.1, two.1, "{model}: perplexity");
+    }
+    let zero = xllm(&["bench", models[0].to_str().unwrap(), "--threads", "0"]);
+    assert!(!zero.status.success());
+    assert!(stderr(&zero).contains("--threads must be at least 1"));
+}
