@@ -129,3 +129,34 @@ fn sharded_checkpoints_load_with_and_without_index() {
         );
     }
 }
+
+/// A prompt longer than one pass (512 tokens) runs in passes through the cache; the logits of
+/// every position, and the last-position logits, are those of feeding it in small pieces —
+/// with and without a sliding window (tiny-qwen2 has one).
+#[test]
+fn long_prompts_run_in_passes_with_the_same_logits() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let (model, ids, _) = load(name);
+        let info = model.info().clone();
+        let vocab = info.vocab_size as u32;
+        let long: Vec<u32> = (0..1100u32)
+            .map(|i| ids[i as usize % ids.len()].wrapping_add(i / 7) % vocab)
+            .collect();
+        let mut cache = info.new_cache(KvProfile::Default, 2048).unwrap();
+        let whole = model.forward(&long, &mut cache, false).unwrap();
+        assert_eq!(whole.dims(), [long.len(), info.vocab_size]);
+        let mut cache = info.new_cache(KvProfile::Default, 2048).unwrap();
+        let pieces: Vec<Tensor> = long
+            .chunks(100)
+            .map(|c| model.forward(c, &mut cache, false).unwrap())
+            .collect();
+        let pieces = Tensor::cat(&pieces, 0).unwrap();
+        let err = relative_error(&whole, &pieces);
+        assert!(err <= 1e-4, "{name}: passes vs pieces differ by {err}");
+        let mut cache = info.new_cache(KvProfile::Default, 2048).unwrap();
+        let last = model.forward(&long, &mut cache, true).unwrap();
+        let err = relative_error(&last, &whole.narrow(0, long.len() - 1, 1).unwrap());
+        assert!(err <= 1e-4, "{name}: last-only logits differ by {err}");
+        assert_eq!(cache.position(), long.len());
+    }
+}

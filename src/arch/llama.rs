@@ -702,8 +702,42 @@ impl Llama {
     }
 }
 
+/// Tokens run per pass of a long prompt. Attention builds `[heads · t, len]` scores, masks and
+/// probabilities: at 1024 prompt tokens that is ~37 MB per temporary per layer, fresh pages
+/// every time. Passes of 512 (llama.cpp's default micro-batch) keep them small; the result is
+/// the same because later passes read the earlier ones from the cache.
+const PROMPT_CHUNK: usize = 512;
+
 impl CausalLm for Llama {
     fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        if tokens.len() <= PROMPT_CHUNK {
+            return self.forward_pass(tokens, cache, last_only);
+        }
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(PROMPT_CHUNK) {
+            let out = self.forward_pass(chunk, cache, last_only)?;
+            if last_only {
+                logits = vec![out];
+            } else {
+                logits.push(out);
+            }
+        }
+        Tensor::cat(&logits, 0)
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+impl Llama {
+    /// One pass of `tokens` through every layer (see [`PROMPT_CHUNK`]).
+    fn forward_pass(
         &self,
         tokens: &[u32],
         cache: &mut SequenceCache,
@@ -742,10 +776,6 @@ impl CausalLm for Llama {
         let x = self.rms_norm(&x, &self.norm)?;
         let logits = self.lm_head.forward(&x)?.squeeze(0)?;
         logits.to_dtype(DType::F32)?.contiguous()
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 }
 
