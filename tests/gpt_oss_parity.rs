@@ -168,3 +168,30 @@ fn quantized_kv_cache_keeps_perplexity_close() {
         );
     }
 }
+
+/// A prompt longer than one pass (512 tokens) gives the logits of feeding it in small pieces,
+/// across the sliding window (16) and every pass boundary.
+#[test]
+fn long_prompts_run_in_passes_with_the_same_logits() {
+    let model = load();
+    let base = ids(&reference()["text_ids"]);
+    let long: Vec<u32> = (0..700).map(|i| base[i % base.len()]).collect();
+    let mut cache = model.info().new_cache(KvProfile::Default, 1024).unwrap();
+    let whole = model.forward(&long, &mut cache, false).unwrap();
+    let mut cache = model.info().new_cache(KvProfile::Default, 1024).unwrap();
+    let pieces: Vec<candle_core::Tensor> = long
+        .chunks(100)
+        .map(|c| model.forward(c, &mut cache, false).unwrap())
+        .collect();
+    let pieces = candle_core::Tensor::cat(&pieces, 0).unwrap();
+    assert_eq!(whole.dims(), pieces.dims());
+    let diff: f32 = (whole - pieces)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-3, "passes vs pieces differ by {diff}");
+}

@@ -629,6 +629,20 @@ impl CausalLm for GptOss {
         cache: &mut SequenceCache,
         last_only: bool,
     ) -> Result<Tensor> {
+        super::forward_in_passes(tokens, last_only, |pass| {
+            self.forward_pass(pass, cache, last_only)
+        })
+    }
+}
+
+impl GptOss {
+    /// One pass of `tokens` through every layer (see [`super::forward_in_passes`]).
+    fn forward_pass(
+        &self,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
         let t = tokens.len();
         if t == 0 {
             candle_core::bail!("gpt-oss forward: no tokens");

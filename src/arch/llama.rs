@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::bf16_linear::Bf16Matrix;
 use super::decode_attention::decode_attention;
+use super::forward_in_passes;
 use super::mask::causal_mask;
 use super::qlinear::{BlockFormat, QuantMatrix};
 use super::rope::{Rope, RopeLayout};
@@ -702,12 +703,6 @@ impl Llama {
     }
 }
 
-/// Tokens run per pass of a long prompt. Attention builds `[heads · t, len]` scores, masks and
-/// probabilities: at 1024 prompt tokens that is ~37 MB per temporary per layer, fresh pages
-/// every time. Passes of 512 (llama.cpp's default micro-batch) keep them small; the result is
-/// the same because later passes read the earlier ones from the cache.
-const PROMPT_CHUNK: usize = 512;
-
 impl CausalLm for Llama {
     fn forward(
         &self,
@@ -715,19 +710,9 @@ impl CausalLm for Llama {
         cache: &mut SequenceCache,
         last_only: bool,
     ) -> Result<Tensor> {
-        if tokens.len() <= PROMPT_CHUNK {
-            return self.forward_pass(tokens, cache, last_only);
-        }
-        let mut logits = Vec::new();
-        for chunk in tokens.chunks(PROMPT_CHUNK) {
-            let out = self.forward_pass(chunk, cache, last_only)?;
-            if last_only {
-                logits = vec![out];
-            } else {
-                logits.push(out);
-            }
-        }
-        Tensor::cat(&logits, 0)
+        forward_in_passes(tokens, last_only, |pass| {
+            self.forward_pass(pass, cache, last_only)
+        })
     }
 
     fn info(&self) -> &ModelInfo {
@@ -736,7 +721,7 @@ impl CausalLm for Llama {
 }
 
 impl Llama {
-    /// One pass of `tokens` through every layer (see [`PROMPT_CHUNK`]).
+    /// One pass of `tokens` through every layer (see [`forward_in_passes`]).
     fn forward_pass(
         &self,
         tokens: &[u32],

@@ -28,6 +28,35 @@ pub trait CausalLm: Send {
     fn info(&self) -> &ModelInfo;
 }
 
+/// Tokens run per pass of a long prompt. Attention builds `[heads · t, len]` scores, masks and
+/// probabilities: at 1024 prompt tokens that is ~37 MB per temporary per layer (SmolLM2), fresh
+/// pages every time. Passes of 512 (llama.cpp's default micro-batch) keep them small; the result
+/// is the same because later passes read the earlier ones from the cache.
+const PROMPT_CHUNK: usize = 512;
+
+/// Runs `tokens` through `pass` (one forward over some tokens, appending them to the sequence's
+/// cache) in pieces of at most [`PROMPT_CHUNK`], and returns what a single pass would: the logits
+/// of every position, or of the last one when `last_only`.
+pub(crate) fn forward_in_passes(
+    tokens: &[u32],
+    last_only: bool,
+    mut pass: impl FnMut(&[u32]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if tokens.len() <= PROMPT_CHUNK {
+        return pass(tokens);
+    }
+    let mut logits = Vec::new();
+    for piece in tokens.chunks(PROMPT_CHUNK) {
+        let out = pass(piece)?;
+        if last_only {
+            logits = vec![out];
+        } else {
+            logits.push(out);
+        }
+    }
+    Tensor::cat(&logits, 0)
+}
+
 /// What the engine needs to know about a built model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
