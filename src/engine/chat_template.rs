@@ -65,15 +65,7 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> anyhow::Result<String> {
-        let template = self.env.get_template("chat").expect("template was added");
-        template
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token,
-                eos_token => self.eos_token,
-            })
-            .map_err(|e| anyhow::anyhow!("cannot render the chat template: {e}"))
+        self.render_with(messages, add_generation_prompt, context! {})
     }
 
     /// Like [`Self::render`], with extra template variables (e.g. gpt-oss `reasoning_effort`).
