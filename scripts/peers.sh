@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Sets up the peers our benchmarks and reference fixtures compare against, into $XLLM_PEERS
+# (default: .peers/ in the repository, ignored by git). Idempotent; rerun to finish a partial setup.
+#
+#   scripts/peers.sh venv        # Python env: torch (CPU), transformers, sentence-transformers, gguf,
+#                                # llama-cpp-python, openai, ollama, jsonschema
+#   scripts/peers.sh llama.cpp   # llama.cpp's own tools built from the llama-cpp-python sdist
+#   scripts/peers.sh all
+#
+# Afterwards: $XLLM_PEERS/venv/bin/python, $XLLM_PEERS/llama.cpp/build/bin/llama-{bench,batched-bench,
+# server,perplexity,quantize,imatrix,tokenize}, $XLLM_PEERS/llama.cpp/src (convert_hf_to_gguf.py, gguf-py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEERS=${XLLM_PEERS:-$PWD/.peers}
+LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
+mkdir -p "$PEERS"
+
+setup_venv() {
+  if [ ! -x "$PEERS/venv/bin/python" ]; then python3 -m venv "$PEERS/venv"; fi
+  local py="$PEERS/venv/bin/python"
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch 2>/dev/null \
+    || "$py" -m pip install -q torch
+  "$py" -m pip install -q transformers accelerate safetensors tokenizers numpy gguf sentencepiece \
+    sentence-transformers openai ollama jsonschema cmake
+  echo "venv ready: $py"
+}
+
+setup_llama_cpp() {
+  local dir="$PEERS/llama.cpp"
+  mkdir -p "$dir"
+  if [ ! -d "$dir/src" ]; then
+    python3 -m pip download -q --no-deps --no-binary :all: -d "$dir/dl" "llama-cpp-python==$LLAMA_CPP_PYTHON"
+    tar -xzf "$dir"/dl/llama_cpp_python-*.tar.gz -C "$dir/dl"
+    mv "$dir"/dl/llama_cpp_python-*/vendor/llama.cpp "$dir/src"
+  fi
+  local cmake=cmake
+  if ! command -v cmake >/dev/null; then
+    if [ -x "$PEERS/venv/bin/cmake" ]; then cmake="$PEERS/venv/bin/cmake"
+    else python3 -m pip install -q --target "$dir/cmake-py" cmake; cmake="$dir/cmake-py/bin/cmake"
+      export PYTHONPATH="$dir/cmake-py${PYTHONPATH:+:$PYTHONPATH}"; fi
+  fi
+  "$cmake" -S "$dir/src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON >/dev/null
+  "$cmake" --build "$dir/build" -j "${JOBS:-2}" --target llama-bench llama-batched-bench llama-server \
+    llama-perplexity llama-quantize llama-imatrix llama-tokenize llama-cli
+  echo "llama.cpp tools: $dir/build/bin"
+}
+
+case "${1:-all}" in
+  venv) setup_venv ;;
+  llama.cpp) setup_llama_cpp ;;
+  all) setup_venv; setup_llama_cpp ;;
+  *) echo "usage: $0 [venv|llama.cpp|all]" >&2; exit 2 ;;
+esac
