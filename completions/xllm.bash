@@ -43,6 +43,9 @@ _xllm() {
             xllm,show)
                 cmd="xllm__subcmd__show"
                 ;;
+            xllm,tokenize)
+                cmd="xllm__subcmd__tokenize"
+                ;;
             xllm__subcmd__help,bench)
                 cmd="xllm__subcmd__help__subcmd__bench"
                 ;;
@@ -70,6 +73,9 @@ _xllm() {
             xllm__subcmd__help,show)
                 cmd="xllm__subcmd__help__subcmd__show"
                 ;;
+            xllm__subcmd__help,tokenize)
+                cmd="xllm__subcmd__help__subcmd__tokenize"
+                ;;
             *)
                 ;;
         esac
@@ -77,7 +83,7 @@ _xllm() {
 
     case "${cmd}" in
         xllm)
-            opts="-h -V --help --version pull list show rm run perplexity bench completions help"
+            opts="-h -V --help --version pull list show rm run perplexity bench tokenize completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -155,7 +161,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help)
-            opts="pull list show rm run perplexity bench completions help"
+            opts="pull list show rm run perplexity bench tokenize completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -281,6 +287,20 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__help__subcmd__tokenize)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -462,6 +482,20 @@ _xllm() {
             ;;
         xllm__subcmd__show)
             opts="-h -V --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__tokenize)
+            opts="-h -V --no-bos --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -13,7 +13,6 @@ mod cpu_matmul;
 mod decode_attention;
 pub mod llama;
 mod mask;
-pub mod qlinear;
 pub mod rope;
 
 /// A causal language model ready to run on a device.

@@ -16,6 +16,7 @@ pub mod pull;
 pub mod rm;
 pub mod run;
 pub mod show;
+pub mod tokenize;
 
 /// Run open-weight LLMs from the Hugging Face Hub, straight from safetensors or GGUF.
 #[derive(Debug, Parser)]
@@ -42,6 +43,8 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Measure prefill and decode speed (tokens/s).
     Bench(BenchArgs),
+    /// Print the token ids and pieces of a text (like llama-tokenize).
+    Tokenize(TokenizeArgs),
     /// Print shell completions.
     Completions(CompletionsArgs),
 }
@@ -185,6 +188,20 @@ pub struct PerplexityArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// Model name (with optional `:quantization`), local directory or .gguf file.
+    pub model: String,
+    /// Text to tokenize.
+    pub text: String,
+    /// Do not add what the model adds to a raw prompt (BOS).
+    #[arg(long)]
+    pub no_bos: bool,
+    /// Print JSON (`ids` and `pieces`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Model name, local directory or .gguf file.
     pub model: String,
@@ -222,6 +239,7 @@ pub fn main() -> ExitCode {
         Command::Run(a) => run::with_thread_pool(a.runtime.threads, || run::run(a)),
         Command::Perplexity(a) => run::with_thread_pool(a.runtime.threads, || perplexity::run(a)),
         Command::Bench(a) => run::with_thread_pool(a.runtime.threads, || bench::run(a)),
+        Command::Tokenize(a) => tokenize::run(a),
         Command::Completions(a) => completions::run(a),
     };
     match result {
