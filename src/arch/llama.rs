@@ -240,7 +240,7 @@ impl Linear {
 }
 
 /// Token embedding table, dense or quantized (looked up row by row without dequantizing all).
-fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+pub(crate) fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
     match weight {
         Weight::Dense(w) => w.index_select(ids, 0)?.to_dtype(dtype),
         Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),

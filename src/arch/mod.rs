@@ -13,6 +13,7 @@ mod cpu_matmul;
 mod decode_attention;
 pub mod llama;
 mod mask;
+pub mod nemotron_h;
 pub mod qlinear;
 pub mod rope;
 
@@ -185,6 +186,17 @@ pub const ARCHITECTURES: &[Architecture] = &[
             kv_quantization: true,
         },
         tensor_names: gpt_oss::TENSOR_NAMES_DOC,
+    },
+    Architecture {
+        model_type: "nemotron_h",
+        gguf_names: &[],
+        build: nemotron_h::build,
+        capabilities: Capabilities {
+            safetensors: true,
+            gguf: false,
+            kv_quantization: true,
+        },
+        tensor_names: nemotron_h::TENSOR_NAMES_DOC,
     },
 ];
 

@@ -2,7 +2,8 @@
 //! so a model that cannot fit is refused with the numbers instead of failing half-loaded (or
 //! pushing the machine into swap). Weights count as their file bytes (the loader keeps MXFP4,
 //! GGUF blocks and bf16 as stored), the KV cache as bytes per token of the selected profile at
-//! the context that will be allocated, activations by [`crate::device::activation_bytes`].
+//! the context that will be allocated, a hybrid model's recurrent state (fixed per sequence),
+//! activations by [`crate::device::activation_bytes`].
 
 use std::path::Path;
 
@@ -129,7 +130,8 @@ pub fn estimate(
         kv_per_token,
         context,
         activations,
-    ))
+    )
+    .with_recurrent_state(meta.recurrent_state_bytes.unwrap_or(0)))
 }
 
 /// Refuses, before loading, a model that does not fit `device` (see [`crate::device::ensure_fits`]).

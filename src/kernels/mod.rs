@@ -1,7 +1,9 @@
-//! Kernels of our own (CPU reference; CUDA and Metal behind features): MXFP4 matmul, MoE dispatch.
+//! Kernels of our own (CPU reference; CUDA and Metal behind features): MXFP4 matmul, MoE dispatch,
+//! Mamba2 conv/scan/gated norm (CPU only so far).
 
 pub mod bytes;
 pub mod moe;
+pub mod ssm;
 pub mod mxfp4;
 
 #[cfg(feature = "cuda")]
