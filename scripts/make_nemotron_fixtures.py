@@ -10,7 +10,7 @@ config.json in the shipped spelling (`hybrid_override_pattern`, `mamba_num_heads
 tokenizer with ChatML/think special tokens; generation_config.json; chat_template.jinja.
 
 - a: the real model's kind of pattern (`MEM*EMEM*E`: Mamba/MoE alternating, attention between), 2 Mamba
-  groups of 4 heads, top-4 of 16 experts, renormalised and scaled by 2.5.
+  groups of 4 heads, top-4 of 12 experts, renormalised and scaled by 2.5.
 - b: another pattern with consecutive Mamba layers, a dense `-` MLP layer and attention first
   (`*MM-EM*ME`), 3 Mamba groups, conv kernel 3, top-3 of 8 experts, no renormalisation, scale 1.5.
 
@@ -21,7 +21,7 @@ values widened), in reference.safetensors + reference.json:
   time (its own recurrence and conv-state update).
 - `chunked_logits [T, V]`: transformers' cache fed the text in the uneven pieces `chunked_pieces`
   (its chunk scan continuing from the cached state).
-- greedy continuations (32 tokens, no cache) of a few prompts with each step's top-1/top-2 margin.
+- greedy continuations (32 tokens) of a few prompts with each step's top-1/top-2 margin.
 - `kernel.*`: the inputs and outputs of layer 0's mixer pieces (in_proj output, conv+SiLU output, scan
   output before the gated norm, gated norm output) and of the first MoE layer (its input, router
   logits, chosen experts and weights, the routed sum, the shared expert) for the first tokens, so the
@@ -137,10 +137,10 @@ FIXTURES = {
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        n_routed_experts=16,
+        n_routed_experts=12,
         num_experts_per_tok=4,
-        moe_intermediate_size=32,
-        moe_shared_expert_intermediate_size=48,
+        moe_intermediate_size=24,
+        moe_shared_expert_intermediate_size=40,
         intermediate_size=32,
         routed_scaling_factor=2.5,
         norm_topk_prob=True,
@@ -317,23 +317,25 @@ def capture_kernels(model, config, ids, n):
     got = {}
     mixer = layers[m0].mixer
     moe = layers[e0].mixer
+    def keep(**names):
+        """A forward hook storing parts of (inputs, output) under `names`; returns None (a hook
+        that returns a value would replace the module's output)."""
+
+        def hook(mod, inputs, output):
+            for key, pick in names.items():
+                got[key] = pick(inputs, output)
+
+        return hook
+
     hooks = [
-        mixer.in_proj.register_forward_hook(lambda mod, i, o: got.__setitem__("in_proj_out", o[0])),
-        mixer.norm.register_forward_hook(
-            lambda mod, i, o: (got.__setitem__("scan_out", i[0][0]), got.__setitem__("norm_out", o[0]))
-        ),
-        moe.register_forward_hook(
-            lambda mod, i, o: (got.__setitem__("moe_in", i[0][0]), got.__setitem__("moe_out", o[0]))
-        ),
+        mixer.in_proj.register_forward_hook(keep(in_proj_out=lambda i, o: o[0])),
+        mixer.norm.register_forward_hook(keep(scan_out=lambda i, o: i[0][0], norm_out=lambda i, o: o[0])),
+        moe.register_forward_hook(keep(moe_in=lambda i, o: i[0][0], moe_out=lambda i, o: o[0])),
         moe.gate.register_forward_hook(
-            lambda mod, i, o: (
-                got.__setitem__("router_logits", o[0]),
-                got.__setitem__("topk_weights", o[1]),
-                got.__setitem__("topk_indices", o[2]),
-            )
+            keep(router_logits=lambda i, o: o[0], topk_weights=lambda i, o: o[1], topk_indices=lambda i, o: o[2])
         ),
-        moe.experts.register_forward_hook(lambda mod, i, o: got.__setitem__("routed_out", o)),
-        moe.shared_experts.register_forward_hook(lambda mod, i, o: got.__setitem__("shared_out", o[0])),
+        moe.experts.register_forward_hook(keep(routed_out=lambda i, o: o)),
+        moe.shared_experts.register_forward_hook(keep(shared_out=lambda i, o: o[0])),
     ]
     with torch.no_grad():
         model(torch.tensor([ids[:n]]))
@@ -426,15 +428,20 @@ def main():
                 print(f"  transformers {what} vs its prefill: max relative difference {rel:.2e}")
                 assert rel < 1e-4, f"transformers' {what} differs from its prefill by {rel}"
 
+            # Greedy continuations through transformers' cache (checked above to agree with its
+            # one-shot prefill).
             greedy = []
             for plen in (5, 40, 120):
                 prompt = text_ids[:plen]
+                o = model(torch.tensor([prompt]), use_cache=True)
+                cache, last = o.cache, o.logits[0, -1].double()
                 seq, margins = list(prompt), []
                 for _ in range(32):
-                    last = model(torch.tensor([seq])).logits[0, -1].double()
                     top = torch.topk(last, 2)
                     margins.append(float(top.values[0] - top.values[1]))
                     seq.append(int(top.indices[0]))
+                    o = model(torch.tensor([[seq[-1]]]), cache=cache, use_cache=True)
+                    cache, last = o.cache, o.logits[0, -1].double()
                 greedy.append({"prompt": prompt, "continuation": seq[plen:], "margins": margins})
 
         kernels, kernel_info = capture_kernels(model, config, text_ids, 40)

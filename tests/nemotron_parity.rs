@@ -67,10 +67,7 @@ fn load(name: &str) -> NemotronH {
 }
 
 fn new_cache(model: &NemotronH) -> SequenceCache {
-    model
-        .info()
-        .new_cache(KvProfile::Default, 4096)
-        .unwrap()
+    model.info().new_cache(KvProfile::Default, 4096).unwrap()
 }
 
 /// `max |a − b| / max |b|` of one logits row.
@@ -93,15 +90,28 @@ fn assert_rows_close(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], tol: f32) 
             worst = (p, r);
         }
     }
-    eprintln!("{what}: worst relative difference {:.2e} at position {}", worst.1, worst.0);
-    assert!(worst.1 < tol, "{what}: position {} differs by {:.3e} (relative)", worst.0, worst.1);
+    eprintln!(
+        "{what}: worst relative difference {:.2e} at position {}",
+        worst.1, worst.0
+    );
+    assert!(
+        worst.1 < tol,
+        "{what}: position {} differs by {:.3e} (relative)",
+        worst.0,
+        worst.1
+    );
 }
 
 fn mean_nll(rows: &[Vec<f32>], tokens: &[u32]) -> f64 {
     let mut total = 0f64;
     for (row, &next) in rows.iter().zip(&tokens[1..]) {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+        let lse = row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
         total += lse - row[next as usize] as f64;
     }
     total / (tokens.len() - 1) as f64
@@ -137,7 +147,9 @@ fn prefill_logits_and_perplexity_match_transformers() {
         let ppl = mean_nll(&rows[..tokens.len() - 1], &tokens).exp();
         let want_ppl = r["perplexity"].as_f64().unwrap();
         let rel = (ppl - want_ppl).abs() / want_ppl;
-        eprintln!("{name}: perplexity ours {ppl:.6}, transformers {want_ppl:.6}, relative {rel:.2e}");
+        eprintln!(
+            "{name}: perplexity ours {ppl:.6}, transformers {want_ppl:.6}, relative {rel:.2e}"
+        );
         assert!(rel < 1e-4, "{name}: perplexity {ppl} vs {want_ppl}");
     }
 }
@@ -158,7 +170,7 @@ fn prefill_then_decode_matches_transformers_cache() {
 }
 
 #[test]
-fn chunked_prefill_matches_one_shot_reference() {
+fn chunked_prefill_matches_transformers() {
     for name in FIXTURES {
         let model = load(name);
         let tokens = ids(&reference(name)["text_ids"]);
@@ -168,8 +180,25 @@ fn chunked_prefill_matches_one_shot_reference() {
         let used: usize = pieces.iter().sum();
         pieces.push(tokens.len() - used);
         let rows = run_pieces(&model, &tokens, &pieces);
-        let want = rows_of(&reference_tensors(name), "prefill_logits");
-        assert_rows_close(&format!("{name} chunked prefill"), &rows, &want, 1e-3);
+        let r = reference(name);
+        assert_eq!(
+            ids(&r["chunked_pieces"]),
+            pieces.iter().map(|&p| p as u32).collect::<Vec<_>>()
+        );
+        // transformers fed the same pieces through its cache, and its one-shot prefill.
+        let refs = reference_tensors(name);
+        assert_rows_close(
+            &format!("{name} chunked prefill vs transformers chunked"),
+            &rows,
+            &rows_of(&refs, "chunked_logits"),
+            1e-3,
+        );
+        assert_rows_close(
+            &format!("{name} chunked prefill vs one-shot"),
+            &rows,
+            &rows_of(&refs, "prefill_logits"),
+            1e-3,
+        );
     }
 }
 
@@ -192,15 +221,26 @@ fn greedy_32_tokens_match_transformers() {
             let want = ids(&case["continuation"]);
             let mut cache = new_cache(&model);
             let mut rec = model.new_recurrent_states();
-            let mut logits = model.forward_one(&prompt, &mut cache, &mut rec, true).unwrap();
+            let mut logits = model
+                .forward_one(&prompt, &mut cache, &mut rec, true)
+                .unwrap();
             let mut got = Vec::new();
             for _ in 0..want.len() {
-                let next = logits.i(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+                let next = logits
+                    .i(0)
+                    .unwrap()
+                    .argmax(0)
+                    .unwrap()
+                    .to_scalar::<u32>()
+                    .unwrap();
                 got.push(next);
-                logits = model.forward_one(&[next], &mut cache, &mut rec, true).unwrap();
+                logits = model
+                    .forward_one(&[next], &mut cache, &mut rec, true)
+                    .unwrap();
             }
             assert_eq!(
-                got, want,
+                got,
+                want,
                 "{name}, prompt of {} tokens; margins {}",
                 prompt.len(),
                 case["margins"]
@@ -220,8 +260,10 @@ fn sequences_at_different_positions_in_one_batch() {
         let starts = [0usize, 20, 50];
         let feeds = [12usize, 1, 7];
         let mut caches: Vec<SequenceCache> = starts.iter().map(|_| new_cache(&model)).collect();
-        let mut recs: Vec<RecurrentStates> =
-            starts.iter().map(|_| model.new_recurrent_states()).collect();
+        let mut recs: Vec<RecurrentStates> = starts
+            .iter()
+            .map(|_| model.new_recurrent_states())
+            .collect();
         for ((&s, cache), rec) in starts.iter().zip(&mut caches).zip(&mut recs) {
             if s > 0 {
                 model.forward_one(&tokens[..s], cache, rec, true).unwrap();
@@ -290,7 +332,12 @@ fn mamba_kernels_match_transformers_modules() {
         let layer = r["kernels"]["mamba_layer"].as_u64().unwrap();
         let t = r["kernels"]["tokens"].as_u64().unwrap() as usize;
         let m = format!("backbone.layers.{layer}.mixer");
-        let (di, cd, nh, width) = (cfg.d_inner(), cfg.conv_dim(), cfg.mamba_heads, cfg.in_proj_dim());
+        let (di, cd, nh, width) = (
+            cfg.d_inner(),
+            cfg.conv_dim(),
+            cfg.mamba_heads,
+            cfg.in_proj_dim(),
+        );
         let proj = flat(&refs, "kernel.in_proj_out");
         assert_eq!(proj.len(), t * width);
 
@@ -305,10 +352,22 @@ fn mamba_kernels_match_transformers_modules() {
         let mut state = vec![0f32; conv.state_len()];
         let mut xbc = vec![0f32; t * cd];
         let split = 13;
-        conv.forward(&proj[di..], width, split, &mut state, &mut xbc[..split * cd])
-            .unwrap();
-        conv.forward(&proj[split * width + di..], width, t - split, &mut state, &mut xbc[split * cd..])
-            .unwrap();
+        conv.forward(
+            &proj[di..],
+            width,
+            split,
+            &mut state,
+            &mut xbc[..split * cd],
+        )
+        .unwrap();
+        conv.forward(
+            &proj[split * width + di..],
+            width,
+            t - split,
+            &mut state,
+            &mut xbc[split * cd..],
+        )
+        .unwrap();
         let want_conv = flat(&refs, "kernel.conv_out");
         let d = max_rel(&xbc, &want_conv);
         assert!(d < 1e-5, "{name}: conv differs by {d}");
@@ -331,7 +390,12 @@ fn mamba_kernels_match_transformers_modules() {
             .flat_map(|row| row[di + cd..].iter().copied())
             .collect();
         let want_scan = flat(&refs, "kernel.scan_out");
-        let input = ScanInput { xbc: &want_conv, stride: cd, dt: &dt, tokens: t };
+        let input = ScanInput {
+            xbc: &want_conv,
+            stride: cd,
+            dt: &dt,
+            tokens: t,
+        };
         for how in ["chunked", "recurrent", "mixed"] {
             let mut s = vec![0f32; scan.state_len()];
             let mut y = vec![0f32; t * di];
@@ -340,7 +404,11 @@ fn mamba_kernels_match_transformers_modules() {
                 "recurrent" => scan.recurrent(input, &mut s, &mut y).unwrap(),
                 _ => {
                     let k = 21;
-                    let first = ScanInput { tokens: k, dt: &dt[..k * nh], ..input };
+                    let first = ScanInput {
+                        tokens: k,
+                        dt: &dt[..k * nh],
+                        ..input
+                    };
                     scan.chunked(first, &mut s, &mut y[..k * di]).unwrap();
                     let rest = ScanInput {
                         xbc: &want_conv[k * cd..],
@@ -383,9 +451,19 @@ fn moe_routing_matches_transformers() {
         let m = format!("backbone.layers.{layer}.mixer");
         let logits = flat(&refs, "kernel.router_logits");
         // Our f32 router logits from the MoE input agree with transformers'.
-        let x = refs.load("kernel.moe_in", DType::F32, &Device::Cpu).unwrap();
-        let w = ckpt.load(&format!("{m}.gate.weight"), DType::F32, &Device::Cpu).unwrap();
-        let ours: Vec<f32> = x.matmul(&w.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let x = refs
+            .load("kernel.moe_in", DType::F32, &Device::Cpu)
+            .unwrap();
+        let w = ckpt
+            .load(&format!("{m}.gate.weight"), DType::F32, &Device::Cpu)
+            .unwrap();
+        let ours: Vec<f32> = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(max_rel(&ours, &logits) < 1e-5);
         let router = SigmoidRouter {
             top_k: cfg.top_k,
@@ -394,7 +472,9 @@ fn moe_routing_matches_transformers() {
             scale: cfg.routed_scaling_factor as f32,
         };
         let routing = route_sigmoid_biased(&logits, t, &router).unwrap();
-        let want_idx = refs.load("kernel.topk_indices", DType::I64, &Device::Cpu).unwrap();
+        let want_idx = refs
+            .load("kernel.topk_indices", DType::I64, &Device::Cpu)
+            .unwrap();
         let want_idx: Vec<i64> = want_idx.flatten_all().unwrap().to_vec1().unwrap();
         let want_w = flat(&refs, "kernel.topk_weights");
         for tok in 0..t {
@@ -404,8 +484,15 @@ fn moe_routing_matches_transformers() {
                 .collect();
             pairs.sort_by_key(|p| p.0);
             for (j, (e, wt)) in pairs.iter().enumerate() {
-                assert_eq!(*e as i64, want_idx[tok * k + j], "{name}: token {tok} experts");
-                assert!((wt - want_w[tok * k + j]).abs() < 1e-5, "{name}: token {tok} weight");
+                assert_eq!(
+                    *e as i64,
+                    want_idx[tok * k + j],
+                    "{name}: token {tok} experts"
+                );
+                assert!(
+                    (wt - want_w[tok * k + j]).abs() < 1e-5,
+                    "{name}: token {tok} weight"
+                );
             }
         }
         // The whole MoE layer (routed + shared) through the model's block equals transformers'.
@@ -424,10 +511,19 @@ fn registry_builds_nemotron_h() {
     assert_eq!(model.info().cache_layers, 2);
     let tokens = &ids(&reference(FIXTURES[1])["text_ids"])[..30];
     let mut cache = model.info().new_cache(KvProfile::Default, 64).unwrap();
-    let a: Vec<f32> = model.forward(tokens, &mut cache, true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f32> = model
+        .forward(tokens, &mut cache, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let want = rows_of(&reference_tensors(FIXTURES[1]), "prefill_logits");
     assert!(rel_diff(&a, &want[29]) < 1e-3);
-    let err = model.forward(&[100_000], &mut cache, true).unwrap_err().to_string();
+    let err = model
+        .forward(&[100_000], &mut cache, true)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("vocabulary"), "{err}");
 }
 
@@ -450,7 +546,13 @@ fn a_rewound_cache_rebuilds_the_recurrent_state_from_the_kept_prefix() {
     assert_rows_close("rewound to 30", &rows, &want[30..60], 1e-3);
     // Back to the start: a fresh sequence.
     cache.clear();
-    let first: Vec<f32> = model.forward(&tokens[..3], &mut cache, true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let first: Vec<f32> = model
+        .forward(&tokens[..3], &mut cache, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert!(rel_diff(&first, &want[2]) < 1e-3);
 }
 
@@ -470,13 +572,22 @@ fn kv_profiles_apply_to_the_attention_layers() {
             .to_vec2()
             .unwrap();
         for t in 50..tokens.len() {
-            let l = model.forward_one(&tokens[t..t + 1], &mut cache, &mut rec, false).unwrap();
+            let l = model
+                .forward_one(&tokens[t..t + 1], &mut cache, &mut rec, false)
+                .unwrap();
             rows.extend(l.to_vec2::<f32>().unwrap());
         }
         let nll = mean_nll(&rows[..tokens.len() - 1], &tokens);
         eprintln!("{profile:?}: mean NLL {nll:.4} vs {nll_ref:.4}");
-        assert!((nll - nll_ref).abs() < 0.1, "{profile:?}: NLL {nll} vs {nll_ref}");
-        assert_eq!(cache.layers.len(), 2, "KV only for the two attention layers");
+        assert!(
+            (nll - nll_ref).abs() < 0.1,
+            "{profile:?}: NLL {nll} vs {nll_ref}"
+        );
+        assert_eq!(
+            cache.layers.len(),
+            2,
+            "KV only for the two attention layers"
+        );
     }
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }

@@ -124,10 +124,9 @@ impl NemotronHConfig {
         let get = |keys: &[&str]| keys.iter().find_map(|k| v.get(*k).filter(|x| !x.is_null()));
         let usize_of = |keys: &[&str], default: Option<usize>| -> anyhow::Result<usize> {
             match get(keys) {
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| config_error(format!("`{}` must be a non-negative integer", keys[0]))),
+                Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    config_error(format!("`{}` must be a non-negative integer", keys[0]))
+                }),
                 None => default.ok_or_else(|| config_error(format!("`{}` is missing", keys[0]))),
             }
         };
@@ -154,7 +153,9 @@ impl NemotronHConfig {
                     })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?
-        } else if let Some(list) = get(&["layers_block_type", "layer_types"]).and_then(Value::as_array) {
+        } else if let Some(list) =
+            get(&["layers_block_type", "layer_types"]).and_then(Value::as_array)
+        {
             list.iter()
                 .map(|t| {
                     let name = t.as_str().unwrap_or("");
@@ -176,7 +177,11 @@ impl NemotronHConfig {
         let hidden_size = usize_of(&["hidden_size"], None)?;
         let heads = usize_of(&["num_attention_heads"], Some(1))?;
         let eos_token_ids = match get(&["eos_token_id"]) {
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
             Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
             None => Vec::new(),
         };
@@ -197,7 +202,10 @@ impl NemotronHConfig {
             time_step_min: f64_of(&["time_step_min", "mamba_dt_min"], 0.001)?,
             heads,
             kv_heads: usize_of(&["num_key_value_heads"], Some(heads))?,
-            head_dim: usize_of(&["head_dim", "attention_head_dim"], Some(hidden_size / heads.max(1)))?,
+            head_dim: usize_of(
+                &["head_dim", "attention_head_dim"],
+                Some(hidden_size / heads.max(1)),
+            )?,
             experts: usize_of(&["n_routed_experts", "num_local_experts"], Some(8))?,
             top_k: usize_of(&["num_experts_per_tok"], Some(2))?,
             moe_intermediate: usize_of(&["moe_intermediate_size"], Some(7688))?,
@@ -205,25 +213,36 @@ impl NemotronHConfig {
             routed_scaling_factor: f64_of(&["routed_scaling_factor"], 1.0)?,
             norm_topk_prob: bool_of(&["norm_topk_prob"], true),
             mlp_intermediate: usize_of(&["intermediate_size"], Some(21504))?,
-            bos_token_id: get(&["bos_token_id"]).and_then(Value::as_u64).map(|x| x as u32),
+            bos_token_id: get(&["bos_token_id"])
+                .and_then(Value::as_u64)
+                .map(|x| x as u32),
             eos_token_ids,
             layers,
         };
         // What transformers would do differently from us is refused, not approximated.
-        if let Some(act) = str_of(&["mamba_hidden_act"]).filter(|a| !matches!(*a, "silu" | "swish")) {
-            return Err(config_error(format!("mamba_hidden_act '{act}' is not supported (silu)")));
+        if let Some(act) = str_of(&["mamba_hidden_act"]).filter(|a| !matches!(*a, "silu" | "swish"))
+        {
+            return Err(config_error(format!(
+                "mamba_hidden_act '{act}' is not supported (silu)"
+            )));
         }
         if let Some(act) = str_of(&["mlp_hidden_act"]).filter(|a| *a != "relu2") {
-            return Err(config_error(format!("mlp_hidden_act '{act}' is not supported (relu2)")));
+            return Err(config_error(format!(
+                "mlp_hidden_act '{act}' is not supported (relu2)"
+            )));
         }
         if bool_of(&["mlp_bias"], false) {
             return Err(config_error("mlp_bias true is not supported"));
         }
         if get(&["moe_latent_size"]).is_some() {
-            return Err(config_error("moe_latent_size (latent expert projections) is not supported"));
+            return Err(config_error(
+                "moe_latent_size (latent expert projections) is not supported",
+            ));
         }
         if usize_of(&["n_group"], Some(1))? != 1 || usize_of(&["topk_group"], Some(1))? != 1 {
-            return Err(config_error("group-limited routing (n_group/topk_group > 1) is not supported"));
+            return Err(config_error(
+                "group-limited routing (n_group/topk_group > 1) is not supported",
+            ));
         }
         cfg.validate()?;
         Ok(cfg)
@@ -238,12 +257,21 @@ impl NemotronHConfig {
                     self.mamba_heads, self.n_groups
                 )));
             }
-            if self.conv_kernel == 0 || self.chunk_size == 0 || self.ssm_state == 0 || self.mamba_head_dim == 0 {
-                return Err(config_error("conv_kernel, chunk_size, ssm_state_size and mamba_head_dim must be positive"));
+            if self.conv_kernel == 0
+                || self.chunk_size == 0
+                || self.ssm_state == 0
+                || self.mamba_head_dim == 0
+            {
+                return Err(config_error(
+                    "conv_kernel, chunk_size, ssm_state_size and mamba_head_dim must be positive",
+                ));
             }
         }
         if has(LayerKind::Attention)
-            && (self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 || self.head_dim == 0)
+            && (self.heads == 0
+                || self.kv_heads == 0
+                || self.heads % self.kv_heads != 0
+                || self.head_dim == 0)
         {
             return Err(config_error(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
@@ -296,15 +324,27 @@ impl NemotronHConfig {
     /// (a token reads one row of it); the output head is counted. Nemotron 3 Nano: 31.6B / 3.2B.
     pub fn parameter_counts(&self) -> (u64, u64) {
         let h = self.hidden_size as u64;
-        let (di, cd, ip) = (self.d_inner() as u64, self.conv_dim() as u64, self.in_proj_dim() as u64);
+        let (di, cd, ip) = (
+            self.d_inner() as u64,
+            self.conv_dim() as u64,
+            self.in_proj_dim() as u64,
+        );
         let nh = self.mamba_heads as u64;
         let k = self.conv_kernel as u64;
         let pb = if self.proj_bias { ip + h } else { 0 };
         let cb = if self.conv_bias { cd } else { 0 };
         let mamba = ip * h + cd * k + cb + 3 * nh + di + di * h + pb;
-        let (ah, akv, ahd) = (self.heads as u64, self.kv_heads as u64, self.head_dim as u64);
+        let (ah, akv, ahd) = (
+            self.heads as u64,
+            self.kv_heads as u64,
+            self.head_dim as u64,
+        );
         let attn = 2 * h * ah * ahd + 2 * h * akv * ahd;
-        let (e, i, s) = (self.experts as u64, self.moe_intermediate as u64, self.shared_intermediate as u64);
+        let (e, i, s) = (
+            self.experts as u64,
+            self.moe_intermediate as u64,
+            self.shared_intermediate as u64,
+        );
         let expert = 2 * h * i;
         let moe_dense = e * h + e + 2 * h * s;
         let mlp = 2 * h * self.mlp_intermediate as u64;
@@ -313,7 +353,10 @@ impl NemotronHConfig {
             let (t, a) = match kind {
                 LayerKind::Mamba => (mamba, mamba),
                 LayerKind::Attention => (attn, attn),
-                LayerKind::Moe => (moe_dense + e * expert, moe_dense + self.top_k as u64 * expert),
+                LayerKind::Moe => (
+                    moe_dense + e * expert,
+                    moe_dense + self.top_k as u64 * expert,
+                ),
                 LayerKind::Mlp => (mlp, mlp),
             };
             total += t + h;
@@ -397,7 +440,9 @@ impl Relu2Mlp {
         let mut u: Vec<f32> = self.up.forward(&x)?.flatten_all()?.to_vec1()?;
         moe::relu_squared(&mut u);
         let cols = u.len() / n.max(1);
-        let y = self.down.forward(&Tensor::from_vec(u, (n, cols), &Device::Cpu)?)?;
+        let y = self
+            .down
+            .forward(&Tensor::from_vec(u, (n, cols), &Device::Cpu)?)?;
         out.copy_from_slice(&y.flatten_all()?.to_vec1::<f32>()?);
         Ok(())
     }
@@ -507,7 +552,12 @@ impl NemotronH {
         let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> anyhow::Result<Linear> {
             let w = load_matrix(weights, &format!("{name}.weight"), [rows, cols], options)?;
             let b = if bias {
-                Some(weights.load_shaped(&format!("{name}.bias"), &[rows], DType::F32, &options.device)?)
+                Some(weights.load_shaped(
+                    &format!("{name}.bias"),
+                    &[rows],
+                    DType::F32,
+                    &options.device,
+                )?)
             } else {
                 None
             };
@@ -524,8 +574,9 @@ impl NemotronH {
             let mixer = match kind {
                 LayerKind::Mamba => {
                     let (cd, di, nh) = (c.conv_dim(), c.d_inner(), c.mamba_heads);
-                    let conv_w = f32_values(weights, &format!("{m}.conv1d.weight"), cd * c.conv_kernel)
-                        .with_context(|| missing("conv1d.weight"))?;
+                    let conv_w =
+                        f32_values(weights, &format!("{m}.conv1d.weight"), cd * c.conv_kernel)
+                            .with_context(|| missing("conv1d.weight"))?;
                     let conv_b = if c.conv_bias {
                         Some(f32_values(weights, &format!("{m}.conv1d.bias"), cd)?)
                     } else {
@@ -566,7 +617,12 @@ impl NemotronH {
                 LayerKind::Moe => {
                     let (e, i, s) = (c.experts, c.moe_intermediate, c.shared_intermediate);
                     let router = weights
-                        .load_shaped(&format!("{m}.gate.weight"), &[e, h], DType::F32, &Device::Cpu)
+                        .load_shaped(
+                            &format!("{m}.gate.weight"),
+                            &[e, h],
+                            DType::F32,
+                            &Device::Cpu,
+                        )
                         .with_context(|| missing("gate.weight"))?;
                     let bias_name = format!("{m}.gate.e_score_correction_bias");
                     let correction_bias = if weights.contains(&bias_name) {
@@ -614,7 +670,10 @@ impl NemotronH {
         } else {
             "lm_head.weight"
         };
-        let lm_head = Linear::new(load_matrix(weights, head_name, [c.vocab_size, h], options)?, None);
+        let lm_head = Linear::new(
+            load_matrix(weights, head_name, [c.vocab_size, h], options)?,
+            None,
+        );
         let norm_f = vector("backbone.norm_f.weight", h)?;
         let format = match weights.stored_dtype(embed_name)? {
             DType::BF16 => "bf16",
@@ -670,11 +729,7 @@ impl NemotronH {
     /// Runs a batch: every sequence's tokens continue its own state (positions `start..`); weights
     /// are applied to all rows at once, conv/scan and attention per sequence. Returns f32 logits
     /// for the rows `logit_rows` asks for (indices into the concatenated tokens), in that order.
-    pub fn forward_rows(
-        &self,
-        seqs: &mut [SeqRun<'_>],
-        logit_rows: &[usize],
-    ) -> Result<Tensor> {
+    pub fn forward_rows(&self, seqs: &mut [SeqRun<'_>], logit_rows: &[usize]) -> Result<Tensor> {
         let c = &self.config;
         let mut tokens = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
@@ -683,10 +738,15 @@ impl NemotronH {
                 candle_core::bail!("nemotron_h forward: a sequence has no tokens");
             }
             if let Some(&bad) = s.tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
-                candle_core::bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
+                candle_core::bail!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    c.vocab_size
+                );
             }
             if s.recurrent.layers.len() != c.count(LayerKind::Mamba) {
-                candle_core::bail!("internal error: the sequence's recurrent state does not fit this model");
+                candle_core::bail!(
+                    "internal error: the sequence's recurrent state does not fit this model"
+                );
             }
             spans.push((tokens.len(), s.tokens.len()));
             tokens.extend_from_slice(s.tokens);
@@ -744,7 +804,8 @@ impl NemotronH {
             let rows = &proj[offset * width..(offset + len) * width];
             let state = &mut seq.recurrent.layers[layer];
             let mut xbc = vec![0f32; len * cd];
-            m.conv.forward(&rows[di..], width, len, &mut state.conv, &mut xbc)?;
+            m.conv
+                .forward(&rows[di..], width, len, &mut state.conv, &mut xbc)?;
             let dt: Vec<f32> = rows
                 .chunks_exact(width)
                 .flat_map(|r| r[di + cd..di + cd + nh].iter().copied())
@@ -757,8 +818,12 @@ impl NemotronH {
                 tokens: len,
             };
             m.scan.forward(input, &mut state.ssm, &mut y)?;
-            m.norm
-                .forward(&y, rows, width, &mut normed[offset * di..(offset + len) * di])?;
+            m.norm.forward(
+                &y,
+                rows,
+                width,
+                &mut normed[offset * di..(offset + len) * di],
+            )?;
         }
         let normed = Tensor::from_vec(normed, (n, di), &Device::Cpu)?;
         m.out_proj.forward(&normed)
@@ -793,7 +858,10 @@ impl NemotronH {
             let values = values.squeeze(0)?.to_dtype(DType::F32)?.contiguous()?;
             let total = keys.dim(1)?;
             if total != start + t {
-                candle_core::bail!("internal error: attention layer {layer} holds {total} tokens, expected {}", start + t);
+                candle_core::bail!(
+                    "internal error: attention layer {layer} holds {total} tokens, expected {}",
+                    start + t
+                );
             }
             // Heads sharing a KV head are consecutive: fold them into the query axis.
             let q = q.reshape((nkv, group * t, hd))?;
@@ -805,8 +873,11 @@ impl NemotronH {
             } else {
                 scores
             };
-            let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
-                .reshape((nkv, group * t, total))?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.reshape((
+                nkv,
+                group * t,
+                total,
+            ))?;
             let out = probs
                 .matmul(&values)?
                 .reshape((nh, t, hd))?
@@ -877,7 +948,9 @@ impl KvAccess for SequenceCache {
     fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         match self.layers.get_mut(layer) {
             Some(store) => store.append(k, v),
-            None => candle_core::bail!("internal error: the KV cache has no attention layer {layer}"),
+            None => {
+                candle_core::bail!("internal error: the KV cache has no attention layer {layer}")
+            }
         }
     }
 }
@@ -894,7 +967,8 @@ pub struct SeqRun<'a> {
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(weight)
+    x.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(weight)
 }
 
 /// Registry builder (safetensors only: Nemotron-H ships no GGUF we read).
@@ -936,7 +1010,12 @@ impl CausalLm for SingleSequence {
         &self.model.info
     }
 
-    fn forward(&self, tokens: &[u32], cache: &mut SequenceCache, last_only: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
         let mut guard = self.seq.lock().unwrap_or_else(|e| e.into_inner());
         let (recurrent, history) = &mut *guard;
         let position = cache.position();
@@ -947,13 +1026,16 @@ impl CausalLm for SingleSequence {
             recurrent.reset();
             history.truncate(position);
             let mut scratch = self.model.info.new_cache(KvProfile::Default, position)?;
-            self.model.forward_one(history, &mut scratch, recurrent, true)?;
+            self.model
+                .forward_one(history, &mut scratch, recurrent, true)?;
         } else if position > recurrent.tokens {
             candle_core::bail!(
                 "nemotron_h: the KV cache holds {position} tokens this model has not read (one sequence at a time)"
             );
         }
-        let logits = self.model.forward_one(tokens, cache, recurrent, last_only)?;
+        let logits = self
+            .model
+            .forward_one(tokens, cache, recurrent, last_only)?;
         history.extend_from_slice(tokens);
         Ok(logits)
     }
@@ -984,24 +1066,35 @@ pub(crate) mod tests {
     fn nano_30b_pattern_params_and_state() {
         let c = NemotronHConfig::from_value(&nano_30b()).unwrap();
         assert_eq!(
-            (c.count(LayerKind::Mamba), c.count(LayerKind::Moe), c.count(LayerKind::Attention)),
+            (
+                c.count(LayerKind::Mamba),
+                c.count(LayerKind::Moe),
+                c.count(LayerKind::Attention)
+            ),
             (23, 23, 6)
         );
-        assert_eq!((c.d_inner(), c.conv_dim(), c.in_proj_dim()), (4096, 6144, 10304));
+        assert_eq!(
+            (c.d_inner(), c.conv_dim(), c.in_proj_dim()),
+            (4096, 6144, 10304)
+        );
         let (total, active) = c.parameter_counts();
         // NVIDIA's model card: 31.6B total, 3.2B active (3.6B with the embeddings).
         assert!((31.5e9..31.7e9).contains(&(total as f64)), "{total}");
         assert!((3.1e9..3.3e9).contains(&(active as f64)), "{active}");
         // Per Mamba layer: conv 3×6144 + SSM 64×64×128 f32 = 2.07 MiB; 23 layers ≈ 47.6 MiB.
         assert_eq!(c.mamba_state_values(), 3 * 6144 + 4096 * 128);
-        assert_eq!(c.state_bytes_per_sequence(), 23 * (3 * 6144 + 4096 * 128) * 4);
+        assert_eq!(
+            c.state_bytes_per_sequence(),
+            23 * (3 * 6144 + 4096 * 128) * 4
+        );
     }
 
     #[test]
     fn layer_lists_in_either_spelling() {
         let mut v = nano_30b();
         v.as_object_mut().unwrap().remove("hybrid_override_pattern");
-        v["layers_block_type"] = serde_json::json!(["mamba", "moe", "full_attention", "mlp", "linear_attention"]);
+        v["layers_block_type"] =
+            serde_json::json!(["mamba", "moe", "full_attention", "mlp", "linear_attention"]);
         let c = NemotronHConfig::from_value(&v).unwrap();
         assert_eq!(c.pattern(), "ME*-M");
     }
@@ -1011,7 +1104,10 @@ pub(crate) mod tests {
         let mut v = nano_30b();
         v["hybrid_override_pattern"] = "MEX".into();
         let err = NemotronHConfig::from_value(&v).unwrap_err().to_string();
-        assert!(err.contains("hybrid_override_pattern") && err.contains("'X'"), "{err}");
+        assert!(
+            err.contains("hybrid_override_pattern") && err.contains("'X'"),
+            "{err}"
+        );
         let mut v = nano_30b();
         v["n_groups"] = 7.into();
         let err = NemotronHConfig::from_value(&v).unwrap_err().to_string();

@@ -114,14 +114,19 @@ fn files_of(model: &OpenedModel) -> anyhow::Result<Vec<FileEntry>> {
 
 /// `23 Mamba (M), 23 MoE (E), 6 attention (*)` for a Nemotron-H pattern (kinds that occur).
 fn pattern_counts(pattern: &str) -> String {
-    [('M', "Mamba"), ('E', "MoE"), ('*', "attention"), ('-', "MLP")]
-        .iter()
-        .filter_map(|&(c, name)| {
-            let n = pattern.chars().filter(|x| *x == c).count();
-            (n > 0).then(|| format!("{n} {name} ({c})"))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    [
+        ('M', "Mamba"),
+        ('E', "MoE"),
+        ('*', "attention"),
+        ('-', "MLP"),
+    ]
+    .iter()
+    .filter_map(|&(c, name)| {
+        let n = pattern.chars().filter(|x| *x == c).count();
+        (n > 0).then(|| format!("{n} {name} ({c})"))
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 fn render_text(model: &OpenedModel, files: &[FileEntry]) -> String {
@@ -172,7 +177,10 @@ fn render_text(model: &OpenedModel, files: &[FileEntry]) -> String {
         row(
             &mut s,
             "recurrent state",
-            format!("{} per sequence (Mamba conv + SSM, f32)", human_bytes(bytes)),
+            format!(
+                "{} per sequence (Mamba conv + SSM, f32)",
+                human_bytes(bytes)
+            ),
         );
     }
     let _ = writeln!(s, "\nQuantization");

@@ -125,13 +125,10 @@ pub fn estimate(
         context,
         dtype_bytes: COMPUTE_DTYPE_BYTES,
     });
-    Ok(MemoryEstimate::new(
-        weight_bytes(resolved)?,
-        kv_per_token,
-        context,
-        activations,
+    Ok(
+        MemoryEstimate::new(weight_bytes(resolved)?, kv_per_token, context, activations)
+            .with_recurrent_state(meta.recurrent_state_bytes.unwrap_or(0)),
     )
-    .with_recurrent_state(meta.recurrent_state_bytes.unwrap_or(0)))
 }
 
 /// Refuses, before loading, a model that does not fit `device` (see [`crate::device::ensure_fits`]).

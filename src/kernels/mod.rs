@@ -3,8 +3,8 @@
 
 pub mod bytes;
 pub mod moe;
-pub mod ssm;
 pub mod mxfp4;
+pub mod ssm;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;

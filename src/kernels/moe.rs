@@ -123,7 +123,11 @@ pub struct SigmoidRouter {
 
 /// Top-k of each row of `logits [tokens, experts]` (f32) by `σ(logit) + bias`, weighted by
 /// `σ(logit)` (renormalised and scaled as `router` says).
-pub fn route_sigmoid_biased(logits: &[f32], tokens: usize, router: &SigmoidRouter) -> Result<Routing> {
+pub fn route_sigmoid_biased(
+    logits: &[f32],
+    tokens: usize,
+    router: &SigmoidRouter,
+) -> Result<Routing> {
     let experts = router.correction_bias.len();
     let top_k = router.top_k;
     check_router(logits, tokens, experts, top_k)?;
@@ -184,7 +188,11 @@ pub fn dispatch(
             "moe: activations, output or routing do not match {tokens} tokens of {h} features"
         );
     }
-    if let Some(&bad) = routing.indices.iter().find(|&&e| e as usize >= ffn.experts()) {
+    if let Some(&bad) = routing
+        .indices
+        .iter()
+        .find(|&&e| e as usize >= ffn.experts())
+    {
         candle_core::bail!(
             "moe: routing names expert {bad}, the layer has {}",
             ffn.experts()
@@ -520,7 +528,11 @@ mod tests {
         };
         let mut out = [9f32; 4];
         dispatch(&x, &routing, 2, &ffn, &mut out).unwrap();
-        assert_eq!(*ffn.runs.lock().unwrap(), vec![0, 1, 3], "expert 2 never runs");
+        assert_eq!(
+            *ffn.runs.lock().unwrap(),
+            vec![0, 1, 3],
+            "expert 2 never runs"
+        );
         // Token 0: 0.5·2x + 0.25·4x = 2x; token 1: 1.0·4x + 2.0·1x = 6x.
         assert_eq!(out, [2.0, 4.0, -6.0, 3.0]);
         let bad = Routing {

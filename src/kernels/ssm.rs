@@ -56,7 +56,12 @@ pub struct CausalConv1d {
 
 impl CausalConv1d {
     /// From the checkpoint's `conv1d.weight [channels, 1, kernel]` (flattened) and bias.
-    pub fn new(weight: &[f32], bias: Option<&[f32]>, channels: usize, kernel: usize) -> Result<Self> {
+    pub fn new(
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        channels: usize,
+        kernel: usize,
+    ) -> Result<Self> {
         if kernel == 0 || weight.len() != channels * kernel {
             candle_core::bail!(
                 "conv1d: weight holds {} values, expected {channels}×{kernel}",
@@ -268,8 +273,10 @@ impl SsmScan {
             .enumerate()
             .for_each(|(h, (s, ys))| {
                 let g = h / heads_per_group;
-                let bg = |t: usize| &xbc[t * stride + b_off + g * n..t * stride + b_off + (g + 1) * n];
-                let cg = |t: usize| &xbc[t * stride + c_off + g * n..t * stride + c_off + (g + 1) * n];
+                let bg =
+                    |t: usize| &xbc[t * stride + b_off + g * n..t * stride + b_off + (g + 1) * n];
+                let cg =
+                    |t: usize| &xbc[t * stride + c_off + g * n..t * stride + c_off + (g + 1) * n];
                 let xh = |t: usize| &xbc[t * stride + h * hd..t * stride + (h + 1) * hd];
                 let mut acum = Vec::with_capacity(self.chunk);
                 let mut weights = Vec::with_capacity(self.chunk);
@@ -293,7 +300,8 @@ impl SsmScan {
                         }
                         // Intra-chunk: Σ_{s≤t} (C_t·B_s) e^{a_t − a_s} dt_s x_s.
                         for (j, src) in (start..=t).enumerate() {
-                            let m = dot(ct, bg(src)) * (acum[i] - acum[j]).exp() * dt[src * heads + h];
+                            let m =
+                                dot(ct, bg(src)) * (acum[i] - acum[j]).exp() * dt[src * heads + h];
                             axpy(m, xh(src), y);
                         }
                         let x = xh(t);
@@ -332,7 +340,12 @@ impl SsmScan {
 }
 
 /// `out [tokens, inner]` cut into per-head, per-token rows: `rows[h][t]` is `out[t, h·P..(h+1)·P]`.
-fn split_out_by_head(out: &mut [f32], tokens: usize, inner: usize, hd: usize) -> Vec<Vec<&mut [f32]>> {
+fn split_out_by_head(
+    out: &mut [f32],
+    tokens: usize,
+    inner: usize,
+    hd: usize,
+) -> Vec<Vec<&mut [f32]>> {
     let heads = inner / hd;
     let mut rows: Vec<Vec<&mut [f32]>> = (0..heads).map(|_| Vec::with_capacity(tokens)).collect();
     for token_row in out.chunks_mut(inner) {
@@ -358,14 +371,26 @@ fn update_and_dot(s: &mut [f32], decay: f32, xdt: f32, b: &[f32], c: &[f32]) -> 
 
 #[inline]
 fn update_and_dot_portable(s: &mut [f32], decay: f32, xdt: f32, b: &[f32], c: &[f32]) -> f32 {
+    let n = s.len().min(b.len()).min(c.len());
+    let whole = n / 8 * 8;
+    let (s8, rest) = s[..n].split_at_mut(whole);
     let mut acc = [0f32; 8];
-    let mut i = 0;
-    for ((sv, bv), cv) in s.iter_mut().zip(b).zip(c) {
-        *sv = *sv * decay + xdt * bv;
-        acc[i % 8] += *sv * cv;
-        i += 1;
+    for ((sc, bc), cc) in s8
+        .chunks_exact_mut(8)
+        .zip(b.chunks_exact(8))
+        .zip(c.chunks_exact(8))
+    {
+        for l in 0..8 {
+            sc[l] = sc[l] * decay + xdt * bc[l];
+            acc[l] += sc[l] * cc[l];
+        }
     }
-    acc.iter().sum()
+    let mut tail = 0f32;
+    for ((sv, bv), cv) in rest.iter_mut().zip(&b[whole..]).zip(&c[whole..]) {
+        *sv = *sv * decay + xdt * bv;
+        tail += *sv * cv;
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -452,25 +477,23 @@ impl GatedGroupNorm {
         {
             candle_core::bail!("gated norm: inputs do not match rows of {width} features");
         }
-        out.par_chunks_mut(width)
-            .enumerate()
-            .for_each(|(t, o)| {
-                let yr = &y[t * width..(t + 1) * width];
-                let zr = &z[t * z_stride..t * z_stride + width];
-                for ((ov, yv), zv) in o.iter_mut().zip(yr).zip(zr) {
-                    *ov = yv * silu(*zv);
+        out.par_chunks_mut(width).enumerate().for_each(|(t, o)| {
+            let yr = &y[t * width..(t + 1) * width];
+            let zr = &z[t * z_stride..t * z_stride + width];
+            for ((ov, yv), zv) in o.iter_mut().zip(yr).zip(zr) {
+                *ov = yv * silu(*zv);
+            }
+            for (og, wg) in o
+                .chunks_mut(self.group_size)
+                .zip(self.weight.chunks(self.group_size))
+            {
+                let mean = dot(og, og) / self.group_size as f32;
+                let r = 1.0 / (mean + self.eps).sqrt();
+                for (v, w) in og.iter_mut().zip(wg) {
+                    *v = w * (*v * r);
                 }
-                for (og, wg) in o
-                    .chunks_mut(self.group_size)
-                    .zip(self.weight.chunks(self.group_size))
-                {
-                    let mean = dot(og, og) / self.group_size as f32;
-                    let r = 1.0 / (mean + self.eps).sqrt();
-                    for (v, w) in og.iter_mut().zip(wg) {
-                        *v = w * (*v * r);
-                    }
-                }
-            });
+            }
+        });
         Ok(())
     }
 }
@@ -481,10 +504,14 @@ mod tests {
 
     /// Deterministic pseudo-random values in [-1, 1).
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -512,7 +539,12 @@ mod tests {
         let xbc = values(tokens * stride, 1);
         let dt = values(tokens * 4, 2);
         let init = values(4 * 3 * 5, 3);
-        let input = ScanInput { xbc: &xbc, stride, dt: &dt, tokens };
+        let input = ScanInput {
+            xbc: &xbc,
+            stride,
+            dt: &dt,
+            tokens,
+        };
         let mut s_ref = init.clone();
         let mut y_ref = vec![0f32; tokens * 12];
         scan(1).recurrent(input, &mut s_ref, &mut y_ref).unwrap();
@@ -520,9 +552,20 @@ mod tests {
             let mut s = init.clone();
             let mut y = vec![0f32; tokens * 12];
             scan(chunk).chunked(input, &mut s, &mut y).unwrap();
-            let dy = y.iter().zip(&y_ref).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            let ds = s.iter().zip(&s_ref).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(dy < 1e-5 && ds < 1e-5, "chunk {chunk}: |dy| {dy}, |ds| {ds}");
+            let dy = y
+                .iter()
+                .zip(&y_ref)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let ds = s
+                .iter()
+                .zip(&s_ref)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                dy < 1e-5 && ds < 1e-5,
+                "chunk {chunk}: |dy| {dy}, |ds| {ds}"
+            );
         }
     }
 
@@ -544,8 +587,17 @@ mod tests {
         let dt_raw = [0.3f32];
         let mut state = vec![1.0, -1.0];
         let mut y = [0f32];
-        s.recurrent(ScanInput { xbc: &xbc, stride: 5, dt: &dt_raw, tokens: 1 }, &mut state, &mut y)
-            .unwrap();
+        s.recurrent(
+            ScanInput {
+                xbc: &xbc,
+                stride: 5,
+                dt: &dt_raw,
+                tokens: 1,
+            },
+            &mut state,
+            &mut y,
+        )
+        .unwrap();
         let dt = (1.0f32 + 0.3f32.exp()).ln();
         let decay = (-2.0 * dt).exp();
         let s0 = decay + dt * 3.0 * 1.0;
@@ -574,7 +626,8 @@ mod tests {
         let mut pieces = Vec::new();
         for (a, b) in [(0, 1), (1, 3), (3, 4), (4, 9)] {
             let mut o = vec![0f32; (b - a) * c];
-            conv.forward(&x[a * c..b * c], c, b - a, &mut st2, &mut o).unwrap();
+            conv.forward(&x[a * c..b * c], c, b - a, &mut st2, &mut o)
+                .unwrap();
             pieces.extend(o);
         }
         assert_eq!(pieces, all);
@@ -584,7 +637,11 @@ mod tests {
 
     #[test]
     fn gated_norm_normalises_each_group_separately() {
-        let norm = GatedGroupNorm { weight: vec![1.0, 2.0, 1.0, 1.0], group_size: 2, eps: 0.0 };
+        let norm = GatedGroupNorm {
+            weight: vec![1.0, 2.0, 1.0, 1.0],
+            group_size: 2,
+            eps: 0.0,
+        };
         let big = 50.0; // silu(50) = 50 to f32 precision
         let y = [1.0, 1.0, 3.0, -4.0];
         let z = [big; 4];
@@ -606,7 +663,12 @@ mod tests {
         let mut y = vec![0f32; 12];
         let xbc = vec![0f32; 32];
         let dt = vec![0f32; 4];
-        let input = ScanInput { xbc: &xbc, stride: 32, dt: &dt, tokens: 1 };
+        let input = ScanInput {
+            xbc: &xbc,
+            stride: 32,
+            dt: &dt,
+            tokens: 1,
+        };
         assert!(s.recurrent(input, &mut st, &mut y).is_err());
         assert!(CausalConv1d::new(&[0.0; 5], None, 2, 3).is_err());
     }

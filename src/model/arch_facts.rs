@@ -98,7 +98,10 @@ mod tests {
         let pattern = meta.layer_pattern.unwrap();
         assert_eq!(pattern.len(), 52);
         assert_eq!(pattern.matches('M').count(), 23);
-        assert_eq!(meta.recurrent_state_bytes, Some(23 * (3 * 6144 + 4096 * 128) * 4));
+        assert_eq!(
+            meta.recurrent_state_bytes,
+            Some(23 * (3 * 6144 + 4096 * 128) * 4)
+        );
     }
 
     #[test]
