@@ -2,6 +2,7 @@
 //! Mamba2 conv/scan/gated norm (CPU only so far).
 
 pub mod bytes;
+pub mod encoder;
 pub mod moe;
 pub mod mxfp4;
 pub mod ssm;
