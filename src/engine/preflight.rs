@@ -72,6 +72,10 @@ pub fn check_architecture_config(config: &Value) -> anyhow::Result<()> {
         .get("model_type")
         .and_then(Value::as_str)
         .context("config.json has no model_type")?;
+    // Embedding encoders have their own table; their builders validate their configs.
+    if super::embed::can_embed(model_type) {
+        return Ok(());
+    }
     crate::arch::lookup(model_type)?;
     match model_type {
         "gpt_oss" => {
