@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Reference bytes from llama.cpp's llama-quantize for `xllm quantize` (tests/quantize_reference.rs).
+"""Reference bytes for `xllm quantize` from llama.cpp (tests/quantize_reference.rs).
+
+"gguf_py": gguf-py's own numpy quantizers (gguf/quants.py: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0,
+TQ2_0, BF16) on three synthetic tensors, sha256 per tensor and type. Needs only gguf-py + numpy.
+Then, when llama-quantize is built (skipped otherwise, with a message):
 
 Two sources, each quantized by llama-quantize to every type xllm writes:
   1. "synthetic": a llama-shaped F32 GGUF (8 layers, hidden 256, so K-quants fit) whose values come
@@ -125,8 +129,30 @@ def convert_tiny_llama(dst):
     subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
 
 
+GGUF_PY_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "BF16"]
+GGUF_PY_TENSORS = ["token_embd.weight", "blk.0.attn_q.weight", "blk.3.ffn_down.weight"]
+
+
+def gguf_py_reference():
+    from gguf import quants
+    shapes = dict(synthetic_tensors())
+    out = {}
+    for name in GGUF_PY_TENSORS:
+        ne = shapes[name]
+        x = synthetic_values(name, ne).reshape(list(reversed(ne)))
+        for ty in GGUF_PY_TYPES:
+            q = quants.quantize(x, gguf.GGMLQuantizationType[ty])
+            out.setdefault(ty, {})[name] = hashlib.sha256(q.tobytes()).hexdigest()
+    return out
+
+
 def main():
-    ref = {"types": TYPES}
+    ref = {"types": TYPES, "gguf_py": gguf_py_reference()}
+    print("gguf-py reference done")
+    if not os.path.exists(os.path.join(LCPP, "build", "bin", "llama-quantize")):
+        print("llama-quantize not built: only the gguf-py reference is written (run scripts/peers.sh llama.cpp)")
+        write(ref)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "synthetic-f32.gguf")
         write_synthetic(src)
@@ -134,6 +160,10 @@ def main():
         src = os.path.join(tmp, "tiny-llama-f32.gguf")
         convert_tiny_llama(src)
         ref["tiny_llama"] = quantize_all(src, tmp, "tiny-llama")
+    write(ref)
+
+
+def write(ref):
     out = os.path.join(ROOT, "tests/fixtures/quantize/llama_cpp_reference.json")
     with open(out, "w") as f:
         json.dump(ref, f, indent=0, sort_keys=True)
