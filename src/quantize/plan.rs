@@ -90,11 +90,7 @@ pub struct ModelShape {
 
 impl ModelShape {
     fn n_gqa(&self) -> usize {
-        if self.n_head_kv == 0 {
-            1
-        } else {
-            self.n_head / self.n_head_kv
-        }
+        self.n_head.checked_div(self.n_head_kv).unwrap_or(1)
     }
     fn is_70b(&self) -> bool {
         self.architecture == "llama" && self.n_layer == 80 && self.n_head != self.n_head_kv
@@ -508,10 +504,10 @@ mod tests {
         let q = p.iter().find(|t| t.name == "blk.1.attn_q.weight").unwrap();
         assert_eq!(q.target_type, GgmlType::Q5_0);
         assert!(q.note.as_deref().unwrap().contains("falls back"));
-        // ffn_down rows are 1536 = 6 x 256: no fallback.
+        // ffn_down rows are 1536 = 6 x 256: no fallback (layer 1 of 4 gets no extra bits).
         let d = p
             .iter()
-            .find(|t| t.name == "blk.2.ffn_down.weight")
+            .find(|t| t.name == "blk.1.ffn_down.weight")
             .unwrap();
         assert_eq!(d.target_type, GgmlType::Q4K);
     }

@@ -6,6 +6,9 @@
 //! element of the block (llama.cpp's `quant_weights`). `None` is the reference path above. With
 //! `Some`, the per-element error is weighted as llama.cpp's `quantize_row_*_impl` does.
 
+// Index loops mirror ggml's reference code, which keeps the float operation order reviewable.
+#![allow(clippy::needless_range_loop)]
+
 use half::f16;
 
 use super::super::types::QK_K;
@@ -297,17 +300,16 @@ pub fn q2_k(x: &[f32], out: &mut [u8], weights: Option<&[f32]>) {
         sc.iter_mut().for_each(|s| *s = 0);
         d = f16_round(0.0);
     }
-    let dmin;
-    if max_min > 0.0 {
+    let dmin = if max_min > 0.0 {
         let iscale = q4scale / max_min;
         for j in 0..16 {
             let lm = nearest_int(iscale * mins[j]);
             sc[j] |= (lm << 4) as u8;
         }
-        dmin = f16_round(max_min / q4scale);
+        f16_round(max_min / q4scale)
     } else {
-        dmin = f16_round(0.0);
-    }
+        f16_round(0.0)
+    };
     dd[0..2].copy_from_slice(&d.0.to_le_bytes());
     dd[2..4].copy_from_slice(&dmin.0.to_le_bytes());
     for j in 0..16 {

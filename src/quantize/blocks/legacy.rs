@@ -4,6 +4,9 @@
 //! C's `(int8_t)(v + 8.5f)` truncates toward zero; `as i8` on values in range does the same. The
 //! order of float operations follows the reference so results are bit-identical.
 
+// Index loops mirror ggml's reference code, which keeps the float operation order reviewable.
+#![allow(clippy::needless_range_loop)]
+
 use half::f16;
 
 pub const QK: usize = 32;

@@ -2,6 +2,9 @@
 //! (`quantize_row_tq*_ref`). Both scale by the block's absolute max and ignore importance
 //! weights, as llama.cpp does; `xllm imatrix` (issue 16) adds the absmean variant.
 
+// Index loops mirror ggml's reference code, which keeps the float operation order reviewable.
+#![allow(clippy::needless_range_loop)]
+
 use half::f16;
 
 use super::super::types::QK_K;
@@ -20,7 +23,7 @@ fn absmax(x: &[f32]) -> f32 {
 pub fn tq1_0(x: &[f32], out: &mut [u8]) {
     let d = absmax(&x[..QK_K]);
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let pack = |q: u8| (((q as u16) * 256 + 242) / 243) as u8;
+    let pack = |q: u8| ((q as u16) * 256).div_ceil(243) as u8;
     // 32 bytes x 5 trits: element m + n*32.
     for m in 0..32 {
         let mut q = 0u8;
