@@ -22,6 +22,9 @@ _xllm() {
             xllm,completions)
                 cmd="xllm__subcmd__completions"
                 ;;
+            xllm,embed)
+                cmd="xllm__subcmd__embed"
+                ;;
             xllm,help)
                 cmd="xllm__subcmd__help"
                 ;;
@@ -51,6 +54,9 @@ _xllm() {
                 ;;
             xllm__subcmd__help,completions)
                 cmd="xllm__subcmd__help__subcmd__completions"
+                ;;
+            xllm__subcmd__help,embed)
+                cmd="xllm__subcmd__help__subcmd__embed"
                 ;;
             xllm__subcmd__help,help)
                 cmd="xllm__subcmd__help__subcmd__help"
@@ -83,7 +89,7 @@ _xllm() {
 
     case "${cmd}" in
         xllm)
-            opts="-h -V --help --version pull list show rm run perplexity bench quantize completions help"
+            opts="-h -V --help --version pull list show rm run perplexity bench quantize embed completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -160,8 +166,46 @@ _xllm() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        xllm__subcmd__embed)
+            opts="-f -v -h -V --file --format --json --dimensions --no-truncate --verbose --device --threads --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "text jsonl json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dimensions)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         xllm__subcmd__help)
-            opts="pull list show rm run perplexity bench quantize completions help"
+            opts="pull list show rm run perplexity bench quantize embed completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -189,6 +233,20 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help__subcmd__completions)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__help__subcmd__embed)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -8,9 +8,11 @@ use crate::model::gguf::GgufFile;
 use crate::model::safetensors::SafetensorsWeights;
 use crate::quant::KvProfile;
 
+pub mod bert;
 pub mod bf16_linear;
 mod cpu_matmul;
 mod decode_attention;
+pub mod encoder;
 pub mod llama;
 mod mask;
 pub mod qlinear;

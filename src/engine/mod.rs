@@ -2,6 +2,7 @@
 //! conditions, streaming callback and cancellation. Drivable step by step (no stdout here).
 
 pub mod chat_template;
+pub mod embed;
 pub mod generate;
 pub mod harmony;
 pub mod harmony_chat;
