@@ -35,6 +35,9 @@ fn safetensors_shape(dir: &Path) -> anyhow::Result<Shape> {
         .with_context(|| format!("cannot read {}/config.json", dir.display()))?;
     let config: Value = serde_json::from_str(&text)
         .with_context(|| format!("{}/config.json is not valid JSON", dir.display()))?;
+    // Sizes are validated before they are multiplied into an estimate.
+    super::preflight::check_architecture_config(&config)
+        .with_context(|| format!("in {}/config.json", dir.display()))?;
     let config = config
         .get("text_config")
         .filter(|t| t.is_object())
@@ -55,6 +58,7 @@ fn safetensors_shape(dir: &Path) -> anyhow::Result<Shape> {
 fn gguf_shape(path: &Path) -> anyhow::Result<Shape> {
     let meta = inspect_gguf(path)?;
     let file = crate::model::gguf::GgufFile::open(path)?;
+    super::preflight::check_gguf_config(&file)?;
     let arch = meta.architecture.clone().unwrap_or_default();
     let hidden = meta.embedding_length.unwrap_or(0) as usize;
     let intermediate = file

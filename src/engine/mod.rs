@@ -10,5 +10,7 @@ pub mod kv_cache;
 pub mod kv_quant;
 pub mod load;
 pub mod memory_plan;
+pub mod preflight;
 pub mod sampler;
 pub mod tokenizer;
+pub mod tokenizer_checks;
