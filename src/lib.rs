@@ -16,6 +16,7 @@ pub mod hub;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod quantize;
 pub mod store;
 
 /// The system allocator with per-thread budgets for work on untrusted data (chat templates):
