@@ -22,6 +22,9 @@ _xllm() {
             xllm,completions)
                 cmd="xllm__subcmd__completions"
                 ;;
+            xllm,embed)
+                cmd="xllm__subcmd__embed"
+                ;;
             xllm,help)
                 cmd="xllm__subcmd__help"
                 ;;
@@ -33,6 +36,9 @@ _xllm() {
                 ;;
             xllm,pull)
                 cmd="xllm__subcmd__pull"
+                ;;
+            xllm,quantize)
+                cmd="xllm__subcmd__quantize"
                 ;;
             xllm,rm)
                 cmd="xllm__subcmd__rm"
@@ -52,6 +58,9 @@ _xllm() {
             xllm__subcmd__help,completions)
                 cmd="xllm__subcmd__help__subcmd__completions"
                 ;;
+            xllm__subcmd__help,embed)
+                cmd="xllm__subcmd__help__subcmd__embed"
+                ;;
             xllm__subcmd__help,help)
                 cmd="xllm__subcmd__help__subcmd__help"
                 ;;
@@ -63,6 +72,9 @@ _xllm() {
                 ;;
             xllm__subcmd__help,pull)
                 cmd="xllm__subcmd__help__subcmd__pull"
+                ;;
+            xllm__subcmd__help,quantize)
+                cmd="xllm__subcmd__help__subcmd__quantize"
                 ;;
             xllm__subcmd__help,rm)
                 cmd="xllm__subcmd__help__subcmd__rm"
@@ -83,7 +95,7 @@ _xllm() {
 
     case "${cmd}" in
         xllm)
-            opts="-h -V --help --version pull list show rm run perplexity bench tokenize completions help"
+            opts="-h -V --help --version pull list show rm run perplexity bench quantize embed tokenize completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -160,8 +172,46 @@ _xllm() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        xllm__subcmd__embed)
+            opts="-f -v -h -V --file --format --json --dimensions --no-truncate --verbose --device --threads --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "text jsonl json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dimensions)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         xllm__subcmd__help)
-            opts="pull list show rm run perplexity bench tokenize completions help"
+            opts="pull list show rm run perplexity bench quantize embed tokenize completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -189,6 +239,20 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help__subcmd__completions)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__help__subcmd__embed)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -245,6 +309,20 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help__subcmd__pull)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__help__subcmd__quantize)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -370,6 +448,44 @@ _xllm() {
             fi
             case "${prev}" in
                 --revision)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__quantize)
+            opts="-t -o -h -V --type --output --name --dry-run --json --threads --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --type)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -t)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

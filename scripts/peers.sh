@@ -30,7 +30,7 @@ setup_llama_cpp() {
   local dir="$PEERS/llama.cpp"
   mkdir -p "$dir"
   if [ ! -d "$dir/src" ]; then
-    python3 -m pip download -q --no-deps --no-binary :all: -d "$dir/dl" "llama-cpp-python==$LLAMA_CPP_PYTHON"
+    python3 -m pip download -q --no-deps --no-binary llama-cpp-python -d "$dir/dl" "llama-cpp-python==$LLAMA_CPP_PYTHON"
     tar -xzf "$dir"/dl/llama_cpp_python-*.tar.gz -C "$dir/dl"
     mv "$dir"/dl/llama_cpp_python-*/vendor/llama.cpp "$dir/src"
   fi

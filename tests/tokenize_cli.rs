@@ -21,7 +21,11 @@ fn xllm(args: &[&str]) -> std::process::Output {
 fn tokenize_prints_ids_and_pieces_of_a_folder_model() {
     let dir = root().join("tests/fixtures/tiny-llama");
     let out = xllm(&["tokenize", dir.to_str().unwrap(), "--json", "Hello world"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids = json["ids"].as_array().unwrap();
     let pieces = json["pieces"].as_array().unwrap();
@@ -52,8 +56,18 @@ fn tokenize_a_gguf_matches_llama_cpp() {
         return;
     };
     // tests/fixtures/smollm2_tokens.json: llama.cpp gives [19556, 905] for "Hello world".
-    let out = xllm(&["tokenize", gguf.to_str().unwrap(), "--no-bos", "--json", "Hello world"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = xllm(&[
+        "tokenize",
+        gguf.to_str().unwrap(),
+        "--no-bos",
+        "--json",
+        "Hello world",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["ids"], serde_json::json!([19556, 905]));
     assert_eq!(json["pieces"], serde_json::json!(["Hello", " world"]));

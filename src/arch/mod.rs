@@ -8,11 +8,14 @@ use crate::model::gguf::GgufFile;
 use crate::model::safetensors::SafetensorsWeights;
 use crate::quant::KvProfile;
 
+pub mod bert;
 pub mod bf16_linear;
 mod cpu_matmul;
 mod decode_attention;
+pub mod encoder;
 pub mod llama;
 mod mask;
+pub mod nemotron_h;
 pub mod rope;
 
 /// A causal language model ready to run on a device.
@@ -184,6 +187,17 @@ pub const ARCHITECTURES: &[Architecture] = &[
             kv_quantization: true,
         },
         tensor_names: gpt_oss::TENSOR_NAMES_DOC,
+    },
+    Architecture {
+        model_type: "nemotron_h",
+        gguf_names: &[],
+        build: nemotron_h::build,
+        capabilities: Capabilities {
+            safetensors: true,
+            gguf: false,
+            kv_quantization: true,
+        },
+        tensor_names: nemotron_h::TENSOR_NAMES_DOC,
     },
 ];
 

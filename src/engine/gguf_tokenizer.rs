@@ -132,11 +132,29 @@ fn byte_level_bpe(file: &GgufFile, vocab: &GgufVocab) -> anyhow::Result<Tokenize
         .collect();
     let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("default");
     let split = split_regexes(pre).with_context(|| format!("{}", file.path.display()))?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab_map(vocab), merges)
-        .ignore_merges(split.ignore_merges)
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot build the BPE tokenizer from GGUF: {e}"))?;
+    let map = vocab_map(vocab);
+    // The `tokenizers` BPE builder panics when a merged pair is longer than every token:
+    // check each merge against the vocabulary first.
+    for (i, (a, b)) in merges.iter().enumerate() {
+        let merged = format!("{a}{b}");
+        let missing = [a, b, &merged]
+            .into_iter()
+            .find(|t| !map.contains_key(*t))
+            .cloned();
+        if let Some(missing) = missing {
+            bail!(
+                "{}: merge {i} of 'tokenizer.ggml.merges' ({a:?} + {b:?}) needs the token {missing:?}, which 'tokenizer.ggml.tokens' lacks",
+                file.path.display()
+            );
+        }
+    }
+    let bpe = crate::guard::catch_panic("building the GGUF tokenizer", || {
+        BPE::builder()
+            .vocab_and_merges(map, merges)
+            .ignore_merges(split.ignore_merges)
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the BPE tokenizer from GGUF: {e}"))
+    })?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(split.pre_tokenizer()?));
     tokenizer.with_decoder(Some(ByteLevel::default()));
@@ -189,9 +207,11 @@ fn sentencepiece(file: &GgufFile, vocab: &GgufVocab) -> anyhow::Result<Tokenizer
     {
         builder = builder.unk_token(unk.clone());
     }
-    let bpe = builder
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot build the SentencePiece tokenizer from GGUF: {e}"))?;
+    let bpe = crate::guard::catch_panic("building the GGUF tokenizer", || {
+        builder
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the SentencePiece tokenizer from GGUF: {e}"))
+    })?;
     // llama.cpp's default for SentencePiece vocabularies is to add the space prefix.
     let add_space_prefix = file
         .get("tokenizer.ggml.add_space_prefix")

@@ -2,7 +2,8 @@
 //! so a model that cannot fit is refused with the numbers instead of failing half-loaded (or
 //! pushing the machine into swap). Weights count as their file bytes (the loader keeps MXFP4,
 //! GGUF blocks and bf16 as stored), the KV cache as bytes per token of the selected profile at
-//! the context that will be allocated, activations by [`crate::device::activation_bytes`].
+//! the context that will be allocated, a hybrid model's recurrent state (fixed per sequence),
+//! activations by [`crate::device::activation_bytes`].
 
 use std::path::Path;
 
@@ -35,6 +36,9 @@ fn safetensors_shape(dir: &Path) -> anyhow::Result<Shape> {
         .with_context(|| format!("cannot read {}/config.json", dir.display()))?;
     let config: Value = serde_json::from_str(&text)
         .with_context(|| format!("{}/config.json is not valid JSON", dir.display()))?;
+    // Sizes are validated before they are multiplied into an estimate.
+    super::preflight::check_architecture_config(&config)
+        .with_context(|| format!("in {}/config.json", dir.display()))?;
     let config = config
         .get("text_config")
         .filter(|t| t.is_object())
@@ -55,6 +59,7 @@ fn safetensors_shape(dir: &Path) -> anyhow::Result<Shape> {
 fn gguf_shape(path: &Path) -> anyhow::Result<Shape> {
     let meta = inspect_gguf(path)?;
     let file = crate::model::gguf::GgufFile::open(path)?;
+    super::preflight::check_gguf_config(&file)?;
     let arch = meta.architecture.clone().unwrap_or_default();
     let hidden = meta.embedding_length.unwrap_or(0) as usize;
     let intermediate = file
@@ -124,12 +129,10 @@ pub fn estimate(
         context,
         dtype_bytes: COMPUTE_DTYPE_BYTES,
     });
-    Ok(MemoryEstimate::new(
-        weight_bytes(resolved)?,
-        kv_per_token,
-        context,
-        activations,
-    ))
+    Ok(
+        MemoryEstimate::new(weight_bytes(resolved)?, kv_per_token, context, activations)
+            .with_recurrent_state(meta.recurrent_state_bytes.unwrap_or(0)),
+    )
 }
 
 /// Refuses, before loading, a model that does not fit `device` (see [`crate::device::ensure_fits`]).

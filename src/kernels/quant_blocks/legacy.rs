@@ -1,9 +1,13 @@
 //! The 32-element GGUF block formats: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` (ggml-common.h).
 //!
 //! Every format is `w = d · q + c` per block, with `q` small integers: `c` is the stored min
-//! (`_1` formats), zero for `Q8_0`, and `−8d` / `−16d` for `Q4_0` / `Q5_0` whose `q` are stored
-//! unsigned with an offset. A dot with [`BlockQ8`] activations is then
+//! (`_1` formats) and zero for the others (`Q4_0` / `Q5_0` store `q` unsigned with an offset of
+//! 8 / 16, removed on unpacking as llama.cpp does). A dot with [`BlockQ8`] activations is then
 //! `d · x.d · Σ q·xq + c · x.s`: integer products, two float terms per block.
+//!
+//! Batch invariance: every kernel (`dot_n` for any `N`, `dot2`) computes each output row with the
+//! same operations in the same order, so a row's value does not depend on how many activation
+//! rows are in the matmul (a sequence decoded alone or in a batch gives the same logits).
 //!
 //! [`dequantize_block`] is the reference (it follows gguf-py's `gguf.quants` operation for
 //! operation, and the tests check it bit for bit); the dot kernels have a scalar version and an
@@ -98,7 +102,8 @@ pub(super) mod avx2 {
     use crate::kernels::ggml_types::GgmlType;
     use std::arch::x86_64::*;
 
-    /// A block's levels as 32 bytes (unsigned, except `Q8_0`: signed) with `d` and `c`.
+    /// A block's levels as 32 bytes (unsigned for `Q4_1`/`Q5_1`, signed for the others) with
+    /// `d` and `c`.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn unpack<const F: u32>(b: *const u8) -> (__m256i, f32, f32) {
@@ -131,16 +136,18 @@ pub(super) mod avx2 {
             ]) as i32)))
         };
         let qh_at = |at: usize| (b.add(at) as *const u32).read_unaligned();
+        // Q4_0 / Q5_0 levels are made signed (offset removed), as llama.cpp does: with the
+        // offset applied through the f16 activation sum `s` instead, it would lose precision.
         match F {
-            2 => {
-                let d = f16_at(0);
-                (nibbles(b.add(2)), d, -8.0 * d)
-            }
+            2 => (
+                _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8)),
+                f16_at(0),
+                0.0,
+            ),
             3 => (nibbles(b.add(4)), f16_at(0), f16_at(2)),
             6 => {
-                let d = f16_at(0);
                 let q = _mm256_or_si256(nibbles(b.add(6)), high_bits(qh_at(2)));
-                (q, d, -16.0 * d)
+                (_mm256_sub_epi8(q, _mm256_set1_epi8(16)), f16_at(0), 0.0)
             }
             7 => {
                 let q = _mm256_or_si256(nibbles(b.add(8)), high_bits(qh_at(4)));
@@ -155,12 +162,12 @@ pub(super) mod avx2 {
     }
 
     /// Σ q·x over the block as eight f32 lanes. Unsigned levels go straight into `maddubs`
-    /// (31·127·2 fits in i16); signed ones (`Q8_0`) move their sign onto `x` first.
+    /// (31·127·2 fits in i16); signed ones move their sign onto `x` first.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn block_dot<const F: u32>(q: __m256i, x: &BlockQ8) -> __m256 {
         let x8 = _mm256_load_si256(x.qs.as_ptr() as *const __m256i);
-        let p16 = if F == GgmlType::Q8_0.id {
+        let p16 = if F != GgmlType::Q4_1.id && F != GgmlType::Q5_1.id {
             _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x8, q))
         } else {
             _mm256_maddubs_epi16(q, x8)
@@ -202,21 +209,26 @@ pub(super) mod avx2 {
         })
     }
 
-    /// Two weight rows dotted with one activation row (decode): two independent chains.
+    /// Two weight rows dotted with one activation row (decode), each row with exactly the
+    /// arithmetic of [`dot_n`] (even/odd accumulators), so decode alone equals decode in a batch.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot2<const F: u32>(w0: &[u8], w1: &[u8], x: &[BlockQ8]) -> [f32; 2] {
         let bb = bytes::<F>();
         let blocks = w0.len() / bb;
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut acc_c = [0f32; 2];
+        let mut acc = [[_mm256_setzero_ps(); 2]; 2];
+        let mut acc_c = [[0f32; 2]; 2];
         for (i, xb) in x.iter().enumerate().take(blocks) {
+            let a = i & 1;
             for (r, w) in [w0, w1].into_iter().enumerate() {
                 let (q, d, c) = unpack::<F>(w.as_ptr().add(i * bb));
-                acc[r] = _mm256_fmadd_ps(block_dot::<F>(q, xb), _mm256_set1_ps(d * xb.d), acc[r]);
-                acc_c[r] += c * xb.s;
+                acc[a][r] =
+                    _mm256_fmadd_ps(block_dot::<F>(q, xb), _mm256_set1_ps(d * xb.d), acc[a][r]);
+                acc_c[a][r] += c * xb.s;
             }
         }
-        [hsum(acc[0]) + acc_c[0], hsum(acc[1]) + acc_c[1]]
+        std::array::from_fn(|r| {
+            hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + acc_c[0][r] + acc_c[1][r]
+        })
     }
 }
 

@@ -1,11 +1,13 @@
 //! Activations quantized to 8-bit blocks, so weight blocks are dotted with them in integer
-//! arithmetic (llama.cpp's `Q8_1` for the 32-element formats, `Q8_K` for the k-quants).
+//! arithmetic: the 32-element blocks of llama.cpp's `Q8_0`/`Q8_1` and the 256-element `Q8_K`,
+//! quantized as llama.cpp does it, so the integer products are the same as llama.cpp's:
 //!
-//! Both round half to even (`_mm256_round_ps` in the AVX2 path, `round_ties_even` in the scalar
-//! one), as llama.cpp's x86 quantizer does: exact ties are rare, yet on SmolLM2 Q4_1 half-away
-//! rounding moved the 338-token perplexity by 0.25 %. Unlike llama.cpp's `Q8_K` (which maps the
-//! largest magnitude to −128), the scale here is symmetric (`amax / 127`), the same rule for both
-//! block sizes; the difference is far below the weights' own quantization error.
+//! - 32-element blocks: `d = amax / 127`, `q = round(x · 127 / amax)` half to even (as x86
+//!   `quantize_row_q8_1` with `_mm256_round_ps`), `d` and `s = d · Σq` kept at f16 precision as its
+//!   block stores them. Exact ties are rare, yet on SmolLM2 Q4_1 half-away rounding moved the
+//!   338-token perplexity by 0.25 %: such details are the noise floor of perplexity comparisons.
+//! - 256-element blocks: the largest-magnitude value maps to −128 (`iscale = −128 / max`),
+//!   `q = min(127, round(iscale · x))`, `d = 1 / iscale` in f32, plus the sums of each 16 `q`.
 
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::cpu_matmul::hsum;
@@ -63,22 +65,18 @@ pub fn quantize_q8(xs: &[f32], avx2: bool) -> Vec<BlockQ8> {
 }
 
 /// `xs` (a multiple of 256 long) as 256-element blocks.
-pub fn quantize_q8k(xs: &[f32], avx2: bool) -> Vec<BlockQ8K> {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: as above.
-        return xs
-            .chunks_exact(QK_K)
-            .map(|x| unsafe { quantize_q8k_avx2(x) })
-            .collect();
-    }
-    let _ = avx2;
+pub fn quantize_q8k(xs: &[f32], _avx2: bool) -> Vec<BlockQ8K> {
     xs.chunks_exact(QK_K).map(quantize_q8k_scalar).collect()
 }
 
+/// The 32-element block scale and its inverse (llama.cpp: `d = amax / 127`, `id = 127 / amax`).
 fn scale_of(amax: f32) -> (f32, f32) {
-    let d = amax / 127.0;
-    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+    (amax / 127.0, if amax != 0.0 { 127.0 / amax } else { 0.0 })
+}
+
+/// An f32 rounded to f16 precision (the block stores it as f16).
+fn f16_round(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
 }
 
 pub(super) fn quantize_q8_scalar(x: &[f32]) -> BlockQ8 {
@@ -92,21 +90,36 @@ pub(super) fn quantize_q8_scalar(x: &[f32]) -> BlockQ8 {
     }
     BlockQ8 {
         qs,
-        d,
-        s: d * sum as f32,
+        d: f16_round(d),
+        s: f16_round(d * sum as f32),
     }
 }
 
+/// llama.cpp's `quantize_row_q8_K` (portable; activation quantization is a small part of a
+/// matmul, so this block size has no SIMD version).
 pub(super) fn quantize_q8k_scalar(x: &[f32]) -> BlockQ8K {
-    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let (d, id) = scale_of(amax);
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
     let mut qs = [0i8; QK_K];
+    if amax == 0.0 {
+        return BlockQ8K {
+            qs,
+            d: 0.0,
+            bsums: [0; QK_K / 16],
+        };
+    }
+    let iscale = -128.0 / max;
     for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * id).round_ties_even() as i8;
+        *q = (iscale * v).round_ties_even().min(127.0) as i8;
     }
     BlockQ8K {
         qs,
-        d,
+        d: 1.0 / iscale,
         bsums: bsums(&qs),
     }
 }
@@ -163,29 +176,11 @@ unsafe fn quantize_q8_avx2(x: &[f32]) -> BlockQ8 {
     let (d, id) = scale_of(amax(&v));
     let mut out = BlockQ8 {
         qs: [0; QK],
-        d,
+        d: f16_round(d),
         s: 0.0,
     };
     let sum = round_store_32(&v, id, &mut out.qs);
-    out.s = d * sum as f32;
-    out
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_q8k_avx2(x: &[f32]) -> BlockQ8K {
-    use std::arch::x86_64::*;
-    let v: [__m256; 32] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
-    let (d, id) = scale_of(amax(&v));
-    let mut out = BlockQ8K {
-        qs: [0; QK_K],
-        d,
-        bsums: [0; QK_K / 16],
-    };
-    for (c, v4) in v.chunks_exact(4).enumerate() {
-        round_store_32(v4, id, &mut out.qs[QK * c..QK * (c + 1)]);
-    }
-    out.bsums = bsums(&out.qs);
+    out.s = f16_round(d * sum as f32);
     out
 }
 
@@ -211,11 +206,6 @@ mod tests {
             assert_eq!(a.d, b.d);
             assert!((a.s - b.s).abs() <= 1e-5 * a.s.abs().max(1.0));
         }
-        for (a, b) in quantize_q8k(&xs, false).iter().zip(quantize_q8k(&xs, true)) {
-            assert_eq!(a.qs, b.qs);
-            assert_eq!(a.d, b.d);
-            assert_eq!(a.bsums, b.bsums);
-        }
     }
 
     #[test]
@@ -230,6 +220,11 @@ mod tests {
             k.bsums[3],
             k.qs[48..64].iter().map(|&q| q as i16).sum::<i16>()
         );
+        // llama.cpp's Q8_K: the largest magnitude becomes −128.
+        let at = (0..QK_K)
+            .max_by(|&a, &b| xs[a].abs().total_cmp(&xs[b].abs()))
+            .unwrap();
+        assert_eq!(k.qs[at], -128);
         let zero = quantize_q8(&[0.0; QK], false);
         assert_eq!((zero[0].d, zero[0].s, zero[0].qs), (0.0, 0.0, [0; QK]));
     }

@@ -130,6 +130,31 @@ fn activations(m: usize, k: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// What the kernels compute for 32-element formats, in f64: per block
+/// `d_w·d_x·Σ q_w·q_x + c_w·s_x` (the min term uses the block's stored activation sum, as
+/// llama.cpp's `Q8_1` does).
+fn legacy_product(ty: GgmlType, w: &QuantMatrix, xs: &[f32], m: usize) -> Vec<f64> {
+    let xq = q8::quantize_q8(xs, false);
+    let blocks = w.cols() / q8::QK;
+    let mut y = vec![0f64; m * w.rows()];
+    for i in 0..m {
+        for r in 0..w.rows() {
+            let mut acc = 0f64;
+            for (b, x) in w.row(r).chunks_exact(ty.block_bytes).zip(&xq[i * blocks..]) {
+                let (q, d, c) = legacy::unpack(ty, b);
+                let isum: i64 = q
+                    .iter()
+                    .zip(&x.qs)
+                    .map(|(&a, &b)| a as i64 * b as i64)
+                    .sum();
+                acc += d as f64 * x.d as f64 * isum as f64 + c as f64 * x.s as f64;
+            }
+            y[i * w.rows() + r] = acc;
+        }
+    }
+    y
+}
+
 /// The activations as the kernels see them (after 8-bit block quantization).
 fn quantized_activations(ty: GgmlType, xs: &[f32]) -> Vec<f32> {
     if ty.block_elems == q8::QK {
@@ -154,7 +179,13 @@ fn matmul_matches_a_dequantized_f64_product() {
         for m in [1usize, 2, 4, 7] {
             let xs = activations(m, k, m as u64);
             // Against the quantized activations only float summation order separates the two.
-            let (want, mag) = f64_product(&quantized_activations(ty, &xs), &dense, m, n, k);
+            // (32-element formats: per block `d·x.d·Σq·xq + c·s`, the f16-rounded `s` included.)
+            let (quantized, mag) = f64_product(&quantized_activations(ty, &xs), &dense, m, n, k);
+            let want = if ty.block_elems == q8::QK {
+                legacy_product(ty, &w, &xs, m)
+            } else {
+                quantized
+            };
             let (raw, _) = f64_product(&xs, &dense, m, n, k);
             let x = Tensor::from_vec(xs.clone(), (m, k), &Device::Cpu).unwrap();
             let fast: Vec<f32> = w
@@ -187,6 +218,34 @@ fn matmul_matches_a_dequantized_f64_product() {
                             raw[j]
                         );
                     }
+                }
+            }
+        }
+    }
+}
+
+/// A row's output is bit-identical whatever the number of activation rows in the matmul (decode
+/// alone vs in a batch, prefill tiles), in the detected (AVX2) path and in the scalar one.
+#[test]
+fn each_output_row_is_independent_of_the_batch_size() {
+    let (n, k) = (9, 512);
+    for ty in TYPES {
+        let w = QuantMatrix::new(ty, random_blocks(ty, n * k / ty.block_elems, 5), n, k).unwrap();
+        let xs = activations(9, k, 11);
+        for avx2 in [has_avx2_fma_f16c(), false] {
+            let run = |rows: &[f32], m: usize| {
+                if ty.block_elems == q8::QK {
+                    w.run(&q8::quantize_q8(rows, avx2), m, legacy_kernels(ty, avx2))
+                } else {
+                    w.run(&q8::quantize_q8k(rows, avx2), m, k_quant_kernels(ty, avx2))
+                }
+            };
+            let solo: Vec<Vec<f32>> = (0..9).map(|i| run(&xs[i * k..(i + 1) * k], 1)).collect();
+            for m in 2..=9 {
+                let yt = run(&xs[..m * k], m);
+                for (i, solo) in solo.iter().enumerate().take(m) {
+                    let batched: Vec<f32> = (0..n).map(|r| yt[r * m + i]).collect();
+                    assert_eq!(&batched, solo, "{ty} avx2={avx2} m={m} row {i}");
                 }
             }
         }
