@@ -16,7 +16,6 @@ pub mod encoder;
 pub mod llama;
 mod mask;
 pub mod nemotron_h;
-pub mod qlinear;
 pub mod rope;
 
 /// A causal language model ready to run on a device.

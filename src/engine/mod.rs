@@ -4,6 +4,7 @@
 pub mod chat_template;
 pub mod embed;
 pub mod generate;
+mod gguf_tokenizer;
 pub mod harmony;
 pub mod harmony_chat;
 pub mod kv_cache;
