@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use xllm::engine::kv_cache::{new_store, KvLayout, KvStore};
+use xllm::state::kv_cache::{new_store, KvLayout, KvStore};
 use xllm::quant::KvProfile;
 
 const Q_HEADS: usize = 9;

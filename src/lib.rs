@@ -13,4 +13,5 @@ pub mod hub;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod state;
 pub mod store;

@@ -18,52 +18,73 @@ struct KvView<'a> {
 }
 
 /// `Some([1, 1, heads · head_dim])` — the heads' outputs side by side — for a single query
-/// `q` `[1, heads, 1, head_dim]` over `k`/`v` `[1, kv_heads, len, head_dim]` (f32 CPU tensors).
-/// Query head `h` reads KV head `h / (heads / kv_heads)`; with a sliding `window` only the last
-/// `window` keys are visible. `None` when the tensors are not laid out for this path (other
-/// dtypes or devices, unusual strides): the caller then takes the general path.
+/// `q` `[1, heads, 1, head_dim]` over the keys/values of `segments` (the blocks of a sequence's
+/// cache, in order, each `[1, kv_heads, n_i, head_dim]` f32 CPU tensors). Query head `h` reads KV
+/// head `h / (heads / kv_heads)`; with a sliding `window` only the last `window` keys are visible.
+/// `None` when the tensors are not laid out for this path (other dtypes or devices, unusual
+/// strides): the caller then takes the general path.
 pub(crate) fn decode_attention(
     q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    segments: &[(Tensor, Tensor)],
     window: Option<usize>,
 ) -> Result<Option<Tensor>> {
     let (_, heads, t, dim) = q.dims4()?;
-    let (_, kv_heads, len, kdim) = k.dims4()?;
-    if t != 1 || kdim != dim || v.dims() != k.dims() || heads % kv_heads != 0 || len == 0 {
+    let Some((first_k, _)) = segments.first() else {
+        return Ok(None);
+    };
+    let kv_heads = first_k.dim(1)?;
+    if t != 1 || heads % kv_heads != 0 {
         return Ok(None);
     }
     let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
-    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v)) {
+    if !cpu_f32(q) {
+        return Ok(None);
+    }
+    let mut storages = Vec::with_capacity(segments.len());
+    for (k, v) in segments {
+        let (_, kvh, n, kdim) = k.dims4()?;
+        if kvh != kv_heads || kdim != dim || v.dims() != k.dims() || !cpu_f32(k) || !cpu_f32(v) {
+            return Ok(None);
+        }
+        storages.push((k.storage_and_layout(), v.storage_and_layout(), n));
+    }
+    let mut blocks = Vec::with_capacity(storages.len());
+    for ((ks, kl), (vs, vl), n) in &storages {
+        let (Storage::Cpu(k_cpu), Storage::Cpu(v_cpu)) = (&**ks, &**vs) else {
+            return Ok(None);
+        };
+        let (Some(keys), Some(values)) = (
+            kv_view(k_cpu, kl, kv_heads, *n, dim),
+            kv_view(v_cpu, vl, kv_heads, *n, dim),
+        ) else {
+            return Ok(None);
+        };
+        blocks.push((keys, values, *n));
+    }
+    let len: usize = blocks.iter().map(|b| b.2).sum();
+    if len == 0 {
         return Ok(None);
     }
     let qs = q.flatten_all()?.to_vec1::<f32>()?;
-    let (k_storage, k_layout) = k.storage_and_layout();
-    let (v_storage, v_layout) = v.storage_and_layout();
-    let (Storage::Cpu(k_cpu), Storage::Cpu(v_cpu)) = (&*k_storage, &*v_storage) else {
-        return Ok(None);
-    };
-    let (Some(keys), Some(values)) = (
-        kv_view(k_cpu, k_layout, kv_heads, len, dim),
-        kv_view(v_cpu, v_layout, kv_heads, len, dim),
-    ) else {
-        return Ok(None);
-    };
     let first = window.map_or(0, |w| len.saturating_sub(w));
     let group = heads / kv_heads;
     let scale = 1.0 / (dim as f32).sqrt();
     let mut out = vec![0f32; heads * dim];
     for_each_chunk(&mut out, dim, |h, o| {
         let kv = h / group;
-        let key_rows = &keys.data[kv * keys.head_stride..][..len * dim];
-        let value_rows = &values.data[kv * values.head_stride..][..len * dim];
-        attend(
-            &qs[h * dim..(h + 1) * dim],
-            &key_rows[first * dim..],
-            &value_rows[first * dim..],
-            scale,
-            o,
-        );
+        // The visible rows of each block, as (keys, values) slices.
+        let mut parts = Vec::with_capacity(blocks.len());
+        let mut at = 0;
+        for (keys, values, n) in &blocks {
+            let skip = first.saturating_sub(at).min(*n);
+            if skip < *n {
+                let k_rows = &keys.data[kv * keys.head_stride..][..n * dim];
+                let v_rows = &values.data[kv * values.head_stride..][..n * dim];
+                parts.push((&k_rows[skip * dim..], &v_rows[skip * dim..]));
+            }
+            at += n;
+        }
+        attend(&qs[h * dim..(h + 1) * dim], &parts, scale, o);
     });
     Ok(Some(Tensor::from_vec(
         out,
@@ -90,27 +111,35 @@ fn kv_view<'a>(
     (data.len() >= (kv_heads - 1) * head_stride + len * dim).then_some(KvView { data, head_stride })
 }
 
-/// softmax(q·kᵢ · scale) weighted sum of the value rows, into `out`; AVX2 when the CPU has it.
-fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+/// Visible keys and values of one block: rows of `dim` floats.
+type Rows<'a> = (&'a [f32], &'a [f32]);
+
+/// softmax(q·kᵢ · scale) weighted sum of the value rows over all `parts`, into `out`; AVX2 when
+/// the CPU has it.
+fn attend(q: &[f32], parts: &[Rows<'_>], scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu_matmul::has_avx2_fma_f16c() {
         // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { attend_avx2(q, keys, values, scale, out) };
+        return unsafe { attend_avx2(q, parts, scale, out) };
     }
-    attend_portable(q, keys, values, scale, out)
+    attend_portable(q, parts, scale, out)
 }
 
 /// [`attend_portable`] compiled for AVX2: the same code, vectorized eight lanes wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
-    attend_portable(q, keys, values, scale, out)
+unsafe fn attend_avx2(q: &[f32], parts: &[Rows<'_>], scale: f32, out: &mut [f32]) {
+    attend_portable(q, parts, scale, out)
 }
 
 #[inline(always)]
-fn attend_portable(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+fn attend_portable(q: &[f32], parts: &[Rows<'_>], scale: f32, out: &mut [f32]) {
     let dim = q.len();
-    let mut scores: Vec<f32> = keys.chunks_exact(dim).map(|k| dot(q, k) * scale).collect();
+    let mut scores: Vec<f32> = parts
+        .iter()
+        .flat_map(|(keys, _)| keys.chunks_exact(dim))
+        .map(|k| dot(q, k) * scale)
+        .collect();
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let mut sum = 0f32;
     for s in &mut scores {
@@ -118,7 +147,8 @@ fn attend_portable(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mu
         sum += *s;
     }
     out.fill(0.0);
-    for (p, v) in scores.iter().zip(values.chunks_exact(dim)) {
+    let values = parts.iter().flat_map(|(_, values)| values.chunks_exact(dim));
+    for (p, v) in scores.iter().zip(values) {
         let w = p / sum;
         for (o, &x) in out.iter_mut().zip(v) {
             *o += w * x;
@@ -192,10 +222,26 @@ mod tests {
             let vc = Tensor::randn(0f32, 1.0, (1, kv_heads, capacity, dim), &dev).unwrap();
             let (k, v) = (kc.narrow(2, 0, len).unwrap(), vc.narrow(2, 0, len).unwrap());
             let q = Tensor::randn(0f32, 1.0, (1, heads, 1, dim), &dev).unwrap();
-            let ours = decode_attention(&q, &k, &v, window).unwrap().unwrap();
+            let ours = decode_attention(&q, &[(k.clone(), v.clone())], window)
+                .unwrap()
+                .unwrap();
+            // The same keys split into blocks give the same result.
+            let cut = len / 3;
+            let split = if cut > 0 {
+                let parts = [(0, cut), (cut, len - cut)];
+                let segs: Vec<(Tensor, Tensor)> = parts
+                    .iter()
+                    .map(|&(a, n)| (k.narrow(2, a, n).unwrap(), v.narrow(2, a, n).unwrap()))
+                    .collect();
+                decode_attention(&q, &segs, window).unwrap().unwrap()
+            } else {
+                ours.clone()
+            };
             let want = reference(&q, &k, &v, window);
-            let diff = max_abs(&(ours - want).unwrap());
+            let diff = max_abs(&(ours - &want).unwrap());
             assert!(diff < 1e-5, "heads {heads}/{kv_heads}, len {len}: {diff}");
+            let diff = max_abs(&(split - &want).unwrap());
+            assert!(diff < 1e-5, "split: heads {heads}/{kv_heads}, len {len}: {diff}");
         }
     }
 
@@ -204,17 +250,17 @@ mod tests {
         let dev = Device::Cpu;
         let k = Tensor::zeros((1, 2, 4, 8), DType::F32, &dev).unwrap();
         let two_queries = Tensor::zeros((1, 2, 2, 8), DType::F32, &dev).unwrap();
-        assert!(decode_attention(&two_queries, &k, &k, None)
+        assert!(decode_attention(&two_queries, &[(k.clone(), k.clone())], None)
             .unwrap()
             .is_none());
         let q16 = Tensor::zeros((1, 2, 1, 8), DType::F16, &dev).unwrap();
-        assert!(decode_attention(&q16, &k, &k, None).unwrap().is_none());
+        assert!(decode_attention(&q16, &[(k.clone(), k.clone())], None).unwrap().is_none());
         // Keys transposed in memory (element stride ≠ 1).
         let kt = Tensor::zeros((1, 2, 8, 4), DType::F32, &dev)
             .unwrap()
             .transpose(2, 3)
             .unwrap();
         let q = Tensor::zeros((1, 2, 1, 8), DType::F32, &dev).unwrap();
-        assert!(decode_attention(&q, &kt, &kt, None).unwrap().is_none());
+        assert!(decode_attention(&q, &[(kt.clone(), kt)], None).unwrap().is_none());
     }
 }

@@ -11,12 +11,11 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::bf16_linear::Bf16Matrix;
 use super::decode_attention::decode_attention;
-use super::forward_in_passes;
 use super::mask::causal_mask;
 use super::qlinear::{BlockFormat, QuantMatrix};
 use super::rope::{Rope, RopeLayout};
-use super::{BuildOptions, CausalLm, ModelInfo, WeightSource};
-use crate::engine::kv_cache::{KvStore, SequenceCache};
+use super::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, Span, WeightSource};
+use crate::state::PagedKv;
 use crate::model::config::{LlamaConfig, RopeConfig, RopeScaling};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::SafetensorsWeights;
@@ -643,12 +642,15 @@ impl Llama {
         )?))
     }
 
+    /// Attention of one layer for every sequence of the batch: projections, q/k norms and RoPE
+    /// over all rows at once, then each sequence's rows attend over its own cache.
     fn attention(
         &self,
         layer: &Layer,
+        index: usize,
         x: &Tensor,
-        store: &mut dyn KvStore,
-        start: usize,
+        batch: &mut [BatchSeq<'_>],
+        plan: &BatchPlan,
         cos_sin: &(Tensor, Tensor),
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
@@ -665,6 +667,7 @@ impl Llama {
             q = self.rms_norm(&q, qn)?;
             k = self.rms_norm(&k, kn)?;
         }
+        // RoPE is per row, so one table with each token's own position serves the whole batch.
         let q = self
             .rope
             .apply(&q.transpose(1, 2)?, &cos_sin.0, &cos_sin.1)?;
@@ -672,12 +675,46 @@ impl Llama {
             .rope
             .apply(&k.transpose(1, 2)?, &cos_sin.0, &cos_sin.1)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let (k_all, v_all) = store.append(&k, &v)?;
+        let mut outs = Vec::with_capacity(batch.len());
+        for (seq, span) in batch.iter_mut().zip(&plan.spans) {
+            let pick = |x: &Tensor| -> Result<Tensor> {
+                if span.len == t {
+                    Ok(x.clone())
+                } else {
+                    x.narrow(2, span.offset, span.len)?.contiguous()
+                }
+            };
+            let store = seq.state.kv_mut(index)?;
+            outs.push(self.attend(layer, &pick(&q)?, &pick(&k)?, &pick(&v)?, store, span)?);
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outs, 1)?
+        };
+        layer.o.forward(&out)
+    }
+
+    /// One sequence's attention: `q` `[1, heads, n, d]`, `k`/`v` `[1, kv_heads, n, d]` for its
+    /// `n` new tokens, written to `store` first. Returns `[1, n, heads · d]`.
+    fn attend(
+        &self,
+        layer: &Layer,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        store: &mut PagedKv,
+        span: &Span,
+    ) -> Result<Tensor> {
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let t = span.len;
+        store.write(k, v)?;
         if t == 1 {
-            if let Some(out) = decode_attention(&q, &k_all, &v_all, layer.window)? {
-                return layer.o.forward(&out);
+            if let Some(out) = decode_attention(q, &store.segments()?, layer.window)? {
+                return Ok(out);
             }
         }
+        let (k_all, v_all) = store.gathered()?;
         let len = k_all.dim(2)?;
         let n_rep = h / kvh;
         // Query heads sharing a KV head are stacked as rows: [kvh, n_rep * t, d], so grouped
@@ -687,66 +724,31 @@ impl Llama {
         let v_all = v_all.squeeze(0)?;
         let scale = 1.0 / (d as f64).sqrt();
         let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
-        if let Some(mask) = self.mask(start, t, len, layer.window)? {
+        if let Some(mask) = self.mask(span.start, t, len, layer.window)? {
             scores = scores
                 .reshape((kvh, n_rep, t, len))?
                 .broadcast_add(&mask)?
                 .reshape((kvh, n_rep * t, len))?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
+        probs
             .matmul(&v_all.contiguous()?)?
             .reshape((1, h, t, d))?
             .transpose(1, 2)?
-            .reshape((1, t, h * d))?;
-        layer.o.forward(&out)
+            .reshape((1, t, h * d))
     }
 }
 
 impl CausalLm for Llama {
-    fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut SequenceCache,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        forward_in_passes(tokens, last_only, |pass| {
-            self.forward_pass(pass, cache, last_only)
-        })
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-}
-
-impl Llama {
-    /// One pass of `tokens` through every layer (see [`forward_in_passes`]).
-    fn forward_pass(
-        &self,
-        tokens: &[u32],
-        cache: &mut SequenceCache,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        let t = tokens.len();
-        if t == 0 {
-            candle_core::bail!("forward called with no tokens");
-        }
-        if cache.layers.len() != self.layers.len() {
-            candle_core::bail!(
-                "cache has {} layers, model has {}",
-                cache.layers.len(),
-                self.layers.len()
-            );
-        }
-        let start = cache.position();
+    fn forward_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor> {
+        let plan = BatchPlan::new(batch, self.info.vocab_size, self.layers.len())?;
         let device = &self.info.device;
-        let ids = Tensor::new(tokens, device)?;
+        let ids = Tensor::new(plan.tokens.as_slice(), device)?;
         let mut x = embed(&self.embed, &ids, self.dtype)?.unsqueeze(0)?;
-        let cos_sin = self.rope.cos_sin(start, t, device)?;
-        for (layer, store) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let cos_sin = self.rope_tables(&plan, device)?;
+        for (index, layer) in self.layers.iter().enumerate() {
             let normed = self.rms_norm(&x, &layer.attn_norm)?;
-            let attn = self.attention(layer, &normed, store.as_mut(), start, &cos_sin)?;
+            let attn = self.attention(layer, index, &normed, batch, &plan, &cos_sin)?;
             x = (x + attn)?;
             let normed = self.rms_norm(&x, &layer.ffn_norm)?;
             let [gate, up]: [Tensor; 2] = layer
@@ -757,10 +759,41 @@ impl Llama {
             let gate = candle_nn::ops::silu(&gate)?;
             x = (x + layer.down.forward(&(gate * up)?)?)?;
         }
-        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        plan.commit(batch);
+        if plan.logit_rows.is_empty() {
+            return Tensor::zeros((0, self.info.vocab_size), DType::F32, device);
+        }
+        let x = if plan.returns_every_row() {
+            x
+        } else {
+            let rows = Tensor::new(plan.logit_rows.as_slice(), device)?;
+            x.index_select(&rows, 1)?
+        };
         let x = self.rms_norm(&x, &self.norm)?;
         let logits = self.lm_head.forward(&x)?.squeeze(0)?;
         logits.to_dtype(DType::F32)?.contiguous()
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+impl Llama {
+    /// `cos`, `sin` rows for every token of the batch at its own position (each sequence's
+    /// table computed for its length, as dynamic scaling needs).
+    fn rope_tables(&self, plan: &BatchPlan, device: &Device) -> Result<(Tensor, Tensor)> {
+        let mut cos = Vec::with_capacity(plan.spans.len());
+        let mut sin = Vec::with_capacity(plan.spans.len());
+        for span in &plan.spans {
+            let (c, s) = self.rope.cos_sin(span.start, span.len, device)?;
+            cos.push(c);
+            sin.push(s);
+        }
+        if cos.len() == 1 {
+            return Ok((cos.pop().expect("one"), sin.pop().expect("one")));
+        }
+        Ok((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
     }
 }
 

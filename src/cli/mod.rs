@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub mod bench;
 pub mod completions;
-pub mod harmony_view;
+pub mod turn_view;
 pub mod list;
 pub mod output;
 pub mod perplexity;
@@ -197,6 +197,10 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(short = 'r', long, default_value_t = 3)]
     pub repeats: usize,
+    /// Run N sequences at once through the continuous-batching scheduler and report aggregate
+    /// and per-sequence decode speed and time to first token.
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<usize>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

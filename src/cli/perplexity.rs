@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::run::{load_for, new_sequence};
+use super::run::open_session;
 use super::PerplexityArgs;
 
 /// Tokens run through the model at once (bounds the logits buffer to ~50 MB for a 49k vocab).
@@ -42,7 +42,8 @@ fn nll_rows(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
 pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let (resolved, loaded) = load_for(&args.model, &args.runtime)?;
+    let session = open_session(&args.model, &args.runtime)?;
+    let loaded = &session.loaded;
     let mut tokens = loaded.tokenizer.encode(&text, false)?;
     if args.add_bos {
         let bos = loaded
@@ -68,7 +69,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
         None => tokens.len().min(model_ctx).min(2048),
     };
     let vocab = loaded.model.info().vocab_size;
-    let mut seq = new_sequence(&loaded, &resolved, ctx)?;
+    let mut state = loaded.model.info().new_cache(session.kv_profile(), ctx)?;
     let t0 = Instant::now();
     let (mut total, mut scored, mut windows) = (0.0f64, 0usize, 0usize);
     for window in tokens.chunks(ctx) {
@@ -76,11 +77,11 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
             continue;
         }
         windows += 1;
-        seq.clear();
+        state.clear();
         for (b, batch) in window.chunks(BATCH).enumerate() {
             let logits = loaded
                 .model
-                .forward(batch, &mut seq.cache, false)?
+                .forward(batch, &mut state, false)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             // Row i predicts window[b * BATCH + i + 1].
@@ -94,7 +95,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     let mean_nll = total / scored as f64;
     let report = PerplexityReport {
-        model: resolved.display_name.clone(),
+        model: session.display_name().to_string(),
         tokens: tokens.len(),
         scored_tokens: scored,
         windows,
