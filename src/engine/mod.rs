@@ -4,6 +4,7 @@
 //! every event of a request goes to its sink.
 
 pub mod chat_template;
+pub mod embed;
 pub mod generate;
 pub mod harmony;
 pub mod load;
