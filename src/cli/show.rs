@@ -2,6 +2,7 @@
 //! for store models and local paths alike. `show name:token` displays the resolved profile and
 //! fails exactly as `run` would on a bad token.
 
+use anyhow::Context;
 use serde::Serialize;
 
 use super::ShowArgs;
@@ -52,6 +53,16 @@ struct KvBytes {
 
 pub fn run(args: ShowArgs) -> anyhow::Result<()> {
     let model = open_model(&args.model)?;
+    // The same file checks `run` makes before loading: `show` accepts no model `run` refuses.
+    crate::engine::preflight::check(&crate::store::ResolvedModel {
+        display_name: model.display_name.clone(),
+        format: model.format,
+        dir: model.dir.clone(),
+        gguf_file: model.gguf_file.clone(),
+        kv_profile: model.choice.kv_profile,
+        gguf_type: model.choice.gguf_type.clone(),
+    })
+    .with_context(|| format!("model '{}' would not load", model.display_name))?;
     let files = files_of(&model)?;
     let (capabilities, embedding) = describe(&model.dir, model.metadata.architecture.as_deref());
     // An encoder keeps no KV cache: nothing to report per token.
