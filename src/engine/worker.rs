@@ -147,10 +147,8 @@ fn engine_loop(
                         sink(SeqEvent::Failed("the server is shutting down".into()));
                         continue;
                     }
-                    if let Err(e) = scheduler.submit_with_id(id, request, sink) {
-                        // The sink was consumed; the error was already reported through it.
-                        let _ = e;
-                    }
+                    // A refused request was already told so through its sink.
+                    let _ = scheduler.submit_with_id(id, request, sink);
                 }
                 Command::Cancel(id) => scheduler.cancel(id),
                 Command::Shutdown { drain } => {

@@ -90,7 +90,7 @@ pub fn blocks_for(tokens: usize) -> usize {
 }
 
 /// One block of one layer's keys/values: a store of capacity [`BLOCK_TOKENS`].
-pub type KvBlock = Arc<Box<dyn KvStore>>;
+pub type KvBlock = Arc<dyn KvStore>;
 
 /// Keys and values of one attention layer for one sequence, in blocks.
 pub struct PagedKv {
@@ -140,7 +140,7 @@ impl PagedKv {
             let offset = self.len % BLOCK_TOKENS;
             if offset == 0 {
                 let store = new_store(self.profile, self.layout, self.dtype, &self.device)?;
-                self.blocks.push(Arc::new(store));
+                self.blocks.push(Arc::from(store));
             }
             let n = (BLOCK_TOKENS - offset).min(t - done);
             let block = self.blocks.last_mut().expect("a block was just ensured");
