@@ -88,6 +88,7 @@ def write_synthetic(path):
     w.add_uint32("llama.attention.head_count", HEADS)
     w.add_uint32("llama.attention.head_count_kv", KV_HEADS)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_file_type(0)  # general.file_type = ALL_F32: llama-quantize moves it to the end
     for name, ne in synthetic_tensors():
         w.add_tensor(name, synthetic_values(name, ne).reshape(list(reversed(ne))))
     w.write_header_to_file()

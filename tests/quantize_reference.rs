@@ -95,6 +95,8 @@ fn write_synthetic(path: &Path) {
     md.set("llama.attention.head_count", Value::U32(HEADS as u32));
     md.set("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32));
     md.set("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
+    // Present in the source so the whole-file check covers where llama-quantize puts it (the end).
+    md.set("general.file_type", Value::U32(0));
     let tensors = synthetic_tensors();
     let outs: Vec<OutTensor> = tensors
         .iter()
