@@ -37,6 +37,11 @@ pub enum Role {
     QNorm,
     KNorm,
     FfnNorm,
+    /// Gemma 3's norms around each block's output (`post_attention_layernorm` there is the norm
+    /// of the attention output, not the MLP input) and before its MLP.
+    PostAttnNorm,
+    PreFfnNorm,
+    PostFfnNorm,
     Gate,
     Up,
     Down,
@@ -57,7 +62,9 @@ impl Role {
             Role::O => format!("{l}.self_attn.o_proj"),
             Role::QNorm => format!("{l}.self_attn.q_norm"),
             Role::KNorm => format!("{l}.self_attn.k_norm"),
-            Role::FfnNorm => format!("{l}.post_attention_layernorm"),
+            Role::FfnNorm | Role::PostAttnNorm => format!("{l}.post_attention_layernorm"),
+            Role::PreFfnNorm => format!("{l}.pre_feedforward_layernorm"),
+            Role::PostFfnNorm => format!("{l}.post_feedforward_layernorm"),
             Role::Gate => format!("{l}.mlp.gate_proj"),
             Role::Up => format!("{l}.mlp.up_proj"),
             Role::Down => format!("{l}.mlp.down_proj"),
@@ -78,7 +85,9 @@ impl Role {
             Role::O => format!("{l}.attn_output"),
             Role::QNorm => format!("{l}.attn_q_norm"),
             Role::KNorm => format!("{l}.attn_k_norm"),
-            Role::FfnNorm => format!("{l}.ffn_norm"),
+            Role::FfnNorm | Role::PreFfnNorm => format!("{l}.ffn_norm"),
+            Role::PostAttnNorm => format!("{l}.post_attention_norm"),
+            Role::PostFfnNorm => format!("{l}.post_ffw_norm"),
             Role::Gate => format!("{l}.ffn_gate"),
             Role::Up => format!("{l}.ffn_up"),
             Role::Down => format!("{l}.ffn_down"),
@@ -145,7 +154,7 @@ impl Linear {
 /// Projections of one input (q/k/v, gate/up). On the CPU their weights are stacked into one
 /// matrix when they allow it: one parallel matmul instead of several (each a rayon fork/join,
 /// which at decode costs as much as a small matmul) and the input quantized once.
-enum Projections {
+pub(crate) enum Projections {
     /// One matrix; the output is split into parts of these widths.
     Stacked {
         linear: Linear,
@@ -155,7 +164,7 @@ enum Projections {
 }
 
 impl Projections {
-    fn new(parts: Vec<Linear>) -> Self {
+    pub(crate) fn new(parts: Vec<Linear>) -> Self {
         let widths: Vec<usize> = parts.iter().map(|l| l.weight.rows()).collect();
         match Linear::stack(parts) {
             Ok(linear) => Self::Stacked { linear, widths },
@@ -164,7 +173,7 @@ impl Projections {
     }
 
     /// The outputs of every projection, in order.
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
             Self::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
             Self::Stacked { linear, widths } => {
@@ -281,7 +290,7 @@ pub struct Llama {
 }
 
 /// Reads weights by role from one file format.
-trait Loader {
+pub(crate) trait Loader {
     fn has(&self, role: Role, layer: usize, suffix: &str) -> bool;
     /// A matrix `[out, in]` checked against the config.
     fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight>;
@@ -291,9 +300,9 @@ trait Loader {
     fn format(&self) -> String;
 }
 
-struct SafetensorsLoader<'a> {
-    weights: &'a SafetensorsWeights,
-    options: &'a BuildOptions,
+pub(crate) struct SafetensorsLoader<'a> {
+    pub(crate) weights: &'a SafetensorsWeights,
+    pub(crate) options: &'a BuildOptions,
 }
 
 impl Loader for SafetensorsLoader<'_> {
@@ -346,9 +355,9 @@ impl Loader for SafetensorsLoader<'_> {
     }
 }
 
-struct GgufLoader<'a> {
-    file: &'a GgufFile,
-    options: &'a BuildOptions,
+pub(crate) struct GgufLoader<'a> {
+    pub(crate) file: &'a GgufFile,
+    pub(crate) options: &'a BuildOptions,
 }
 
 impl Loader for GgufLoader<'_> {

@@ -13,6 +13,7 @@ pub mod bf16_linear;
 mod cpu_matmul;
 mod decode_attention;
 pub mod encoder;
+pub mod gemma3;
 pub mod llama;
 mod mask;
 pub mod nemotron_h;
@@ -176,6 +177,13 @@ pub const ARCHITECTURES: &[Architecture] = &[
         build: llama::build,
         capabilities: LLAMA_CAPS,
         tensor_names: llama::TENSOR_NAMES_DOC,
+    },
+    Architecture {
+        model_type: "gemma3_text",
+        gguf_names: &["gemma3"],
+        build: gemma3::build,
+        capabilities: LLAMA_CAPS,
+        tensor_names: gemma3::TENSOR_NAMES_DOC,
     },
     Architecture {
         model_type: "gpt_oss",
