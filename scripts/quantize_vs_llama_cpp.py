@@ -20,7 +20,10 @@ Needs $XLLM_PEERS (default .peers/, see scripts/peers.sh): venv with torch/trans
 llama.cpp built. The model defaults to models/smollm2-st (scripts/get_smollm2.sh, then
 scripts/convert_smollm2_safetensors.py, which this script runs when the folder is missing).
 
-Usage: python scripts/quantize_vs_llama_cpp.py [--model DIR] [--types Q4_K_M,Q6_K] [--threads 2]
+A GGUF file as --model (e.g. models/gemma3/gemma-3-270m-q4_k_m.gguf) is a re-quantization source:
+llama-quantize gets --allow-requantize and both read that one file.
+
+Usage: python scripts/quantize_vs_llama_cpp.py [--model DIR|FILE.gguf] [--types Q4_K_M,Q6_K] [--threads 2]
        python scripts/quantize_vs_llama_cpp.py --speed [--repeats 3]
 """
 import argparse
@@ -119,11 +122,10 @@ def xllm_greedy(path, threads, n=24):
     return outs
 
 
-def common_prefix(a, b, eos=2):
+def common_prefix(a, b):
     """Tokens two greedy runs share before they first differ (summed over prompts)."""
     total = 0
     for x, y in zip(a, b):
-        x, y = [t for t in x if t != eos], [t for t in y if t != eos]
         n = 0
         while n < min(len(x), len(y)) and x[n] == y[n]:
             n += 1
@@ -156,21 +158,26 @@ def smollm_copy(model, tmp):
     return out
 
 
-def same_tokens(a, b, eos=2):
-    """Equal as generated text tokens (llama-server lists the EOS it stopped at, xllm does not)."""
-    strip = lambda t: [x for x in t if x != eos]
-    return sum(1 for x, y in zip(a, b) if strip(x) == strip(y))
+def same_tokens(a, b):
+    """Prompts whose greedy runs agree. llama-server lists the end token it stopped at, xllm does
+    not: runs agree when one is the other plus at most that one token."""
+    same = 0
+    for x, y in zip(a, b):
+        m = min(len(x), len(y))
+        same += x[:m] == y[:m] and abs(len(x) - len(y)) <= 1
+    return same
 
 
 def quality(args):
     tmp = args.work
     if args.smollm_pre and os.path.basename(os.path.normpath(args.model)) == "smollm2-st":
         args.model = smollm_copy(args.model, tmp)
-    src = convert(args.model, "bf16", os.path.join(tmp, "source-bf16.gguf"))
+    gguf_source = os.path.isfile(args.model)  # re-quantization: llama-quantize --allow-requantize
+    src = args.model if gguf_source else convert(args.model, "bf16", os.path.join(tmp, "source-bf16.gguf"))
     n, k = len(PROMPTS), len(PROMPTS) * args.n_predict
     print(f"model {args.model}; text {os.path.relpath(TEXT, ROOT)}; threads {args.threads}; "
           f"greedy: {n} prompts x {args.n_predict} tokens\n")
-    print("| type | tensors = llama-quantize (from safetensors) | file = llama-quantize (same GGUF) | size ours / theirs "
+    print(f"| type | tensors = llama-quantize (from {'the GGUF' if gguf_source else 'safetensors'}) | file = llama-quantize (same GGUF) | size ours / theirs "
           "| llama-perplexity theirs → ours | xllm perplexity theirs → ours | greedy, llama.cpp: ours = theirs "
           "| greedy on ours: xllm = llama.cpp (tokens before first difference) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -178,12 +185,14 @@ def quality(args):
         theirs = os.path.join(tmp, f"llama-{ty}.gguf")
         ours = os.path.join(tmp, f"xllm-{ty}.gguf")
         ours_g = os.path.join(tmp, f"xllm-from-gguf-{ty}.gguf")
-        run([os.path.join(BIN, "llama-quantize"), src, theirs, ty, str(args.threads)])
+        flags = ["--allow-requantize"] if gguf_source else []
+        run([os.path.join(BIN, "llama-quantize"), *flags, src, theirs, ty, str(args.threads)])
         run([XLLM, "quantize", args.model, "--type", ty, "-o", ours, "--threads", str(args.threads)])
-        run([XLLM, "quantize", src, "--type", ty, "-o", ours_g, "--threads", str(args.threads)])
+        if not gguf_source:
+            run([XLLM, "quantize", src, "--type", ty, "-o", ours_g, "--threads", str(args.threads)])
         ht, ho = tensor_hashes(theirs), tensor_hashes(ours)
         equal = sum(1 for k in ht if ho.get(k) == ht[k])
-        file_same = file_sha(theirs) == file_sha(ours_g)
+        file_same = file_sha(theirs) == file_sha(ours if gguf_source else ours_g)
         st, so = os.path.getsize(theirs), os.path.getsize(ours)
         lt, lo = llama_ppl(theirs, args.threads), llama_ppl(ours, args.threads)
         xt, xo = xllm_ppl(theirs, args.threads), xllm_ppl(ours, args.threads)
@@ -195,7 +204,8 @@ def quality(args):
               f"| {same_tokens(gt, go)}/{n} prompts | {same_tokens(gx, go)}/{n} prompts ({common_prefix(gx, go)}/{k} tokens) |",
               flush=True)
         for f in (theirs, ours, ours_g):
-            os.remove(f)
+            if os.path.exists(f):
+                os.remove(f)
 
 
 def speed(args):
@@ -241,7 +251,7 @@ def main():
                     help="use the model's tokenizer.json as is (see smollm_copy)")
     args = ap.parse_args()
     args.types = [t.strip() for t in args.types.split(",") if t.strip()]
-    if not os.path.isdir(args.model):
+    if not os.path.exists(args.model):
         if args.model != os.path.join(ROOT, "models/smollm2-st"):
             sys.exit(f"no model folder {args.model}")
         run(["bash", os.path.join(ROOT, "scripts/get_smollm2.sh")])
