@@ -109,7 +109,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__bench)
-            opts="-p -n -r -h -V --prompt-tokens --gen-tokens --repeats --json --device --threads --ctx --help --version"
+            opts="-p -n -r -h -V --prompt-tokens --gen-tokens --repeats --parallel --json --device --threads --ctx --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -136,6 +136,10 @@ _xllm() {
                     return 0
                     ;;
                 -r)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

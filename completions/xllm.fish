@@ -86,6 +86,7 @@ complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -s V -l version -d
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s p -l prompt-tokens -d 'Prompt tokens to prefill' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s n -l gen-tokens -d 'Tokens to decode' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s r -l repeats -d 'Repetitions (the median is reported)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l parallel -d 'Run N sequences at once through the continuous-batching scheduler and report aggregate and per-sequence decode speed and time to first token' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l device -d 'Device: `cpu`, `cuda`, `cuda:N` or `metal` (default: the best available)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l threads -d 'CPU threads (default: all cores)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l ctx -d 'Context length to allocate (default: the model\'s, capped for memory)' -r

@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod model;
 pub mod quant;
 pub mod quantize;
+pub mod state;
 pub mod store;
 
 /// The system allocator with per-thread budgets for work on untrusted data (chat templates):

@@ -9,13 +9,13 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::Value;
-use xllm::arch::nemotron_h::{NemotronH, RecurrentStates, SeqRun};
-use xllm::arch::BuildOptions;
-use xllm::engine::kv_cache::SequenceCache;
+use xllm::arch::nemotron_h::NemotronH;
+use xllm::arch::{BatchSeq, BuildOptions, CausalLm, Logits};
 use xllm::kernels::moe::{route_sigmoid_biased, SigmoidRouter};
 use xllm::kernels::ssm::{CausalConv1d, GatedGroupNorm, ScanInput, SsmScan};
 use xllm::model::safetensors::SafetensorsWeights;
 use xllm::quant::KvProfile;
+use xllm::state::{LayerState, SequenceState};
 
 const FIXTURES: [&str; 2] = ["nemotron_h_a", "nemotron_h_b"];
 
@@ -66,7 +66,7 @@ fn load(name: &str) -> NemotronH {
     load_with(name, false)
 }
 
-fn new_cache(model: &NemotronH) -> SequenceCache {
+fn new_cache(model: &NemotronH) -> SequenceState {
     model.info().new_cache(KvProfile::Default, 4096).unwrap()
 }
 
@@ -120,18 +120,17 @@ fn mean_nll(rows: &[Vec<f32>], tokens: &[u32]) -> f64 {
 /// Runs `pieces` of `tokens` one after another on a fresh sequence; all logits rows.
 fn run_pieces(model: &NemotronH, tokens: &[u32], pieces: &[usize]) -> Vec<Vec<f32>> {
     let mut cache = new_cache(model);
-    let mut rec = model.new_recurrent_states();
     let mut rows = Vec::new();
     let mut at = 0;
     for &size in pieces {
         let l = model
-            .forward_one(&tokens[at..at + size], &mut cache, &mut rec, false)
+            .forward(&tokens[at..at + size], &mut cache, false)
             .unwrap();
         rows.extend(l.to_vec2::<f32>().unwrap());
         at += size;
     }
     assert_eq!(at, tokens.len());
-    assert_eq!((cache.position(), rec.tokens), (at, at));
+    assert_eq!(cache.position(), at);
     rows
 }
 
@@ -220,10 +219,7 @@ fn greedy_32_tokens_match_transformers() {
             let prompt = ids(&case["prompt"]);
             let want = ids(&case["continuation"]);
             let mut cache = new_cache(&model);
-            let mut rec = model.new_recurrent_states();
-            let mut logits = model
-                .forward_one(&prompt, &mut cache, &mut rec, true)
-                .unwrap();
+            let mut logits = model.forward(&prompt, &mut cache, true).unwrap();
             let mut got = Vec::new();
             for _ in 0..want.len() {
                 let next = logits
@@ -234,9 +230,7 @@ fn greedy_32_tokens_match_transformers() {
                     .to_scalar::<u32>()
                     .unwrap();
                 got.push(next);
-                logits = model
-                    .forward_one(&[next], &mut cache, &mut rec, true)
-                    .unwrap();
+                logits = model.forward(&[next], &mut cache, true).unwrap();
             }
             assert_eq!(
                 got,
@@ -259,43 +253,32 @@ fn sequences_at_different_positions_in_one_batch() {
         // feeds a prompt chunk to the first, one decode token to the second, 7 tokens to the third.
         let starts = [0usize, 20, 50];
         let feeds = [12usize, 1, 7];
-        let mut caches: Vec<SequenceCache> = starts.iter().map(|_| new_cache(&model)).collect();
-        let mut recs: Vec<RecurrentStates> = starts
-            .iter()
-            .map(|_| model.new_recurrent_states())
-            .collect();
-        for ((&s, cache), rec) in starts.iter().zip(&mut caches).zip(&mut recs) {
+        let mut caches: Vec<SequenceState> = starts.iter().map(|_| new_cache(&model)).collect();
+        for (&s, cache) in starts.iter().zip(&mut caches) {
             if s > 0 {
-                model.forward_one(&tokens[..s], cache, rec, true).unwrap();
+                model.forward(&tokens[..s], cache, true).unwrap();
             }
         }
-        let mut offset = 0;
-        let mut logit_rows = Vec::new();
         let mut want_rows = Vec::new();
         for (&s, &f) in starts.iter().zip(&feeds) {
-            for j in 0..f {
-                logit_rows.push(offset + j);
-                want_rows.push(want[s + j].clone());
-            }
-            offset += f;
+            want_rows.extend(want[s..s + f].iter().cloned());
         }
-        let mut seqs: Vec<SeqRun<'_>> = starts
+        let mut batch: Vec<BatchSeq<'_>> = starts
             .iter()
             .zip(&feeds)
-            .zip(caches.iter_mut().zip(recs.iter_mut()))
-            .map(|((&s, &f), (cache, rec))| SeqRun {
+            .zip(caches.iter_mut())
+            .map(|((&s, &f), cache)| BatchSeq {
                 tokens: &tokens[s..s + f],
-                start: s,
-                kv: cache,
-                recurrent: rec,
+                state: cache,
+                logits: Logits::All,
             })
             .collect();
-        let logits = model.forward_rows(&mut seqs, &logit_rows).unwrap();
+        let logits = model.forward_batch(&mut batch).unwrap();
         let rows: Vec<Vec<f32>> = logits.to_vec2().unwrap();
         assert_rows_close(&format!("{name} mixed batch"), &rows, &want_rows, 1e-3);
         // Each state moved on by its own tokens only.
-        for ((&s, &f), rec) in starts.iter().zip(&feeds).zip(&recs) {
-            assert_eq!(rec.tokens, s + f);
+        for ((&s, &f), cache) in starts.iter().zip(&feeds).zip(&caches) {
+            assert_eq!(cache.position(), s + f);
         }
     }
 }
@@ -528,22 +511,31 @@ fn registry_builds_nemotron_h() {
 }
 
 #[test]
-fn a_rewound_cache_rebuilds_the_recurrent_state_from_the_kept_prefix() {
-    // A chat turn that reuses only part of the previous prompt truncates the cache; the Mamba
-    // state cannot be cut, so the model re-reads the kept prefix for it.
+fn a_rewound_state_goes_back_to_the_start() {
+    // A chat turn that reuses only part of the previous prompt truncates the state; the Mamba
+    // state cannot be cut, so the state goes back to the start and says so: the caller re-reads.
     let name = FIXTURES[0];
     let model = common::build_f32_cpu(&dir(name));
     let tokens = ids(&reference(name)["text_ids"]);
     let want = rows_of(&reference_tensors(name), "prefill_logits");
     let mut cache = model.info().new_cache(KvProfile::Default, 4096).unwrap();
     model.forward(&tokens[..50], &mut cache, true).unwrap();
-    cache.truncate(30);
+    let kept = cache.truncate(30);
+    assert_eq!(
+        kept, 0,
+        "a recurrent state cannot keep part of what it read"
+    );
+    assert_eq!(cache.position(), 0);
+    assert!(
+        !cache.shareable(),
+        "a hybrid state is never shared as a prefix"
+    );
     let rows: Vec<Vec<f32>> = model
-        .forward(&tokens[30..60], &mut cache, false)
+        .forward(&tokens[kept..60], &mut cache, false)
         .unwrap()
         .to_vec2()
         .unwrap();
-    assert_rows_close("rewound to 30", &rows, &want[30..60], 1e-3);
+    assert_rows_close("rewound to 30", &rows[30..], &want[30..60], 1e-3);
     // Back to the start: a fresh sequence.
     cache.clear();
     let first: Vec<f32> = model
@@ -565,16 +557,13 @@ fn kv_profiles_apply_to_the_attention_layers() {
     let nll_ref = mean_nll(&want[..tokens.len() - 1], &tokens);
     for profile in [KvProfile::KvInt8, KvProfile::KvFp8] {
         let mut cache = model.info().new_cache(profile, 4096).unwrap();
-        let mut rec = model.new_recurrent_states();
         let mut rows: Vec<Vec<f32>> = model
-            .forward_one(&tokens[..50], &mut cache, &mut rec, false)
+            .forward(&tokens[..50], &mut cache, false)
             .unwrap()
             .to_vec2()
             .unwrap();
         for t in 50..tokens.len() {
-            let l = model
-                .forward_one(&tokens[t..t + 1], &mut cache, &mut rec, false)
-                .unwrap();
+            let l = model.forward(&tokens[t..t + 1], &mut cache, false).unwrap();
             rows.extend(l.to_vec2::<f32>().unwrap());
         }
         let nll = mean_nll(&rows[..tokens.len() - 1], &tokens);
@@ -583,11 +572,12 @@ fn kv_profiles_apply_to_the_attention_layers() {
             (nll - nll_ref).abs() < 0.1,
             "{profile:?}: NLL {nll} vs {nll_ref}"
         );
-        assert_eq!(
-            cache.layers.len(),
-            2,
-            "KV only for the two attention layers"
-        );
+        let kv = cache
+            .layers
+            .iter()
+            .filter(|l| matches!(l, LayerState::Kv(_)))
+            .count();
+        assert_eq!(kv, 2, "KV only for the two attention layers");
     }
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }

@@ -13,16 +13,12 @@ use anyhow::bail;
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::Value;
 
-use super::decode_attention::decode_attention;
-use super::forward_in_passes;
 use super::llama::{
-    config_from_gguf, embed, GgufLoader, Linear, Loader, Projections, Role, SafetensorsLoader,
-    Weight,
+    attend, config_from_gguf, embed, rope_tables, AttentionShape, GgufLoader, Linear, Loader,
+    Projections, Role, SafetensorsLoader, Weight,
 };
-use super::mask::causal_mask;
 use super::rope::{Rope, RopeLayout};
-use super::{BuildOptions, CausalLm, ModelInfo, WeightSource};
-use crate::engine::kv_cache::{KvStore, SequenceCache};
+use super::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, StateSlot, WeightSource};
 use crate::model::config::{LlamaConfig, RopeConfig, RopeScaling};
 
 /// Where the tensor-name mapping lives (shown by the architecture table).
@@ -232,6 +228,7 @@ impl Gemma3 {
             vocab_size: cfg.vocab_size,
             context_length: cfg.max_position_embeddings,
             cache_layers: cfg.num_layers,
+            state_slots: vec![StateSlot::Kv; cfg.num_layers],
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             cache_dtype: options.dtype,
@@ -262,15 +259,16 @@ impl Gemma3 {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, self.eps as f32)
     }
 
-    /// Attention of `x` `[1, t, hidden]` (already normed) at positions `start..`, appending its
-    /// keys/values to `store`. Same two paths as llama's: the one-pass decode kernel for a single
-    /// token, grouped GEMMs with an additive mask otherwise.
+    /// Attention of one layer for every sequence of the batch: projections, q/k norms and RoPE
+    /// over all rows at once, then each sequence's rows attend over its own cache (llama's
+    /// per-sequence attention, with the queries pre-scaled to `query_pre_attn_scalar^-½`).
     fn attention(
         &self,
         layer: &Layer,
+        index: usize,
         x: &Tensor,
-        store: &mut dyn KvStore,
-        start: usize,
+        batch: &mut [BatchSeq<'_>],
+        plan: &BatchPlan,
         cos_sin: &(Tensor, Tensor),
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
@@ -294,73 +292,58 @@ impl Gemma3 {
         }
         let k = rope.apply(&k.transpose(1, 2)?, &cos_sin.0, &cos_sin.1)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let (k_all, v_all) = store.append(&k, &v)?;
-        if t == 1 {
-            if let Some(out) = decode_attention(&q, &k_all, &v_all, layer.window)? {
-                return layer.o.forward(&out);
-            }
-        }
-        let len = k_all.dim(2)?;
-        let n_rep = h / kvh;
-        let q = q.reshape((kvh, n_rep * t, d))?;
-        let k_all = k_all.squeeze(0)?;
-        let v_all = v_all.squeeze(0)?;
-        let mut scores = (q.matmul(&k_all.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let windowed = layer.window.is_some_and(|w| len > w);
-        if t > 1 || windowed {
-            let mask = causal_mask(
-                start..start + t,
-                0..len,
+        let shape = AttentionShape {
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+            device: &self.info.device,
+            dtype: self.dtype,
+        };
+        let mut outs = Vec::with_capacity(batch.len());
+        for (seq, span) in batch.iter_mut().zip(&plan.spans) {
+            let pick = |x: &Tensor| -> Result<Tensor> {
+                if span.len == t {
+                    Ok(x.clone())
+                } else {
+                    x.narrow(2, span.offset, span.len)?.contiguous()
+                }
+            };
+            let store = seq.state.kv_mut(index)?;
+            outs.push(attend(
+                &shape,
                 layer.window,
-                &self.info.device,
-                self.dtype,
-            )?;
-            scores = scores
-                .reshape((kvh, n_rep, t, len))?
-                .broadcast_add(&mask)?
-                .reshape((kvh, n_rep * t, len))?;
+                &pick(&q)?,
+                &pick(&k)?,
+                &pick(&v)?,
+                store,
+                span,
+            )?);
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v_all.contiguous()?)?
-            .reshape((1, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((1, t, h * d))?;
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outs, 1)?
+        };
         layer.o.forward(&out)
     }
+}
 
-    /// One pass of `tokens` through every layer (see [`forward_in_passes`]).
-    fn forward_pass(
-        &self,
-        tokens: &[u32],
-        cache: &mut SequenceCache,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        let t = tokens.len();
-        if t == 0 {
-            candle_core::bail!("forward called with no tokens");
-        }
-        if cache.layers.len() != self.layers.len() {
-            candle_core::bail!(
-                "cache has {} layers, model has {}",
-                cache.layers.len(),
-                self.layers.len()
-            );
-        }
-        let start = cache.position();
+impl CausalLm for Gemma3 {
+    fn forward_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor> {
+        let plan = BatchPlan::new(batch, self.info.vocab_size, self.layers.len())?;
         let device: &Device = &self.info.device;
-        let ids = Tensor::new(tokens, device)?;
+        let ids = Tensor::new(plan.tokens.as_slice(), device)?;
         let mut x = (embed(&self.embed, &ids, self.dtype)? * self.embed_scale)?.unsqueeze(0)?;
-        let global = self.rope_global.cos_sin(start, t, device)?;
-        let local = self.rope_local.cos_sin(start, t, device)?;
-        for (layer, store) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let global = rope_tables(&self.rope_global, &plan, device)?;
+        let local = rope_tables(&self.rope_local, &plan, device)?;
+        for (index, layer) in self.layers.iter().enumerate() {
             let cos_sin = if layer.window.is_some() {
                 &local
             } else {
                 &global
             };
             let normed = self.rms_norm(&x, &layer.attn_norm)?;
-            let attn = self.attention(layer, &normed, store.as_mut(), start, cos_sin)?;
+            let attn = self.attention(layer, index, &normed, batch, &plan, cos_sin)?;
             x = (x + self.rms_norm(&attn, &layer.post_attn_norm)?)?;
             let normed = self.rms_norm(&x, &layer.ffn_norm)?;
             let [gate, up]: [Tensor; 2] = layer
@@ -372,26 +355,22 @@ impl Gemma3 {
             let mlp = layer.down.forward(&(gate.gelu()? * up)?)?;
             x = (x + self.rms_norm(&mlp, &layer.post_ffn_norm)?)?;
         }
-        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        plan.commit(batch);
+        if plan.logit_rows.is_empty() {
+            return Tensor::zeros((0, self.info.vocab_size), DType::F32, device);
+        }
+        let x = if plan.returns_every_row() {
+            x
+        } else {
+            let rows = Tensor::new(plan.logit_rows.as_slice(), device)?;
+            x.index_select(&rows, 1)?
+        };
         let x = self.rms_norm(&x, &self.norm)?;
         let mut logits = self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
         if let Some(cap) = self.final_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
         logits.contiguous()
-    }
-}
-
-impl CausalLm for Gemma3 {
-    fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut SequenceCache,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        forward_in_passes(tokens, last_only, |pass| {
-            self.forward_pass(pass, cache, last_only)
-        })
     }
 
     fn info(&self) -> &ModelInfo {

@@ -22,11 +22,11 @@ use candle_nn::Linear;
 use serde::Deserialize;
 
 use crate::arch::mask::causal_mask;
-use crate::arch::{BuildOptions, CausalLm, ModelInfo, WeightSource};
-use crate::engine::kv_cache::SequenceCache;
+use crate::arch::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, Span, WeightSource};
 use crate::kernels::bytes::SharedBytes;
 use crate::kernels::moe::{MoeExperts, SwigluParams};
 use crate::model::safetensors::{shard_files, SafetensorsWeights};
+use crate::state::PagedKv;
 
 /// RoPE parameters as they appear under `rope_scaling` (or transformers 5's `rope_parameters`).
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -562,6 +562,7 @@ impl GptOss {
             vocab_size: c.vocab_size,
             context_length: c.max_position_embeddings,
             cache_layers: c.num_hidden_layers,
+            state_slots: vec![super::StateSlot::Kv; c.num_hidden_layers],
             kv_heads: nkv,
             head_dim: hd,
             cache_dtype: dtype,
@@ -605,40 +606,76 @@ impl GptOss {
         Ok((cos, sin))
     }
 
+    /// One layer's attention for the batch: projections and RoPE over all rows, then each
+    /// sequence's rows attend over its own cache (sliding window and sinks per sequence).
     fn attention(
         &self,
         attn: &Attention,
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
-        cache: &mut SequenceCache,
+        batch: &mut [BatchSeq<'_>],
+        plan: &BatchPlan,
         layer: usize,
-        start: usize,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let project = |l: &Linear, heads: usize| -> Result<Tensor> {
+            l.forward(x)?
+                .reshape((1, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = candle_nn::rotary_emb::rope(&project(&attn.q, nh)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&project(&attn.k, nkv)?, cos, sin)?;
+        let v = project(&attn.v, nkv)?;
+        let mut outs = Vec::with_capacity(batch.len());
+        for (seq, span) in batch.iter_mut().zip(&plan.spans) {
+            let pick = |x: &Tensor| -> Result<Tensor> {
+                if span.len == t {
+                    Ok(x.clone())
+                } else {
+                    x.narrow(2, span.offset, span.len)?.contiguous()
+                }
+            };
+            let store = seq.state.kv_mut(layer)?;
+            outs.push(self.attend(attn, &pick(&q)?, &pick(&k)?, &pick(&v)?, store, span)?);
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        attn.o.forward(&out)
+    }
+
+    /// One sequence's attention with sinks: `q` `[1, heads, n, d]`, `k`/`v` `[1, kv_heads, n, d]`
+    /// for its `n` new tokens, written to `store` first. Returns `[n, heads · d]`.
+    fn attend(
+        &self,
+        attn: &Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        store: &mut PagedKv,
+        span: &Span,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let group = nh / nkv;
-        let q = attn
-            .q
-            .forward(x)?
-            .reshape((1, t, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = attn
-            .k
-            .forward(x)?
-            .reshape((1, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = attn
-            .v
-            .forward(x)?
-            .reshape((1, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k_all, v_all) = cache.layers[layer].append(&k, &v)?;
+        let (start, t) = (span.start, span.len);
+        store.write(k, v)?;
+        let sinks = attn
+            .sinks
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        if let Some(out) =
+            super::cpu_attention::cpu_attention(q, &store.segments()?, attn.window, Some(&sinks))?
+        {
+            return out.squeeze(0);
+        }
+        let (k_all, v_all) = store.gathered()?;
         let total = start + t;
         // Keys no query of this chunk can see are skipped on sliding layers.
         let first_key = match attn.window {
@@ -667,12 +704,11 @@ impl GptOss {
         let logits = Tensor::cat(&[&scores, &sinks], D::Minus1)?.contiguous()?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?.narrow(2, 0, keys)?;
         let probs = probs.reshape((nkv, group * t, keys))?.contiguous()?;
-        let out = probs
+        probs
             .matmul(&v_all)?
             .reshape((nh, t, hd))?
             .transpose(0, 1)?
-            .reshape((t, nh * hd))?;
-        attn.o.forward(&out)
+            .reshape((t, nh * hd))
     }
 }
 
@@ -706,51 +742,50 @@ impl CausalLm for GptOss {
         &self.info
     }
 
-    fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut SequenceCache,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        super::forward_in_passes(tokens, last_only, |pass| {
-            self.forward_pass(pass, cache, last_only)
-        })
-    }
-}
-
-impl GptOss {
-    /// One pass of `tokens` through every layer (see [`super::forward_in_passes`]).
-    fn forward_pass(
-        &self,
-        tokens: &[u32],
-        cache: &mut SequenceCache,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        let t = tokens.len();
-        if t == 0 {
-            candle_core::bail!("gpt-oss forward: no tokens");
-        }
-        let vocab = self.config.vocab_size;
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
-            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
-        }
-        let start = cache.position();
-        let ids = Tensor::from_slice(tokens, t, &self.device)?;
+    fn forward_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor> {
+        let plan = BatchPlan::new(batch, self.config.vocab_size, self.layers.len())?;
+        let ids = Tensor::from_slice(&plan.tokens, plan.tokens.len(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
-        let (cos, sin) = self.rope_tables(start, t)?;
+        let (cos, sin) = self.batch_rope_tables(&plan)?;
         let eps = self.config.rms_norm_eps;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, eps)?;
-            let a = self.attention(&layer.attn, &h, (&cos, &sin), cache, l, start)?;
+            let a = self.attention(&layer.attn, &h, (&cos, &sin), batch, &plan, l)?;
             x = (x + a)?;
             let h = rms_norm(&x, &layer.post_attention_norm, eps)?;
             let router_logits = layer.router.forward(&h)?;
             let m = layer.experts.forward(&h, &router_logits)?;
             x = (x + m)?;
         }
-        let x = if last_only { x.narrow(0, t - 1, 1)? } else { x };
+        plan.commit(batch);
+        if plan.logit_rows.is_empty() {
+            return Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device);
+        }
+        let x = if plan.returns_every_row() {
+            x
+        } else {
+            let rows = Tensor::new(plan.logit_rows.as_slice(), &self.device)?;
+            x.index_select(&rows, 0)?
+        };
         let x = rms_norm(&x, &self.norm, eps)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+}
+
+impl GptOss {
+    /// RoPE tables for every token of the batch at its own position.
+    fn batch_rope_tables(&self, plan: &BatchPlan) -> Result<(Tensor, Tensor)> {
+        let mut cos = Vec::with_capacity(plan.spans.len());
+        let mut sin = Vec::with_capacity(plan.spans.len());
+        for span in &plan.spans {
+            let (c, s) = self.rope_tables(span.start, span.len)?;
+            cos.push(c);
+            sin.push(s);
+        }
+        if cos.len() == 1 {
+            return Ok((cos.pop().expect("one"), sin.pop().expect("one")));
+        }
+        Ok((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
     }
 }
 

@@ -10,17 +10,16 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::bf16_linear::Bf16Matrix;
-use super::decode_attention::decode_attention;
-use super::forward_in_passes;
+use super::cpu_attention::cpu_attention;
 use super::mask::causal_mask;
 use super::rope::{Rope, RopeLayout};
-use super::{BuildOptions, CausalLm, ModelInfo, WeightSource};
-use crate::engine::kv_cache::{KvStore, SequenceCache};
+use super::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, Span, WeightSource};
 use crate::kernels::ggml_types::GgmlType;
 use crate::kernels::quant_blocks::QuantMatrix;
 use crate::model::config::{LlamaConfig, RopeConfig, RopeScaling};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::SafetensorsWeights;
+use crate::state::PagedKv;
 
 /// Where the tensor-name mapping lives (shown by the architecture table).
 pub const TENSOR_NAMES_DOC: &str = "llama::Role::{hf_name, gguf_name}";
@@ -620,6 +619,7 @@ impl Llama {
             vocab_size: cfg.vocab_size,
             context_length: cfg.max_position_embeddings,
             cache_layers: cfg.num_layers,
+            state_slots: vec![super::StateSlot::Kv; cfg.num_layers],
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             cache_dtype: options.dtype,
@@ -645,34 +645,15 @@ impl Llama {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, self.eps as f32)
     }
 
-    /// Additive mask `[t, len]` for queries at `start..start+t` over keys `0..len`, or `None` when
-    /// every query may see every key.
-    fn mask(
-        &self,
-        start: usize,
-        t: usize,
-        len: usize,
-        window: Option<usize>,
-    ) -> Result<Option<Tensor>> {
-        let windowed = window.is_some_and(|w| len > w);
-        if t == 1 && !windowed {
-            return Ok(None);
-        }
-        Ok(Some(causal_mask(
-            start..start + t,
-            0..len,
-            window,
-            &self.info.device,
-            self.dtype,
-        )?))
-    }
-
+    /// Attention of one layer for every sequence of the batch: projections, q/k norms and RoPE
+    /// over all rows at once, then each sequence's rows attend over its own cache.
     fn attention(
         &self,
         layer: &Layer,
+        index: usize,
         x: &Tensor,
-        store: &mut dyn KvStore,
-        start: usize,
+        batch: &mut [BatchSeq<'_>],
+        plan: &BatchPlan,
         cos_sin: &(Tensor, Tensor),
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
@@ -689,6 +670,7 @@ impl Llama {
             q = self.rms_norm(&q, qn)?;
             k = self.rms_norm(&k, kn)?;
         }
+        // RoPE is per row, so one table with each token's own position serves the whole batch.
         let q = self
             .rope
             .apply(&q.transpose(1, 2)?, &cos_sin.0, &cos_sin.1)?;
@@ -696,81 +678,149 @@ impl Llama {
             .rope
             .apply(&k.transpose(1, 2)?, &cos_sin.0, &cos_sin.1)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let (k_all, v_all) = store.append(&k, &v)?;
-        if t == 1 {
-            if let Some(out) = decode_attention(&q, &k_all, &v_all, layer.window)? {
-                return layer.o.forward(&out);
-            }
+        let mut outs = Vec::with_capacity(batch.len());
+        for (seq, span) in batch.iter_mut().zip(&plan.spans) {
+            let pick = |x: &Tensor| -> Result<Tensor> {
+                if span.len == t {
+                    Ok(x.clone())
+                } else {
+                    x.narrow(2, span.offset, span.len)?.contiguous()
+                }
+            };
+            let store = seq.state.kv_mut(index)?;
+            outs.push(attend(
+                &self.shape(),
+                layer.window,
+                &pick(&q)?,
+                &pick(&k)?,
+                &pick(&v)?,
+                store,
+                span,
+            )?);
         }
-        let len = k_all.dim(2)?;
-        let n_rep = h / kvh;
-        // Query heads sharing a KV head are stacked as rows: [kvh, n_rep * t, d], so grouped
-        // attention needs no copy of the keys/values.
-        let q = q.reshape((kvh, n_rep * t, d))?;
-        let k_all = k_all.squeeze(0)?;
-        let v_all = v_all.squeeze(0)?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
-        if let Some(mask) = self.mask(start, t, len, layer.window)? {
-            scores = scores
-                .reshape((kvh, n_rep, t, len))?
-                .broadcast_add(&mask)?
-                .reshape((kvh, n_rep * t, len))?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v_all.contiguous()?)?
-            .reshape((1, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((1, t, h * d))?;
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outs, 1)?
+        };
         layer.o.forward(&out)
     }
+
+    fn shape(&self) -> AttentionShape<'_> {
+        AttentionShape {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            device: &self.info.device,
+            dtype: self.dtype,
+        }
+    }
+}
+
+/// What per-sequence attention needs to know of its model.
+pub(super) struct AttentionShape<'a> {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub device: &'a Device,
+    pub dtype: DType,
+}
+
+/// Additive mask `[t, len]` for queries at `start..start+t` over keys `0..len`, or `None` when
+/// every query may see every key.
+fn attention_mask(
+    shape: &AttentionShape<'_>,
+    start: usize,
+    t: usize,
+    len: usize,
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let windowed = window.is_some_and(|w| len > w);
+    if t == 1 && !windowed {
+        return Ok(None);
+    }
+    Ok(Some(causal_mask(
+        start..start + t,
+        0..len,
+        window,
+        shape.device,
+        shape.dtype,
+    )?))
+}
+
+/// One sequence's attention (scaled by `head_dim^-½`): `q` `[1, heads, n, d]`, `k`/`v`
+/// `[1, kv_heads, n, d]` for its `n` new tokens, written to `store` first. Returns
+/// `[1, n, heads · d]`. Our batch-invariant CPU kernel where it applies, grouped GEMMs with an
+/// additive mask otherwise.
+pub(super) fn attend(
+    shape: &AttentionShape<'_>,
+    window: Option<usize>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    store: &mut PagedKv,
+    span: &Span,
+) -> Result<Tensor> {
+    let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let t = span.len;
+    store.write(k, v)?;
+    if let Some(out) = cpu_attention(q, &store.segments()?, window, None)? {
+        return Ok(out);
+    }
+    let (k_all, v_all) = store.gathered()?;
+    let len = k_all.dim(2)?;
+    let n_rep = h / kvh;
+    // Query heads sharing a KV head are stacked as rows: [kvh, n_rep * t, d], so grouped
+    // attention needs no copy of the keys/values.
+    let q = q.reshape((kvh, n_rep * t, d))?;
+    let k_all = k_all.squeeze(0)?;
+    let v_all = v_all.squeeze(0)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
+    if let Some(mask) = attention_mask(shape, span.start, t, len, window)? {
+        scores = scores
+            .reshape((kvh, n_rep, t, len))?
+            .broadcast_add(&mask)?
+            .reshape((kvh, n_rep * t, len))?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs
+        .matmul(&v_all.contiguous()?)?
+        .reshape((1, h, t, d))?
+        .transpose(1, 2)?
+        .reshape((1, t, h * d))
+}
+
+/// `cos`, `sin` rows for every token of the batch at its own position (each sequence's table
+/// computed for its length, as dynamic scaling needs).
+pub(super) fn rope_tables(
+    rope: &Rope,
+    plan: &BatchPlan,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut cos = Vec::with_capacity(plan.spans.len());
+    let mut sin = Vec::with_capacity(plan.spans.len());
+    for span in &plan.spans {
+        let (c, s) = rope.cos_sin(span.start, span.len, device)?;
+        cos.push(c);
+        sin.push(s);
+    }
+    if cos.len() == 1 {
+        return Ok((cos.pop().expect("one"), sin.pop().expect("one")));
+    }
+    Ok((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
 }
 
 impl CausalLm for Llama {
-    fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut SequenceCache,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        forward_in_passes(tokens, last_only, |pass| {
-            self.forward_pass(pass, cache, last_only)
-        })
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-}
-
-impl Llama {
-    /// One pass of `tokens` through every layer (see [`forward_in_passes`]).
-    fn forward_pass(
-        &self,
-        tokens: &[u32],
-        cache: &mut SequenceCache,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        let t = tokens.len();
-        if t == 0 {
-            candle_core::bail!("forward called with no tokens");
-        }
-        if cache.layers.len() != self.layers.len() {
-            candle_core::bail!(
-                "cache has {} layers, model has {}",
-                cache.layers.len(),
-                self.layers.len()
-            );
-        }
-        let start = cache.position();
+    fn forward_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor> {
+        let plan = BatchPlan::new(batch, self.info.vocab_size, self.layers.len())?;
         let device = &self.info.device;
-        let ids = Tensor::new(tokens, device)?;
+        let ids = Tensor::new(plan.tokens.as_slice(), device)?;
         let mut x = embed(&self.embed, &ids, self.dtype)?.unsqueeze(0)?;
-        let cos_sin = self.rope.cos_sin(start, t, device)?;
-        for (layer, store) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let cos_sin = rope_tables(&self.rope, &plan, device)?;
+        for (index, layer) in self.layers.iter().enumerate() {
             let normed = self.rms_norm(&x, &layer.attn_norm)?;
-            let attn = self.attention(layer, &normed, store.as_mut(), start, &cos_sin)?;
+            let attn = self.attention(layer, index, &normed, batch, &plan, &cos_sin)?;
             x = (x + attn)?;
             let normed = self.rms_norm(&x, &layer.ffn_norm)?;
             let [gate, up]: [Tensor; 2] = layer
@@ -781,10 +831,23 @@ impl Llama {
             let gate = candle_nn::ops::silu(&gate)?;
             x = (x + layer.down.forward(&(gate * up)?)?)?;
         }
-        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        plan.commit(batch);
+        if plan.logit_rows.is_empty() {
+            return Tensor::zeros((0, self.info.vocab_size), DType::F32, device);
+        }
+        let x = if plan.returns_every_row() {
+            x
+        } else {
+            let rows = Tensor::new(plan.logit_rows.as_slice(), device)?;
+            x.index_select(&rows, 1)?
+        };
         let x = self.rms_norm(&x, &self.norm)?;
         let logits = self.lm_head.forward(&x)?.squeeze(0)?;
         logits.to_dtype(DType::F32)?.contiguous()
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
 }
 

@@ -1,17 +1,19 @@
 //! Architecture plugins: one table maps `model_type` to a builder, tensor-name mapping and
 //! capability flags. Model code runs on candle and owns no cache: caches belong to sequences.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::engine::kv_cache::{KvLayout, SequenceCache};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::SafetensorsWeights;
 use crate::quant::KvProfile;
+use crate::state::{BlockPool, LayerState, PagedKv, RecurrentState, SequenceState};
 
 pub mod bert;
 pub mod bf16_linear;
+mod cpu_attention;
 mod cpu_matmul;
-mod decode_attention;
 pub mod encoder;
 pub mod gemma3;
 pub mod llama;
@@ -19,23 +21,62 @@ mod mask;
 pub mod nemotron_h;
 pub mod rope;
 
+/// Which logits one sequence of a batch wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prompt chunk that is not the prompt's end).
+    None,
+    /// The last token's (decode, and the end of a prompt).
+    Last,
+    /// Every token's (perplexity).
+    All,
+}
+
+/// One sequence's part of a batch: its next tokens, at positions `state.len()..`, and its state.
+///
+/// A batch is vLLM's flattened layout (and llama.cpp's `llama_batch` with runs of one `seq_id`):
+/// the tokens of every sequence are concatenated into one activation matrix, so each weight is
+/// read once per step for all of them; attention then runs per sequence over its own state.
+pub struct BatchSeq<'a> {
+    pub tokens: &'a [u32],
+    pub state: &'a mut SequenceState,
+    pub logits: Logits,
+}
+
 /// A causal language model ready to run on a device.
-pub trait CausalLm: Send {
-    /// Runs `tokens` (the continuation of the sequence whose cache is `cache`) and appends their
-    /// keys/values to it. Returns f32 logits `[tokens.len(), vocab]`, or `[1, vocab]` for the
-    /// last token only when `last_only` (decode, and prefill that needs no per-position logits).
-    fn forward(&self, tokens: &[u32], cache: &mut SequenceCache, last_only: bool)
-        -> Result<Tensor>;
+pub trait CausalLm: Send + Sync {
+    /// Runs one step for a batch of sequences: appends every sequence's tokens to its state and
+    /// returns f32 logits `[rows, vocab]`, the rows each sequence asked for, in batch order.
+    fn forward_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor>;
 
     /// Shapes and limits the engine needs around the model.
     fn info(&self) -> &ModelInfo;
+
+    /// One sequence: `tokens` continue the sequence whose state is `state`. Returns logits
+    /// `[tokens.len(), vocab]`, or `[1, vocab]` for the last token only when `last_only`. Long
+    /// inputs run in passes of [`PROMPT_CHUNK`] tokens.
+    fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut SequenceState,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        forward_in_passes(tokens, last_only, |pass| {
+            let logits = if last_only { Logits::Last } else { Logits::All };
+            self.forward_batch(&mut [BatchSeq {
+                tokens: pass,
+                state: &mut *state,
+                logits,
+            }])
+        })
+    }
 }
 
 /// Tokens run per pass of a long prompt. Attention builds `[heads · t, len]` scores, masks and
 /// probabilities: at 1024 prompt tokens that is ~37 MB per temporary per layer (SmolLM2), fresh
 /// pages every time. Passes of 512 (llama.cpp's default micro-batch) keep them small; the result
 /// is the same because later passes read the earlier ones from the cache.
-const PROMPT_CHUNK: usize = 512;
+pub const PROMPT_CHUNK: usize = 512;
 
 /// Runs `tokens` through `pass` (one forward over some tokens, appending them to the sequence's
 /// cache) in pieces of at most [`PROMPT_CHUNK`], and returns what a single pass would: the logits
@@ -60,6 +101,92 @@ pub(crate) fn forward_in_passes(
     Tensor::cat(&logits, 0)
 }
 
+/// Where each sequence's tokens sit in a batch's activation rows.
+pub(crate) struct BatchPlan {
+    /// Per sequence: first row, token count, position of its first token.
+    pub spans: Vec<Span>,
+    /// Every token of the batch, in order.
+    pub tokens: Vec<u32>,
+    /// Rows whose logits are returned, in order.
+    pub logit_rows: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    pub offset: usize,
+    pub len: usize,
+    pub start: usize,
+}
+
+impl BatchPlan {
+    /// Checks the batch (tokens present and inside the vocabulary, room in every state) and
+    /// reserves the states' blocks before any layer is touched, so a refused batch changes
+    /// nothing but reserved-and-unused blocks.
+    pub(crate) fn new(batch: &mut [BatchSeq<'_>], vocab: usize, layers: usize) -> Result<Self> {
+        if batch.is_empty() {
+            candle_core::bail!("forward called with an empty batch");
+        }
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut tokens = Vec::new();
+        let mut logit_rows = Vec::new();
+        for seq in batch.iter_mut() {
+            if seq.tokens.is_empty() {
+                candle_core::bail!("forward called with no tokens for a sequence");
+            }
+            if let Some(&bad) = seq.tokens.iter().find(|&&id| id as usize >= vocab) {
+                candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+            }
+            if seq.state.layers.len() != layers {
+                candle_core::bail!(
+                    "the sequence state has {} layers, the model {layers}",
+                    seq.state.layers.len()
+                );
+            }
+            seq.state.begin(seq.tokens.len())?;
+            let span = Span {
+                offset: tokens.len(),
+                len: seq.tokens.len(),
+                start: seq.state.len(),
+            };
+            match seq.logits {
+                Logits::None => {}
+                Logits::Last => logit_rows.push((span.offset + span.len - 1) as u32),
+                Logits::All => {
+                    logit_rows.extend((span.offset..span.offset + span.len).map(|r| r as u32))
+                }
+            }
+            tokens.extend_from_slice(seq.tokens);
+            spans.push(span);
+        }
+        Ok(Self {
+            spans,
+            tokens,
+            logit_rows,
+        })
+    }
+
+    /// Records the written tokens in every state (after all layers ran).
+    pub(crate) fn commit(&self, batch: &mut [BatchSeq<'_>]) {
+        for (seq, span) in batch.iter_mut().zip(&self.spans) {
+            seq.state.commit(span.len);
+        }
+    }
+
+    /// True when every row is returned in order (no selection needed).
+    pub(crate) fn returns_every_row(&self) -> bool {
+        self.logit_rows.len() == self.tokens.len()
+    }
+}
+
+/// What one stateful layer keeps per sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateSlot {
+    /// Keys and values of every token (attention).
+    Kv,
+    /// f32 buffers of these lengths (a recurrent mixer's state).
+    Recurrent(Vec<usize>),
+}
+
 /// What the engine needs to know about a built model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -70,6 +197,8 @@ pub struct ModelInfo {
     pub context_length: usize,
     /// Attention layers that keep a KV cache.
     pub cache_layers: usize,
+    /// What a sequence keeps, one slot per stateful layer in layer order.
+    pub state_slots: Vec<StateSlot>,
     pub kv_heads: usize,
     pub head_dim: usize,
     /// Dtype keys/values are handed to attention in.
@@ -80,20 +209,45 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    /// A fresh cache for one sequence of at most `max_tokens` tokens.
-    pub fn new_cache(&self, profile: KvProfile, max_tokens: usize) -> Result<SequenceCache> {
-        let layout = KvLayout {
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            max_tokens,
-        };
-        SequenceCache::new(
+    /// Empty state for one sequence of at most `max_tokens` tokens, drawing blocks from `pool`.
+    pub fn new_state(
+        &self,
+        profile: KvProfile,
+        pool: &Arc<BlockPool>,
+        max_tokens: usize,
+    ) -> SequenceState {
+        let layers = self
+            .state_slots
+            .iter()
+            .map(|slot| match slot {
+                StateSlot::Kv => LayerState::Kv(PagedKv::new(
+                    profile,
+                    self.kv_heads,
+                    self.head_dim,
+                    self.cache_dtype,
+                    &self.device,
+                )),
+                StateSlot::Recurrent(lengths) => {
+                    LayerState::Recurrent(RecurrentState::zeros(lengths))
+                }
+            })
+            .collect();
+        SequenceState::new(layers, pool.clone(), max_tokens)
+    }
+
+    /// A fresh state for one sequence of at most `max_tokens` tokens, with a pool of its own.
+    pub fn new_cache(&self, profile: KvProfile, max_tokens: usize) -> Result<SequenceState> {
+        crate::state::kv_cache::new_store(
             profile,
-            self.cache_layers,
-            layout,
+            crate::state::kv_cache::KvLayout {
+                kv_heads: self.kv_heads,
+                head_dim: self.head_dim,
+                max_tokens: 1,
+            },
             self.cache_dtype,
             &self.device,
-        )
+        )?;
+        Ok(self.new_state(profile, &BlockPool::for_tokens(max_tokens), max_tokens))
     }
 }
 
@@ -125,7 +279,7 @@ pub type Builder = fn(&WeightSource<'_>, &BuildOptions) -> anyhow::Result<Box<dy
 pub struct Capabilities {
     pub safetensors: bool,
     pub gguf: bool,
-    /// KV-cache quantization profiles apply (the cache goes through `SequenceCache`).
+    /// KV-cache quantization profiles apply (the cache goes through `SequenceState`).
     pub kv_quantization: bool,
 }
 

@@ -13,10 +13,12 @@
 //!   (renormalised when `norm_topk_prob`) × `routed_scaling_factor`; ungated `relu²` experts, plus
 //!   one shared `relu²` expert on the same input.
 //!
-//! Per-sequence state: a conv state `[kernel − 1, conv_dim]` and an SSM state `[heads, head_dim,
-//! state]` (f32) for each Mamba layer ([`MambaState`]), keys/values for the attention layers only.
-//! A recurrent state summarises every token it has read, so it cannot be rewound to an earlier
-//! position: prefix reuse takes only whole prefixes whose state was kept (see docs/architecture.md).
+//! Per-sequence state ([`crate::state::SequenceState`], one slot per Mamba or attention block in
+//! block order): a Mamba layer keeps a [`crate::state::RecurrentState`] of two f32 buffers, the conv
+//! window `[kernel − 1, conv_dim]` and the SSM state `[heads, head_dim, state]`; an attention layer
+//! keeps keys/values. A recurrent state summarises every token it has read, so it cannot be rewound
+//! to an earlier position: such a sequence is never shared as a prefix, and a rewind goes back to
+//! the start (see docs/architecture.md).
 
 use std::sync::Arc;
 
@@ -27,12 +29,10 @@ use serde_json::Value;
 use super::bf16_linear::Bf16Matrix;
 use super::llama::{Linear, Weight};
 use super::mask::causal_mask;
-use super::{BuildOptions, CausalLm, ModelInfo, WeightSource};
-use crate::engine::kv_cache::SequenceCache;
+use super::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, StateSlot, WeightSource};
 use crate::kernels::moe::{self, ExpertFfn, SigmoidRouter};
 use crate::kernels::ssm::{CausalConv1d, GatedGroupNorm, ScanInput, SsmScan};
 use crate::model::safetensors::SafetensorsWeights;
-use crate::quant::KvProfile;
 
 /// One block's mixer kind, as the pattern letters name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,44 +369,6 @@ impl NemotronHConfig {
     }
 }
 
-/// One Mamba layer's state for one sequence (f32).
-#[derive(Debug, Clone, PartialEq)]
-pub struct MambaState {
-    /// The last `kernel − 1` conv inputs, `[kernel − 1, conv_dim]`, oldest first.
-    pub conv: Vec<f32>,
-    /// `[heads, head_dim, state]`.
-    pub ssm: Vec<f32>,
-}
-
-impl MambaState {
-    pub fn bytes(&self) -> usize {
-        4 * (self.conv.len() + self.ssm.len())
-    }
-
-    pub fn reset(&mut self) {
-        self.conv.fill(0.0);
-        self.ssm.fill(0.0);
-    }
-}
-
-/// Every Mamba layer's state of one sequence, in layer order, and how many tokens it has read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RecurrentStates {
-    pub layers: Vec<MambaState>,
-    pub tokens: usize,
-}
-
-impl RecurrentStates {
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().map(MambaState::bytes).sum()
-    }
-
-    pub fn reset(&mut self) {
-        self.layers.iter_mut().for_each(MambaState::reset);
-        self.tokens = 0;
-    }
-}
-
 struct MambaMixer {
     in_proj: Linear,
     conv: CausalConv1d,
@@ -486,6 +448,8 @@ enum Mixer {
 struct Block {
     norm: Tensor,
     mixer: Mixer,
+    /// The block's slot in a sequence's state (Mamba and attention blocks keep state).
+    slot: Option<usize>,
 }
 
 /// A loaded Nemotron-H model.
@@ -567,6 +531,7 @@ impl NemotronH {
             weights.load_shaped(name, &[len], DType::F32, &options.device)
         };
         let mut blocks = Vec::with_capacity(c.layers.len());
+        let mut state_slots = Vec::new();
         for (l, kind) in c.layers.iter().enumerate() {
             let p = format!("backbone.layers.{l}");
             let m = format!("{p}.mixer");
@@ -658,9 +623,22 @@ impl NemotronH {
                     down: linear(&format!("{m}.down_proj"), h, c.mlp_intermediate, false)?,
                 }),
             };
+            let slot = match mixer {
+                Mixer::Mamba(_) => Some(StateSlot::Recurrent(vec![
+                    (c.conv_kernel - 1) * c.conv_dim(),
+                    c.d_inner() * c.ssm_state,
+                ])),
+                Mixer::Attention(_) => Some(StateSlot::Kv),
+                Mixer::Moe(_) | Mixer::Mlp(_) => None,
+            }
+            .map(|slot| {
+                state_slots.push(slot);
+                state_slots.len() - 1
+            });
             blocks.push(Block {
                 norm: vector(&format!("{p}.norm.weight"), h)?,
                 mixer,
+                slot,
             });
         }
         let embed_name = "backbone.embeddings.weight";
@@ -685,6 +663,7 @@ impl NemotronH {
             vocab_size: c.vocab_size,
             context_length: c.max_position_embeddings,
             cache_layers: c.count(LayerKind::Attention),
+            state_slots,
             kv_heads: c.kv_heads,
             head_dim: c.head_dim,
             cache_dtype: options.dtype,
@@ -701,10 +680,6 @@ impl NemotronH {
         })
     }
 
-    pub fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
     /// Block `layer`'s MoE mixer (routed experts + shared expert) on its normalised input `h`
     /// `[tokens, hidden]` (for checks against a reference, layer by layer).
     pub fn moe_mixer(&self, layer: usize, h: &Tensor) -> Result<Tensor> {
@@ -714,73 +689,32 @@ impl NemotronH {
         }
     }
 
-    /// Empty recurrent state for one sequence.
-    pub fn new_recurrent_states(&self) -> RecurrentStates {
+    /// Every block over the batch's rows (weights applied to all rows at once; conv, scan and
+    /// attention per sequence over its own state); the final norm and head on the rows asked for.
+    fn run_batch(&self, batch: &mut [BatchSeq<'_>], plan: &BatchPlan) -> Result<Tensor> {
         let c = &self.config;
-        let layers = (0..c.count(LayerKind::Mamba))
-            .map(|_| MambaState {
-                conv: vec![0.0; (c.conv_kernel - 1) * c.conv_dim()],
-                ssm: vec![0.0; c.d_inner() * c.ssm_state],
-            })
-            .collect();
-        RecurrentStates { layers, tokens: 0 }
-    }
-
-    /// Runs a batch: every sequence's tokens continue its own state (positions `start..`); weights
-    /// are applied to all rows at once, conv/scan and attention per sequence. Returns f32 logits
-    /// for the rows `logit_rows` asks for (indices into the concatenated tokens), in that order.
-    pub fn forward_rows(&self, seqs: &mut [SeqRun<'_>], logit_rows: &[usize]) -> Result<Tensor> {
-        let c = &self.config;
-        let mut tokens = Vec::new();
-        let mut spans = Vec::with_capacity(seqs.len());
-        for s in seqs.iter() {
-            if s.tokens.is_empty() {
-                candle_core::bail!("nemotron_h forward: a sequence has no tokens");
-            }
-            if let Some(&bad) = s.tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
-                candle_core::bail!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    c.vocab_size
-                );
-            }
-            if s.recurrent.layers.len() != c.count(LayerKind::Mamba) {
-                candle_core::bail!(
-                    "internal error: the sequence's recurrent state does not fit this model"
-                );
-            }
-            spans.push((tokens.len(), s.tokens.len()));
-            tokens.extend_from_slice(s.tokens);
-        }
-        let n = tokens.len();
-        let ids = Tensor::from_slice(&tokens, n, &Device::Cpu)?;
+        let n = plan.tokens.len();
+        let ids = Tensor::from_slice(&plan.tokens, n, &Device::Cpu)?;
         let mut x = super::llama::embed(&self.embed, &ids, DType::F32)?;
-        let (mut mamba_i, mut attn_i) = (0, 0);
         for block in &self.blocks {
             let h = rms_norm(&x, &block.norm, c.eps)?;
-            let y = match &block.mixer {
-                Mixer::Mamba(m) => {
-                    let y = self.mamba(m, &h, seqs, &spans, mamba_i)?;
-                    mamba_i += 1;
-                    y
-                }
-                Mixer::Attention(a) => {
-                    let y = self.attention(a, &h, seqs, &spans, attn_i)?;
-                    attn_i += 1;
-                    y
-                }
-                Mixer::Moe(m) => self.moe(m, &h)?,
-                Mixer::Mlp(m) => m.forward(&h)?,
+            let y = match (&block.mixer, block.slot) {
+                (Mixer::Mamba(m), Some(slot)) => self.mamba(m, &h, batch, plan, slot)?,
+                (Mixer::Attention(a), Some(slot)) => self.attention(a, &h, batch, plan, slot)?,
+                (Mixer::Moe(m), _) => self.moe(m, &h)?,
+                (Mixer::Mlp(m), _) => m.forward(&h)?,
+                _ => candle_core::bail!("internal error: a stateful block without a state slot"),
             };
             x = (x + y)?;
         }
-        for s in seqs.iter_mut() {
-            s.recurrent.tokens += s.tokens.len();
+        if plan.logit_rows.is_empty() {
+            return Tensor::zeros((0, c.vocab_size), DType::F32, &Device::Cpu);
         }
-        let x = if logit_rows.len() == n {
+        let x = if plan.returns_every_row() {
             x
         } else {
-            let rows: Vec<u32> = logit_rows.iter().map(|&r| r as u32).collect();
-            x.index_select(&Tensor::from_vec(rows, logit_rows.len(), &Device::Cpu)?, 0)?
+            let rows = Tensor::new(plan.logit_rows.as_slice(), &Device::Cpu)?;
+            x.index_select(&rows, 0)?
         };
         let x = rms_norm(&x, &self.norm_f, c.eps)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
@@ -790,9 +724,9 @@ impl NemotronH {
         &self,
         m: &MambaMixer,
         h: &Tensor,
-        seqs: &mut [SeqRun<'_>],
-        spans: &[(usize, usize)],
-        layer: usize,
+        batch: &mut [BatchSeq<'_>],
+        plan: &BatchPlan,
+        slot: usize,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (di, cd, nh) = (c.d_inner(), c.conv_dim(), c.mamba_heads);
@@ -800,12 +734,15 @@ impl NemotronH {
         let proj: Vec<f32> = m.in_proj.forward(h)?.flatten_all()?.to_vec1()?;
         let n = proj.len() / width;
         let mut normed = vec![0f32; n * di];
-        for (seq, &(offset, len)) in seqs.iter_mut().zip(spans) {
+        for (seq, span) in batch.iter_mut().zip(&plan.spans) {
+            let (offset, len) = (span.offset, span.len);
             let rows = &proj[offset * width..(offset + len) * width];
-            let state = &mut seq.recurrent.layers[layer];
+            let [conv_state, ssm_state] = &mut seq.state.recurrent_mut(slot)?.buffers[..] else {
+                candle_core::bail!("internal error: a Mamba state holds two buffers");
+            };
             let mut xbc = vec![0f32; len * cd];
             m.conv
-                .forward(&rows[di..], width, len, &mut state.conv, &mut xbc)?;
+                .forward(&rows[di..], width, len, conv_state, &mut xbc)?;
             let dt: Vec<f32> = rows
                 .chunks_exact(width)
                 .flat_map(|r| r[di + cd..di + cd + nh].iter().copied())
@@ -817,7 +754,7 @@ impl NemotronH {
                 dt: &dt,
                 tokens: len,
             };
-            m.scan.forward(input, &mut state.ssm, &mut y)?;
+            m.scan.forward(input, ssm_state, &mut y)?;
             m.norm.forward(
                 &y,
                 rows,
@@ -833,16 +770,17 @@ impl NemotronH {
         &self,
         a: &Attention,
         h: &Tensor,
-        seqs: &mut [SeqRun<'_>],
-        spans: &[(usize, usize)],
-        layer: usize,
+        batch: &mut [BatchSeq<'_>],
+        plan: &BatchPlan,
+        slot: usize,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.heads, c.kv_heads, c.head_dim);
         let group = nh / nkv;
         let (q_all, k_all, v_all) = (a.q.forward(h)?, a.k.forward(h)?, a.v.forward(h)?);
-        let mut outs = Vec::with_capacity(seqs.len());
-        for (seq, &(offset, t)) in seqs.iter_mut().zip(spans) {
+        let mut outs = Vec::with_capacity(batch.len());
+        for (seq, span) in batch.iter_mut().zip(&plan.spans) {
+            let (offset, t, start) = (span.offset, span.len, span.start);
             let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
                 x.narrow(0, offset, t)?
                     .reshape((t, n, hd))?
@@ -852,14 +790,13 @@ impl NemotronH {
             let q = heads(&q_all, nh)?;
             let k = heads(&k_all, nkv)?.unsqueeze(0)?;
             let v = heads(&v_all, nkv)?.unsqueeze(0)?;
-            let start = seq.start;
-            let (keys, values) = seq.kv.append(layer, &k, &v)?;
+            let (keys, values) = seq.state.kv_mut(slot)?.append(&k, &v)?;
             let keys = keys.squeeze(0)?.to_dtype(DType::F32)?.contiguous()?;
             let values = values.squeeze(0)?.to_dtype(DType::F32)?.contiguous()?;
             let total = keys.dim(1)?;
             if total != start + t {
                 candle_core::bail!(
-                    "internal error: attention layer {layer} holds {total} tokens, expected {}",
+                    "internal error: state slot {slot} holds {total} tokens, expected {}",
                     start + t
                 );
             }
@@ -904,64 +841,19 @@ impl NemotronH {
         let routed = Tensor::from_vec(routed, (n, hidden), &Device::Cpu)?;
         routed + m.shared.forward(h)?
     }
+}
 
-    /// One sequence through the current single-sequence contract: KV in `cache`, recurrent
-    /// state in `recurrent`.
-    pub fn forward_one(
-        &self,
-        tokens: &[u32],
-        cache: &mut SequenceCache,
-        recurrent: &mut RecurrentStates,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        super::forward_in_passes(tokens, last_only, |pass| {
-            let start = cache.position();
-            if recurrent.tokens != start {
-                candle_core::bail!(
-                    "nemotron_h: the recurrent state has read {} tokens but the KV cache {start}; a recurrent state cannot be rewound",
-                    recurrent.tokens
-                );
-            }
-            let rows: Vec<usize> = if last_only {
-                vec![pass.len() - 1]
-            } else {
-                (0..pass.len()).collect()
-            };
-            let mut seqs = [SeqRun {
-                tokens: pass,
-                start,
-                kv: cache,
-                recurrent: &mut *recurrent,
-            }];
-            self.forward_rows(&mut seqs, &rows)
-        })
+impl CausalLm for NemotronH {
+    fn forward_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor> {
+        let plan = BatchPlan::new(batch, self.config.vocab_size, self.info.state_slots.len())?;
+        let logits = self.run_batch(batch, &plan)?;
+        plan.commit(batch);
+        Ok(logits)
     }
-}
 
-/// Access to one sequence's attention keys/values, by attention-layer ordinal.
-pub trait KvAccess {
-    /// Appends `k`, `v` (`[1, kv_heads, t, head_dim]`) and returns all keys/values so far.
-    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
-}
-
-impl KvAccess for SequenceCache {
-    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        match self.layers.get_mut(layer) {
-            Some(store) => store.append(k, v),
-            None => {
-                candle_core::bail!("internal error: the KV cache has no attention layer {layer}")
-            }
-        }
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
-}
-
-/// One sequence's part of a [`NemotronH::forward_rows`] batch.
-pub struct SeqRun<'a> {
-    pub tokens: &'a [u32],
-    /// Position of the first token (tokens already read).
-    pub start: usize,
-    pub kv: &'a mut dyn KvAccess,
-    pub recurrent: &'a mut RecurrentStates,
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -980,66 +872,13 @@ pub fn build(
         bail!("nemotron_h models are read from safetensors (nvidia/NVIDIA-Nemotron-*), not GGUF");
     };
     let model = NemotronH::from_weights(config, weights, options)?;
-    Ok(Box::new(SingleSequence::new(model)))
+    Ok(Box::new(model))
 }
 
 /// Where the table finds tensor names (documentation for readers of the registry).
 pub const TENSOR_NAMES_DOC: &str = "NVIDIA names: backbone.embeddings, backbone.layers.N.norm, backbone.layers.N.mixer.\
 {in_proj,conv1d,dt_bias,A_log,D,norm,out_proj | q,k,v,o_proj | gate.weight,gate.e_score_correction_bias,\
 experts.E.{up,down}_proj,shared_experts.{up,down}_proj | up_proj,down_proj}, backbone.norm_f, lm_head";
-
-/// The model behind the current single-sequence `CausalLm` contract, whose cache holds KV only:
-/// the recurrent state of the one sequence being run is kept here, beside it, with the tokens it
-/// has read. A cache rewound to an earlier position (a chat turn reusing part of its prefix)
-/// cannot rewind the recurrent state, so it is rebuilt by re-reading the kept prefix (the KV
-/// cache stays as it is); a cache at position 0 starts afresh.
-pub struct SingleSequence {
-    pub model: NemotronH,
-    seq: std::sync::Mutex<(RecurrentStates, Vec<u32>)>,
-}
-
-impl SingleSequence {
-    pub fn new(model: NemotronH) -> Self {
-        let seq = std::sync::Mutex::new((model.new_recurrent_states(), Vec::new()));
-        Self { model, seq }
-    }
-}
-
-impl CausalLm for SingleSequence {
-    fn info(&self) -> &ModelInfo {
-        &self.model.info
-    }
-
-    fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut SequenceCache,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        let mut guard = self.seq.lock().unwrap_or_else(|e| e.into_inner());
-        let (recurrent, history) = &mut *guard;
-        let position = cache.position();
-        if position == 0 {
-            recurrent.reset();
-            history.clear();
-        } else if position < recurrent.tokens {
-            recurrent.reset();
-            history.truncate(position);
-            let mut scratch = self.model.info.new_cache(KvProfile::Default, position)?;
-            self.model
-                .forward_one(history, &mut scratch, recurrent, true)?;
-        } else if position > recurrent.tokens {
-            candle_core::bail!(
-                "nemotron_h: the KV cache holds {position} tokens this model has not read (one sequence at a time)"
-            );
-        }
-        let logits = self
-            .model
-            .forward_one(tokens, cache, recurrent, last_only)?;
-        history.extend_from_slice(tokens);
-        Ok(logits)
-    }
-}
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -85,7 +85,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let resolved = super::run::resolve(&args.model)?;
+    let resolved = crate::store::resolve_for_run(&args.model)?;
     let t0 = Instant::now();
     let model = EmbeddingModel::load(&resolved)
         .with_context(|| format!("cannot load model '{}'", resolved.display_name))?;

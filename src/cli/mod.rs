@@ -9,7 +9,6 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub mod bench;
 pub mod completions;
 pub mod embed;
-pub mod harmony_view;
 pub mod list;
 pub mod output;
 pub mod perplexity;
@@ -19,6 +18,7 @@ pub mod rm;
 pub mod run;
 pub mod show;
 pub mod tokenize;
+pub mod turn_view;
 
 /// Run open-weight LLMs from the Hugging Face Hub, straight from safetensors or GGUF.
 #[derive(Debug, Parser)]
@@ -225,6 +225,10 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(short = 'r', long, default_value_t = 3)]
     pub repeats: usize,
+    /// Run N sequences at once through the continuous-batching scheduler and report aggregate
+    /// and per-sequence decode speed and time to first token.
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<usize>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

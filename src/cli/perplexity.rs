@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::run::{load_for, new_sequence};
+use super::run::open_session;
 use super::PerplexityArgs;
 
 /// Tokens run through the model at once (bounds the logits buffer to ~50 MB for a 49k vocab).
@@ -50,10 +50,11 @@ fn nll_rows(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
 pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let (resolved, loaded) = load_for(&args.model, &args.runtime)?;
+    let session = open_session(&args.model, &args.runtime)?;
     if args.llama_cpp {
-        return run_llama_cpp(&args, &text, &resolved, &loaded);
+        return run_llama_cpp(&args, &text, &session);
     }
+    let loaded = &session.loaded;
     let mut tokens = loaded.tokenizer.encode(&text, false)?;
     if args.add_bos {
         let bos = loaded
@@ -79,7 +80,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
         None => tokens.len().min(model_ctx).min(2048),
     };
     let vocab = loaded.model.info().vocab_size;
-    let mut seq = new_sequence(&loaded, &resolved, ctx)?;
+    let mut state = loaded.model.info().new_cache(session.kv_profile(), ctx)?;
     let t0 = Instant::now();
     let (mut total, mut scored, mut windows) = (0.0f64, 0usize, 0usize);
     for window in tokens.chunks(ctx) {
@@ -87,11 +88,11 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
             continue;
         }
         windows += 1;
-        seq.clear();
+        state.clear();
         for (b, batch) in window.chunks(BATCH).enumerate() {
             let logits = loaded
                 .model
-                .forward(batch, &mut seq.cache, false)?
+                .forward(batch, &mut state, false)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             // Row i predicts window[b * BATCH + i + 1].
@@ -105,7 +106,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     let mean_nll = total / scored as f64;
     let report = PerplexityReport {
-        model: resolved.display_name.clone(),
+        model: session.display_name().to_string(),
         tokens: tokens.len(),
         scored_tokens: scored,
         windows,
@@ -122,9 +123,9 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
 fn run_llama_cpp(
     args: &PerplexityArgs,
     text: &str,
-    resolved: &crate::store::ResolvedModel,
-    loaded: &crate::engine::load::LoadedModel,
+    session: &crate::engine::session::ModelSession,
 ) -> anyhow::Result<()> {
+    let loaded = &session.loaded;
     let tokenizer = &loaded.tokenizer;
     let tokens = tokenizer.encode(text, true)?;
     let ctx = args.runtime.ctx.unwrap_or(LLAMA_CPP_CTX);
@@ -144,7 +145,7 @@ fn run_llama_cpp(
     let bos = tokenizer.bos_id.filter(|b| tokens.first() == Some(b));
     let vocab = loaded.model.info().vocab_size;
     let first = ctx / 2;
-    let mut seq = new_sequence(loaded, resolved, ctx)?;
+    let mut state = loaded.model.info().new_cache(session.kv_profile(), ctx)?;
     let t0 = Instant::now();
     let (mut total, mut scored) = (0.0f64, 0usize);
     for c in 0..chunks {
@@ -152,11 +153,11 @@ fn run_llama_cpp(
         if let Some(bos) = bos {
             chunk[0] = bos;
         }
-        seq.clear();
+        state.clear();
         for (b, batch) in chunk.chunks(BATCH).enumerate() {
             let logits = loaded
                 .model
-                .forward(batch, &mut seq.cache, false)?
+                .forward(batch, &mut state, false)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             // Row i is position b * BATCH + i; positions first..ctx-1 are scored.
@@ -172,7 +173,7 @@ fn run_llama_cpp(
     let seconds = t0.elapsed().as_secs_f64();
     let mean_nll = total / scored as f64;
     let report = PerplexityReport {
-        model: resolved.display_name.clone(),
+        model: session.display_name().to_string(),
         tokens: tokens.len(),
         scored_tokens: scored,
         windows: chunks,

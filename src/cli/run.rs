@@ -1,102 +1,44 @@
-//! `xllm run`: one-shot answers (streamed, or one JSON object) and the interactive chat REPL.
-//! Also the helpers `perplexity` and `bench` share: resolving, threads, loading.
+//! `xllm run`: one-shot answers (streamed, or one JSON object) and the interactive chat REPL,
+//! on the engine's session and scheduler (one sequence; the prefix cache makes each chat turn
+//! run only its new tokens). Also the helpers `perplexity` and `bench` share: threads, opening.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{OutputFormat, RunArgs, RuntimeArgs, SamplingArgs};
+use super::turn_view::TurnPrinter;
+use super::{OutputFormat, ReasoningEffort as EffortArg, RunArgs, RuntimeArgs, SamplingArgs};
 use crate::engine::chat_template::Message;
-use crate::engine::generate::{
-    FinishReason, Generation, GenerationStats, Sequence, StopConditions,
-};
-use crate::engine::harmony_chat::HarmonyChat;
-use crate::engine::load::{self, LoadOptions, LoadedModel};
+use crate::engine::generate::{FinishReason, GenerationStats};
+use crate::engine::harmony::ReasoningEffort;
+use crate::engine::request::{GenerationRequest, OutputMode, SeqEvent};
 use crate::engine::sampler::SamplingParams;
-use crate::store::ResolvedModel;
+use crate::engine::scheduler::{Collected, EngineConfig, Scheduler};
+use crate::engine::session::{self, ChatOptions, ModelSession, OpenOptions};
 
-/// Context allocated when neither `--ctx` nor a smaller model limit says otherwise.
-pub const DEFAULT_CTX: usize = 4096;
-
-/// Turns a model name or path into files on disk (the store's resolution: `org/name[:quant]`,
-/// a local folder with config.json, or a .gguf file).
-pub(crate) fn resolve(name: &str) -> anyhow::Result<ResolvedModel> {
-    crate::store::resolve_for_run(name)
-}
-
-/// Runs `command` on a rayon pool of `--threads` threads (all cores by default).
-///
-/// The command runs *inside* the pool, not beside it: candle's CPU ops (softmax, norms, RoPE,
-/// quantized matmul) and our kernels split their work with rayon, and a parallel call made from a
-/// thread outside the pool must hand the work over and sleep until a worker finishes it — two
-/// context switches per op, hundreds per decoded token. From a worker, the work starts in place
-/// and the other workers join in (with one thread, it simply runs inline).
+/// Runs `command` on the CPU worker pool of `--threads` threads (see
+/// [`crate::engine::threads::in_thread_pool`]).
 pub(crate) fn with_thread_pool<T: Send>(
     threads: Option<usize>,
     command: impl FnOnce() -> anyhow::Result<T> + Send,
 ) -> anyhow::Result<T> {
-    let n = match threads {
-        Some(0) => anyhow::bail!("--threads must be at least 1"),
-        Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-    };
-    // candle sizes its matmul (gemm) parallelism from this variable.
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("xllm-worker-{i}"))
-        .build()
-        .context("cannot start the CPU worker threads")?;
-    pool.install(command)
+    crate::engine::threads::in_thread_pool(threads, command)
 }
 
-/// Resolves and loads (the caller runs inside [`with_thread_pool`]).
-pub(crate) fn load_for(
-    name: &str,
-    runtime: &RuntimeArgs,
-) -> anyhow::Result<(ResolvedModel, LoadedModel)> {
-    let resolved = resolve(name)?;
-    // A KV profile the device cannot run is refused before anything is opened or loaded
-    // (checked again once `auto` has picked a device).
-    if let Some(spec) = runtime.device.as_deref() {
-        let request: crate::device::DeviceRequest = spec.parse()?;
-        crate::engine::kv_quant::check_kv_profile_on_request(resolved.kv_profile, request)?;
-    }
-    let device = crate::device::select_device(runtime.device.as_deref())?;
-    crate::engine::kv_quant::check_kv_profile_on_device(resolved.kv_profile, device.location())?;
-    crate::engine::memory_plan::ensure_fits(&resolved, &device, runtime.ctx, DEFAULT_CTX)?;
-    let options = LoadOptions {
-        device,
-        ..LoadOptions::default()
-    };
-    let loaded = load::load(&resolved, &options)
-        .with_context(|| format!("cannot load model '{}'", resolved.display_name))?;
-    Ok((resolved, loaded))
-}
-
-/// The context to allocate: `--ctx`, else the model's limit capped at [`DEFAULT_CTX`].
-pub(crate) fn context_size(loaded: &LoadedModel, ctx: Option<usize>) -> anyhow::Result<usize> {
-    let model_ctx = loaded.model.info().context_length;
-    match ctx {
-        Some(0) => anyhow::bail!("--ctx must be at least 1"),
-        Some(n) if n > model_ctx => {
-            anyhow::bail!("--ctx {n} exceeds the model's context length of {model_ctx} tokens")
-        }
-        Some(n) => Ok(n),
-        None => Ok(model_ctx.min(DEFAULT_CTX)),
-    }
-}
-
-pub(crate) fn new_sequence(
-    loaded: &LoadedModel,
-    resolved: &ResolvedModel,
-    ctx: usize,
-) -> anyhow::Result<Sequence> {
-    let cache = loaded.model.info().new_cache(resolved.kv_profile, ctx)?;
-    Ok(Sequence::new(cache, ctx))
+/// Opens the model for `run`, `bench` and `perplexity` (the caller runs inside
+/// [`with_thread_pool`]).
+pub(crate) fn open_session(name: &str, runtime: &RuntimeArgs) -> anyhow::Result<ModelSession> {
+    session::open(
+        name,
+        &OpenOptions {
+            device: runtime.device.clone(),
+            ctx: runtime.ctx,
+        },
+    )
 }
 
 fn sampling_params(defaults: &SamplingParams, args: &SamplingArgs) -> SamplingParams {
@@ -159,13 +101,8 @@ struct Interrupts {
 }
 
 impl Interrupts {
-    /// Stop conditions for one turn, cancelled by this handler's Ctrl-C.
-    fn stop_conditions(&self, max_tokens: Option<usize>, stop: &[String]) -> StopConditions {
-        StopConditions {
-            max_tokens,
-            stop_strings: stop.to_vec(),
-            cancel: Some(self.cancel.clone()),
-        }
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
     }
 
     fn install(interactive: bool) -> Self {
@@ -205,8 +142,8 @@ pub(crate) fn print_stats(
     load: Option<Duration>,
     total: Duration,
     stats: &GenerationStats,
-    kv_bytes: usize,
 ) {
+    let kv_bytes = stats.kv_cache_bytes;
     let _ = writeln!(out, "total duration:       {total:.3?}");
     if let Some(load) = load {
         let _ = writeln!(out, "load duration:        {load:.3?}");
@@ -255,33 +192,69 @@ pub(crate) fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Prompt tokens for a conversation (chat template) or raw text.
-fn prompt_tokens(
-    loaded: &LoadedModel,
-    messages: &[Message],
-    raw: bool,
-) -> anyhow::Result<Vec<u32>> {
-    match (&loaded.template, raw) {
-        (Some(t), false) => {
-            let text = t.render(messages, true)?;
-            loaded.tokenizer.encode(&text, false)
+/// The `stats` object of `--format json` output (the same for plain and harmony models).
+pub(crate) fn stats_json(session: &ModelSession, stats: &GenerationStats) -> serde_json::Value {
+    serde_json::json!({
+        "load_duration_ms": session.loaded.load_duration.as_secs_f64() * 1e3,
+        "prompt_eval_count": stats.prompt_eval_count,
+        "prompt_eval_duration_ms": stats.prompt_eval_duration.as_secs_f64() * 1e3,
+        "prompt_eval_rate": stats.prompt_rate(),
+        "eval_count": stats.eval_count,
+        "eval_duration_ms": stats.eval_duration.as_secs_f64() * 1e3,
+        "eval_rate": stats.eval_rate(),
+        "kv_cache_bytes": stats.kv_cache_bytes,
+    })
+}
+
+/// Runs one request through `scheduler`, showing its output through `printer` as it comes;
+/// Ctrl-C cancels it.
+fn run_turn(
+    scheduler: &mut Scheduler,
+    request: GenerationRequest,
+    interrupts: &Interrupts,
+    mut printer: Option<&mut TurnPrinter<std::io::Stdout>>,
+) -> anyhow::Result<Collected> {
+    let (tx, rx) = mpsc::channel();
+    let id = scheduler.submit(request, Box::new(move |event| tx.send(event).is_ok()))?;
+    let mut collected = Collected::default();
+    interrupts.generating();
+    while scheduler.has_work() {
+        if interrupts.cancelled() {
+            scheduler.cancel(id);
         }
-        _ => {
-            let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-            loaded.tokenizer.encode(&text.join("\n"), true)
+        scheduler.step()?;
+        for event in rx.try_iter() {
+            if let (Some(p), SeqEvent::Output { outputs, .. }) = (printer.as_deref_mut(), &event) {
+                outputs.iter().for_each(|o| p.show(o));
+            }
+            collected.push(event);
         }
+    }
+    if let Some(p) = printer {
+        p.finish();
+    }
+    if let Some(e) = &collected.error {
+        anyhow::bail!("{e}");
+    }
+    Ok(collected)
+}
+
+/// Reasoning effort from the flags (harmony models only).
+fn effort(args: &RunArgs) -> ReasoningEffort {
+    match args.reasoning_effort {
+        Some(EffortArg::Low) => ReasoningEffort::Low,
+        Some(EffortArg::High) => ReasoningEffort::High,
+        Some(EffortArg::Medium) | None => ReasoningEffort::Medium,
     }
 }
 
-/// Prompt tokens for one turn: the system prompt, earlier turns, then `user`; in the harmony
-/// format for gpt-oss models, else through the chat template (or raw text).
+/// Prompt tokens for one turn: the system prompt, earlier turns, then `user`.
 fn turn_prompt(
-    loaded: &LoadedModel,
-    harmony: Option<&HarmonyChat>,
+    session: &ModelSession,
+    options: ChatOptions,
     system: Option<&str>,
     history: &[Message],
     user: String,
-    raw: bool,
 ) -> anyhow::Result<Vec<u32>> {
     let mut messages = Vec::new();
     if let Some(s) = system {
@@ -289,28 +262,7 @@ fn turn_prompt(
     }
     messages.extend(history.iter().cloned());
     messages.push(Message::new("user", user));
-    match harmony {
-        Some(chat) => chat.prompt_tokens(loaded, &messages),
-        None => prompt_tokens(loaded, &messages, raw),
-    }
-}
-
-/// The `stats` object of `--format json` output (the same for plain and harmony models).
-pub(crate) fn stats_json(
-    loaded: &LoadedModel,
-    stats: &GenerationStats,
-    kv_cache_bytes: usize,
-) -> serde_json::Value {
-    serde_json::json!({
-        "load_duration_ms": loaded.load_duration.as_secs_f64() * 1e3,
-        "prompt_eval_count": stats.prompt_eval_count,
-        "prompt_eval_duration_ms": stats.prompt_eval_duration.as_secs_f64() * 1e3,
-        "prompt_eval_rate": stats.prompt_rate(),
-        "eval_count": stats.eval_count,
-        "eval_duration_ms": stats.eval_duration.as_secs_f64() * 1e3,
-        "eval_rate": stats.eval_rate(),
-        "kv_cache_bytes": kv_cache_bytes,
-    })
+    session.chat_prompt(&messages, options)
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -324,87 +276,79 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         None
     };
     let one_shot = args.prompt.clone().or(stdin_prompt);
-    let (resolved, loaded) = load_for(&args.model, &args.runtime)?;
-    let ctx = context_size(&loaded, args.runtime.ctx)?;
-    let mut sampling = sampling_params(&loaded.sampling, &args.sampling);
+    let session = Arc::new(open_session(&args.model, &args.runtime)?);
+    let ctx = session.context;
+    let mut sampling = sampling_params(&session.loaded.sampling, &args.sampling);
     validate_sampling(&sampling)?;
-    let mut seq = new_sequence(&loaded, &resolved, ctx)?;
-    let harmony = super::harmony_view::chat_for(&loaded, &args);
-    if !args.raw && loaded.template.is_none() {
+    let harmony = !args.raw && session.harmony.is_some();
+    let mode = if harmony {
+        OutputMode::Harmony
+    } else {
+        OutputMode::Text
+    };
+    if !harmony && (args.hide_thinking || args.reasoning_effort.is_some()) {
+        eprintln!(
+            "note: --hide-thinking and --reasoning-effort apply to gpt-oss (harmony) chat only; ignored"
+        );
+    }
+    if !args.raw && session.loaded.template.is_none() {
         eprintln!("note: the model has no chat template; the prompt is used as raw text");
     }
+    let options = ChatOptions {
+        raw: args.raw,
+        reasoning_effort: effort(&args),
+    };
+    let mut scheduler = Scheduler::new(session.clone(), EngineConfig::for_sequences(1, ctx));
     let mut system = args.system.clone();
     let mut max_tokens = args.max_tokens;
     let interrupts = Interrupts::install(one_shot.is_none());
+    let request_for = |prompt: Vec<u32>, sampling: &SamplingParams, max_tokens: Option<usize>| {
+        let mut r = GenerationRequest::new(prompt, sampling.clone());
+        r.max_tokens = max_tokens;
+        r.stop_strings = args.stop.clone();
+        r.output = mode;
+        r
+    };
 
     if let Some(prompt) = one_shot {
-        let tokens = turn_prompt(
-            &loaded,
-            harmony.as_ref(),
-            system.as_deref(),
-            &[],
-            prompt,
-            args.raw,
-        )?;
-        let stop = interrupts.stop_conditions(max_tokens, &args.stop);
-        interrupts.generating();
-        if let Some(chat) = &harmony {
-            let inputs = super::harmony_view::TurnInputs {
-                chat,
-                loaded: &loaded,
-                seq: &mut seq,
-                prompt: &tokens,
-                sampling,
-                stop,
-            };
-            return super::harmony_view::one_shot(inputs, &args, &resolved, t0);
-        }
-        let mut generation = Generation::start(
-            loaded.model.as_ref(),
-            &loaded.tokenizer,
-            &mut seq,
-            &tokens,
-            sampling,
-            stop,
-        )?;
-        let mut text = String::new();
+        let tokens = turn_prompt(&session, options, system.as_deref(), &[], prompt)?;
         let json = args.format == OutputFormat::Json;
-        let stdout = std::io::stdout();
-        let reason = generation.run(|piece| {
-            text.push_str(piece);
-            if !json {
-                let mut out = stdout.lock();
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
-            }
-        })?;
-        let stats = generation.stats.clone();
-        let ids = generation.generated.clone();
-        drop(generation);
+        let mut printer = TurnPrinter::stdout(args.hide_thinking);
+        let result = run_turn(
+            &mut scheduler,
+            request_for(tokens, &sampling, max_tokens),
+            &interrupts,
+            (!json).then_some(&mut printer),
+        )?;
+        let reason = result.finish.unwrap_or(FinishReason::Stop);
         if json {
-            let value = serde_json::json!({
-                "model": resolved.display_name,
-                "text": text,
-                "tokens": ids,
+            let mut value = serde_json::json!({
+                "model": session.display_name(),
+                "text": result.text,
+                "tokens": result.tokens,
                 "finish_reason": reason.as_str(),
-                "stats": stats_json(&loaded, &stats, seq.cache.allocated_bytes()),
+                "stats": stats_json(&session, &result.stats),
             });
-            println!("{}", serde_json::to_string_pretty(&value)?);
-        } else {
-            println!();
-            if reason == FinishReason::ContextFull {
-                eprintln!(
-                    "note: stopped because the context of {ctx} tokens is full (raise --ctx)"
-                );
+            if harmony {
+                let tool_calls: Vec<_> = result
+                    .tool_calls
+                    .iter()
+                    .map(|(r, a)| serde_json::json!({"recipient": r, "arguments": a}))
+                    .collect();
+                value["thinking"] = result.reasoning.clone().into();
+                value["tool_calls"] = tool_calls.into();
+                value["reasoning_effort"] = options.reasoning_effort.as_str().into();
             }
+            super::output::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
+        } else if reason == FinishReason::ContextFull {
+            eprintln!("note: stopped because the context of {ctx} tokens is full (raise --ctx)");
         }
         if args.verbose {
             print_stats(
                 &mut std::io::stderr(),
-                Some(loaded.load_duration),
+                Some(session.loaded.load_duration),
                 t0.elapsed(),
-                &stats,
-                seq.cache.allocated_bytes(),
+                &result.stats,
             );
         }
         return Ok(());
@@ -416,8 +360,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut lines = stdin.lock().lines();
     eprintln!(
         "Chatting with {} (type /? for help, /bye to exit)",
-        resolved.display_name
+        session.display_name()
     );
+    let mut last_kv_bytes = 0;
+    let mut context_tokens = 0;
     loop {
         interrupts.at_prompt();
         eprint!(">>> ");
@@ -446,12 +392,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 "bye" | "exit" => break,
                 "clear" => {
                     history.clear();
-                    seq.clear();
+                    scheduler.clear_prefix_cache();
+                    context_tokens = 0;
                     eprintln!("Cleared session context");
                 }
                 "show" => match parts.next() {
                     Some("info") => {
-                        let info = loaded.model.info();
+                        let info = session.info();
                         eprintln!("  architecture      {}", info.architecture);
                         eprintln!("  weights           {}", info.weight_format);
                         eprintln!(
@@ -461,10 +408,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                         eprintln!("  vocabulary        {}", info.vocab_size);
                         eprintln!(
                             "  kv cache          {} ({} bytes allocated)",
-                            resolved.kv_profile,
-                            seq.cache.allocated_bytes()
+                            session.kv_profile(),
+                            last_kv_bytes
                         );
-                        eprintln!("  tokens in context {}", seq.tokens.len());
+                        eprintln!("  tokens in context {context_tokens}");
                     }
                     _ => eprintln!("usage: /show info"),
                 },
@@ -490,72 +437,51 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             continue;
         }
-        let tokens = turn_prompt(
-            &loaded,
-            harmony.as_ref(),
+        let tokens = match turn_prompt(
+            &session,
+            options,
             system.as_deref(),
             &history,
             input.clone(),
-            args.raw,
-        )?;
-        let stop = interrupts.stop_conditions(max_tokens, &args.stop);
-        interrupts.generating();
-        if let Some(chat) = &harmony {
-            let inputs = super::harmony_view::TurnInputs {
-                chat,
-                loaded: &loaded,
-                seq: &mut seq,
-                prompt: &tokens,
-                sampling: sampling.clone(),
-                stop,
-            };
-            // Only the final answer goes into the history: prior reasoning is not fed back.
-            if let Some(answer) = super::harmony_view::repl_turn(inputs, &args)? {
-                history.push(Message::new("user", input));
-                history.push(Message::new("assistant", answer));
-            }
-            continue;
-        }
-        let mut generation = match Generation::start(
-            loaded.model.as_ref(),
-            &loaded.tokenizer,
-            &mut seq,
-            &tokens,
-            sampling.clone(),
-            stop,
         ) {
-            Ok(g) => g,
+            Ok(t) => t,
             Err(e) => {
                 eprintln!("Error: {e:#}");
                 continue;
             }
         };
-        let mut answer = String::new();
         let t_turn = std::time::Instant::now();
-        let reason = generation.run(|piece| {
-            answer.push_str(piece);
-            print!("{piece}");
-            let _ = std::io::stdout().flush();
-        })?;
-        let stats = generation.stats.clone();
-        drop(generation);
-        println!();
-        match reason {
-            FinishReason::Cancelled => eprintln!("(stopped)"),
-            FinishReason::ContextFull => {
+        let mut printer = TurnPrinter::stdout(args.hide_thinking);
+        let result = match run_turn(
+            &mut scheduler,
+            request_for(tokens.clone(), &sampling, max_tokens),
+            &interrupts,
+            Some(&mut printer),
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                continue;
+            }
+        };
+        match result.finish {
+            Some(FinishReason::Cancelled) => eprintln!("(stopped)"),
+            Some(FinishReason::ContextFull) => {
                 eprintln!("(the context of {ctx} tokens is full: /clear to start over)")
             }
             _ => {}
         }
+        last_kv_bytes = result.stats.kv_cache_bytes;
+        context_tokens = tokens.len() + result.tokens.len();
+        // Only the final answer goes into the history: prior reasoning is not fed back.
         history.push(Message::new("user", input));
-        history.push(Message::new("assistant", answer));
+        history.push(Message::new("assistant", result.text.clone()));
         if args.verbose {
             print_stats(
                 &mut std::io::stderr(),
                 None,
                 t_turn.elapsed(),
-                &stats,
-                seq.cache.allocated_bytes(),
+                &result.stats,
             );
         }
     }

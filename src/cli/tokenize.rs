@@ -2,9 +2,9 @@
 //! as `llama-tokenize` prints them (`<id> -> '<piece>'`), or as JSON. Only the tokenizer is
 //! loaded, not the weights.
 
-use super::run::resolve;
 use super::TokenizeArgs;
 use crate::engine::load::load_tokenizer;
+use crate::store::resolve_for_run as resolve;
 
 pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
     let resolved = resolve(&args.model)?;

@@ -12,6 +12,64 @@
 //! stop. `analysis` is the reasoning the CLI shows dimmed (or hides); `final` is the answer.
 //! Generation stops at `<|return|>`, `<|call|>` or `<|endoftext|>` ([`STOP_TOKENS`]).
 
+use std::collections::HashMap;
+
+use super::load::LoadedModel;
+
+/// Control tokens of the harmony format; the generic decoder drops them, the parser needs them.
+const HARMONY_SPECIALS: [&str; 9] = [
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|return|>",
+    "<|call|>",
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|channel|>",
+    "<|constrain|>",
+];
+
+/// How much the model reasons before answering (the template's `reasoning_effort`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReasoningEffort {
+    Low,
+    #[default]
+    Medium,
+    High,
+}
+
+impl ReasoningEffort {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasoningEffort::Low => "low",
+            ReasoningEffort::Medium => "medium",
+            ReasoningEffort::High => "high",
+        }
+    }
+}
+
+/// The ids of the harmony control tokens, for gpt-oss checkpoints (architecture `gpt_oss`, or a
+/// template written in harmony) whose tokenizer has them; `None` for every other model.
+pub fn harmony_specials(loaded: &LoadedModel) -> Option<HashMap<u32, &'static str>> {
+    let template_is_harmony = loaded
+        .tokenizer
+        .chat_template
+        .as_deref()
+        .is_some_and(|t| t.contains("<|channel|>"));
+    if loaded.model.info().architecture != "gpt_oss" && !template_is_harmony {
+        return None;
+    }
+    let specials: HashMap<u32, &'static str> = HARMONY_SPECIALS
+        .iter()
+        .filter_map(|s| loaded.tokenizer.token_to_id(s).map(|id| (id, *s)))
+        .collect();
+    let required = ["<|channel|>", "<|message|>", "<|return|>"];
+    required
+        .iter()
+        .all(|r| specials.values().any(|s| s == r))
+        .then_some(specials)
+}
+
 /// Tokens that end generation in harmony.
 pub const STOP_TOKENS: [&str; 3] = ["<|return|>", "<|call|>", "<|endoftext|>"];
 

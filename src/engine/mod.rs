@@ -1,17 +1,23 @@
-//! Generation: tokenizer + chat template → prefill → decode loop with KV cache, sampling, stop
-//! conditions, streaming callback and cancellation. Drivable step by step (no stdout here).
+//! The engine: one way to open a model ([`session`]), and a continuous-batching [`scheduler`]
+//! that advances many sequences per forward pass with per-sequence sampling, stops and output
+//! processing ([`postprocess`]: stop strings held back, harmony channels). Nothing here prints;
+//! every event of a request goes to its sink.
 
 pub mod chat_template;
 pub mod embed;
 pub mod generate;
 mod gguf_tokenizer;
 pub mod harmony;
-pub mod harmony_chat;
-pub mod kv_cache;
-pub mod kv_quant;
 pub mod load;
 pub mod memory_plan;
+pub mod postprocess;
+mod prefix_cache;
 pub mod preflight;
+pub mod request;
 pub mod sampler;
+pub mod scheduler;
+pub mod session;
+pub mod threads;
 pub mod tokenizer;
 pub mod tokenizer_checks;
+pub mod worker;

@@ -397,7 +397,7 @@ impl KvCode {
 }
 
 /// One of K or V of a quantized cache: `codes [1, kv_heads, capacity, head_dim]` (u8 or
-/// F8E4M3), `scales [1, kv_heads, capacity, 1]` f16 — the planes of `engine::kv_quant`.
+/// F8E4M3), `scales [1, kv_heads, capacity, 1]` f16 — the planes of `state::kv_quant`.
 pub struct QuantPlane<'a> {
     pub codes: &'a Tensor,
     pub scales: &'a Tensor,

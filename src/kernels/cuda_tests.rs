@@ -299,7 +299,7 @@ fn e4m3_encode(v: f32) -> u8 {
     sign | best
 }
 
-/// The bytes of engine::kv_quant's host path, one row at a time.
+/// The bytes of state::kv_quant's host path, one row at a time.
 fn quantize_row(row: &[f32], code: KvCode) -> (Vec<u8>, f16) {
     let max_code = if code == KvCode::Int8 { 127.0 } else { 448.0 };
     let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -792,8 +792,8 @@ fn cpu_ops_and_their_cuda_fwd_agree() {
 /// stores return, and hold less device memory than the bf16 cache (measured with cuMemGetInfo).
 #[test]
 fn quantized_kv_stores_on_cuda_match_cpu_and_save_device_memory() {
-    use crate::engine::kv_cache::{new_store, KvLayout};
     use crate::quant::KvProfile;
+    use crate::state::kv_cache::{new_store, KvLayout};
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(23);
     let layout = KvLayout {

@@ -1,6 +1,6 @@
 // Metal twin of src/kernels/cuda/kv_quant.cu: quantize-on-write of the kv_int8 cache (the
 // layout of src/engine/kv_quant.rs). kv_fp8 has no Metal path: candle has no E4M3 conversion on
-// Metal and engine::kv_quant refuses that profile there. Built only on macOS.
+// Metal and state::kv_quant refuses that profile there. Built only on macOS.
 #include <metal_stdlib>
 using namespace metal;
 

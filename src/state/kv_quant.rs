@@ -321,6 +321,13 @@ impl<C: ByteCodec> KvStore for ScaledKvStore<C> {
         self.len
     }
 
+    fn read(&self) -> Result<(Tensor, Tensor)> {
+        let Some((kp, vp)) = self.planes.as_ref() else {
+            candle_core::bail!("internal error: reading an empty KV store");
+        };
+        Ok((self.dequantize(kp)?, self.dequantize(vp)?))
+    }
+
     fn allocated_bytes(&self) -> usize {
         let per_token_head =
             self.layout.head_dim * C::STORAGE_DTYPE.size_in_bytes() + KV_SCALE_BYTES;
@@ -473,7 +480,7 @@ fn decode_planes<C: ByteCodec, T: Copy + Default + Send>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::kv_cache::{new_store, DenseKvStore, KV_CHUNK_TOKENS};
+    use crate::state::kv_cache::{new_store, DenseKvStore, KV_CHUNK_TOKENS};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     const HEADS: usize = 3;

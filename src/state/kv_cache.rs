@@ -1,5 +1,5 @@
-//! The KV cache we own. One [`KvStore`] per attention layer per sequence, so a future server can
-//! hold many sequences of different lengths (each with its own [`SequenceCache`]).
+//! KV stores: one [`KvStore`] holds one block of one attention layer's keys/values (see
+//! [`super::PagedKv`], which strings blocks together per sequence).
 //!
 //! Storage is preallocated in chunks of [`KV_CHUNK_TOKENS`] tokens and grown by whole chunks, never
 //! reallocated per token. Quantized stores (`kv_int8`, `kv_fp8`) quantize on write and hand
@@ -15,7 +15,7 @@ pub const KV_CHUNK_TOKENS: usize = 256;
 /// Keys and values of one attention layer for one sequence.
 ///
 /// Tensors are `[1, kv_heads, tokens, head_dim]` (batch of one: the cache is per sequence).
-pub trait KvStore: Send {
+pub trait KvStore: Send + Sync {
     /// Appends `k`, `v` (`[1, kv_heads, t, head_dim]`, compute dtype) and returns all cached keys
     /// and values so far, `[1, kv_heads, len, head_dim]` in the compute dtype.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
@@ -24,6 +24,9 @@ pub trait KvStore: Send {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The stored keys/values, `[1, kv_heads, len, head_dim]` in the compute dtype (a view of
+    /// the storage for dense stores, decoded for quantized ones).
+    fn read(&self) -> Result<(Tensor, Tensor)>;
     /// Bytes currently allocated for this layer (capacity, scales included).
     fn allocated_bytes(&self) -> usize;
     /// Forgets every token but keeps the allocation.
@@ -150,6 +153,13 @@ impl KvStore for DenseKvStore {
         self.len
     }
 
+    fn read(&self) -> Result<(Tensor, Tensor)> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => Ok((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)),
+            _ => candle_core::bail!("internal error: reading an empty KV store"),
+        }
+    }
+
     fn allocated_bytes(&self) -> usize {
         2 * self.capacity()
             * self.layout.kv_heads
@@ -188,42 +198,5 @@ pub fn new_store(
         KvProfile::KvFp8 => Ok(Box::new(super::kv_quant::Fp8KvStore::new(
             layout, dtype, device,
         )?)),
-    }
-}
-
-/// All layers' caches for one sequence.
-pub struct SequenceCache {
-    pub layers: Vec<Box<dyn KvStore>>,
-}
-
-impl SequenceCache {
-    pub fn new(
-        profile: KvProfile,
-        layers: usize,
-        layout: KvLayout,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let layers = (0..layers)
-            .map(|_| new_store(profile, layout, dtype, device))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers })
-    }
-
-    /// Tokens already in the cache: the position of the next token.
-    pub fn position(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.len())
-    }
-
-    pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.allocated_bytes()).sum()
-    }
-
-    pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.clear());
-    }
-
-    pub fn truncate(&mut self, len: usize) {
-        self.layers.iter_mut().for_each(|l| l.truncate(len));
     }
 }

@@ -1,0 +1,169 @@
+//! The one way to open a model: resolve the name, check the quantization profile against the
+//! format and the device, plan memory, load — once — and keep what was read (tokenizer,
+//! template, generation defaults, harmony control tokens) for every command that runs it
+//! (`run`, `bench`, `perplexity`, `serve`).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use super::chat_template::Message;
+use super::harmony::{harmony_specials, ReasoningEffort};
+use super::load::{self, LoadOptions, LoadedModel};
+use super::postprocess::HarmonySpecials;
+use super::request::OutputMode;
+use crate::arch::ModelInfo;
+use crate::model::inspect::ModelMetadata;
+use crate::quant::KvProfile;
+use crate::store::ResolvedModel;
+
+/// Context allocated per sequence when neither the caller nor a smaller model limit says
+/// otherwise.
+pub const DEFAULT_CTX: usize = 4096;
+
+/// How to open a model.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// `--device` (`cpu`, `cuda[:N]`, `metal`, `auto`); `None`: the default choice.
+    pub device: Option<String>,
+    /// Tokens per sequence (`--ctx`); `None`: the model's limit capped at [`DEFAULT_CTX`].
+    pub ctx: Option<usize>,
+}
+
+/// An opened model, ready for the scheduler and the front ends.
+pub struct ModelSession {
+    pub resolved: ResolvedModel,
+    pub loaded: LoadedModel,
+    /// Tokens one sequence may hold.
+    pub context: usize,
+    /// The harmony control tokens, for gpt-oss-style models.
+    pub harmony: Option<HarmonySpecials>,
+}
+
+/// Resolves `name` (store model `org/name[:token]`, a local folder, a `.gguf` file) and opens it.
+pub fn open(name: &str, options: &OpenOptions) -> anyhow::Result<ModelSession> {
+    let opened = crate::store::open_model(name)?;
+    open_with(opened.resolved(), Some(&opened.metadata), options)
+}
+
+/// Opens a model that is already resolved to files on disk.
+pub fn open_resolved(
+    resolved: ResolvedModel,
+    options: &OpenOptions,
+) -> anyhow::Result<ModelSession> {
+    open_with(resolved, None, options)
+}
+
+fn open_with(
+    resolved: ResolvedModel,
+    metadata: Option<&ModelMetadata>,
+    options: &OpenOptions,
+) -> anyhow::Result<ModelSession> {
+    // A KV profile the device cannot run is refused before anything is opened or loaded
+    // (checked again once `auto` has picked a device).
+    if let Some(spec) = options.device.as_deref() {
+        let request: crate::device::DeviceRequest = spec.parse()?;
+        crate::state::kv_quant::check_kv_profile_on_request(resolved.kv_profile, request)?;
+    }
+    let device = crate::device::select_device(options.device.as_deref())?;
+    crate::state::kv_quant::check_kv_profile_on_device(resolved.kv_profile, device.location())?;
+    match metadata {
+        Some(meta) => crate::engine::memory_plan::ensure_fits_with(
+            &resolved,
+            meta,
+            &device,
+            options.ctx,
+            DEFAULT_CTX,
+        )?,
+        None => {
+            crate::engine::memory_plan::ensure_fits(&resolved, &device, options.ctx, DEFAULT_CTX)?
+        }
+    }
+    let load_options = LoadOptions {
+        device,
+        ..LoadOptions::default()
+    };
+    let loaded = load::load(&resolved, &load_options)
+        .with_context(|| format!("cannot load model '{}'", resolved.display_name))?;
+    let context = context_size(loaded.model.info(), options.ctx)?;
+    let harmony = harmony_specials(&loaded).map(Arc::new);
+    Ok(ModelSession {
+        resolved,
+        loaded,
+        context,
+        harmony,
+    })
+}
+
+/// The context to allocate: `ctx`, else the model's limit capped at [`DEFAULT_CTX`].
+pub fn context_size(info: &ModelInfo, ctx: Option<usize>) -> anyhow::Result<usize> {
+    let model_ctx = info.context_length;
+    match ctx {
+        Some(0) => anyhow::bail!("--ctx must be at least 1"),
+        Some(n) if n > model_ctx => {
+            anyhow::bail!("--ctx {n} exceeds the model's context length of {model_ctx} tokens")
+        }
+        Some(n) => Ok(n),
+        None => Ok(model_ctx.min(DEFAULT_CTX)),
+    }
+}
+
+/// How a conversation becomes prompt tokens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChatOptions {
+    /// Ignore the chat template: the messages' text joined by newlines (BOS added).
+    pub raw: bool,
+    /// Harmony models: how much to reason (the template's `reasoning_effort`).
+    pub reasoning_effort: ReasoningEffort,
+}
+
+impl ModelSession {
+    pub fn info(&self) -> &ModelInfo {
+        self.loaded.model.info()
+    }
+
+    pub fn kv_profile(&self) -> KvProfile {
+        self.resolved.kv_profile
+    }
+
+    pub fn display_name(&self) -> &str {
+        &self.resolved.display_name
+    }
+
+    /// Whether generated tokens are read as harmony (gpt-oss).
+    pub fn output_mode(&self) -> OutputMode {
+        if self.harmony.is_some() {
+            OutputMode::Harmony
+        } else {
+            OutputMode::Text
+        }
+    }
+
+    /// Prompt tokens for a conversation, ending with the assistant's turn opening: the chat
+    /// template (harmony with `reasoning_effort` for gpt-oss), or raw text.
+    pub fn chat_prompt(
+        &self,
+        messages: &[Message],
+        options: ChatOptions,
+    ) -> anyhow::Result<Vec<u32>> {
+        let tokenizer = &self.loaded.tokenizer;
+        match (&self.loaded.template, options.raw) {
+            (Some(template), false) => {
+                let text = if self.harmony.is_some() {
+                    let extra = minijinja::context! { reasoning_effort => options.reasoning_effort.as_str() };
+                    template.render_with(messages, true, extra)?
+                } else {
+                    template.render(messages, true)?
+                };
+                tokenizer.encode(&text, false)
+            }
+            (None, false) if self.harmony.is_some() => {
+                anyhow::bail!("this gpt-oss model has no chat template (chat_template.jinja)")
+            }
+            _ => {
+                let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+                tokenizer.encode(&text.join("\n"), true)
+            }
+        }
+    }
+}
