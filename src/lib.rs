@@ -13,5 +13,6 @@ pub mod hub;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod server;
 pub mod state;
 pub mod store;

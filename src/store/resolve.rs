@@ -58,20 +58,32 @@ pub struct OpenedModel {
 /// (suffix > manifest > none) and the typed errors. Never downloads. A name not in the store (or
 /// only partially pulled) is a [`NotFound`] whose message says how to pull or resume.
 pub fn resolve_for_run(reference: &str) -> anyhow::Result<ResolvedModel> {
-    let opened = open_model(reference)?;
-    Ok(ResolvedModel {
+    Ok(open_model(reference)?.into_resolved())
+}
+
+impl OpenedModel {
+    /// What the engine needs of it.
+    pub fn into_resolved(self) -> ResolvedModel {
+        let opened = self;
+        ResolvedModel {
         display_name: opened.display_name,
         format: opened.format,
         dir: opened.dir,
         gguf_file: opened.gguf_file,
         kv_profile: opened.choice.kv_profile,
         gguf_type: opened.choice.gguf_type,
-    })
+        }
+    }
 }
 
 /// Like [`resolve_for_run`], keeping the metadata and manifest for display.
 pub fn open_model(reference: &str) -> anyhow::Result<OpenedModel> {
-    let parsed = ModelRef::parse(reference)?;
+    open_ref(ModelRef::parse(reference)?)
+}
+
+/// Opens an already parsed reference (the server parses client names with
+/// [`ModelRef::parse_hub`], so they can only name store models).
+pub fn open_ref(parsed: ModelRef) -> anyhow::Result<OpenedModel> {
     match &parsed {
         ModelRef::LocalDir { path, token } => {
             let metadata = inspect::inspect_dir(path)?;
