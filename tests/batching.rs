@@ -67,11 +67,11 @@ fn check_batched_logits(session: &ModelSession, lengths: &[usize]) {
     let alone: Vec<Vec<Vec<f32>>> = prompts
         .iter()
         .map(|p| {
-            let mut state = info.new_cache(profile, 512).unwrap();
+            let mut state = info.new_cache(profile, session.context).unwrap();
             rows(&model.forward(p, &mut state, false).unwrap())
         })
         .collect();
-    let mut states: Vec<_> = prompts.iter().map(|_| info.new_cache(profile, 512).unwrap()).collect();
+    let mut states: Vec<_> = prompts.iter().map(|_| info.new_cache(profile, session.context).unwrap()).collect();
     let mut fed = vec![0usize; prompts.len()];
     let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
     for step in 0.. {
@@ -184,7 +184,7 @@ const LENGTHS: [usize; 6] = [5, 17, 1, 40, 9, 70];
 fn tiny_fixtures_batched_logits_equal_alone_for_every_kv_profile() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "gpt_oss_tiny"] {
         for suffix in ["", ":kv_int8", ":kv_fp8"] {
-            let session = open(&format!("{}{suffix}", fixture(name)), 512);
+            let session = open(&format!("{}{suffix}", fixture(name)), 256);
             check_batched_logits(&session, &LENGTHS);
         }
     }
@@ -194,7 +194,7 @@ fn tiny_fixtures_batched_logits_equal_alone_for_every_kv_profile() {
 fn tiny_fixtures_greedy_tokens_equal_alone_in_a_continuous_batch() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "gpt_oss_tiny"] {
         for suffix in ["", ":kv_int8", ":kv_fp8"] {
-            let session = open(&format!("{}{suffix}", fixture(name)), 512);
+            let session = open(&format!("{}{suffix}", fixture(name)), 256);
             check_scheduler_tokens(&session, &[5, 17, 1, 40, 9, 70, 3, 33, 12, 2, 8, 60, 25, 4, 19, 50], 12);
         }
     }
@@ -222,12 +222,12 @@ fn smollm2_gguf_and_safetensors_batched_equal_alone() {
 
 #[test]
 fn reused_prefixes_give_the_same_tokens_and_are_reported() {
-    let session = open(&fixture("tiny-llama"), 512);
+    let session = open(&fixture("tiny-llama"), 256);
     let vocab = session.info().vocab_size;
     let shared: Vec<u32> = prompts(vocab, &[3 * BLOCK_TOKENS + 10]).remove(0);
     let mut second = shared.clone();
     second.extend(prompts(vocab, &[20]).remove(0));
-    let mut scheduler = Scheduler::new(session.clone(), EngineConfig::for_sequences(4, 512));
+    let mut scheduler = Scheduler::new(session.clone(), EngineConfig::for_sequences(4, 256));
     let run = |scheduler: &mut Scheduler, prompt: &[u32]| {
         let (sink, out) = collecting_sink();
         scheduler.submit(greedy_request(prompt.to_vec(), 10), sink).unwrap();
@@ -251,10 +251,10 @@ fn reused_prefixes_give_the_same_tokens_and_are_reported() {
 
 #[test]
 fn concurrent_sequences_share_cached_prefix_blocks() {
-    let session = open(&fixture("tiny-qwen3"), 512);
+    let session = open(&fixture("tiny-qwen3"), 256);
     let vocab = session.info().vocab_size;
     let system: Vec<u32> = prompts(vocab, &[2 * BLOCK_TOKENS]).remove(0);
-    let mut scheduler = Scheduler::new(session.clone(), EngineConfig::for_sequences(8, 512));
+    let mut scheduler = Scheduler::new(session.clone(), EngineConfig::for_sequences(8, 256));
     let warm = {
         let (sink, out) = collecting_sink();
         let mut p = system.clone();
@@ -286,11 +286,11 @@ fn concurrent_sequences_share_cached_prefix_blocks() {
 
 #[test]
 fn a_cancelled_sequence_frees_its_blocks_at_the_next_step_and_the_others_go_on() {
-    let session = open(&fixture("tiny-qwen2"), 512);
+    let session = open(&fixture("tiny-qwen2"), 256);
     let vocab = session.info().vocab_size;
     let prompts = prompts(vocab, &[2 * BLOCK_TOKENS + 5, 30, 3 * BLOCK_TOKENS]);
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&session, p, 20).tokens).collect();
-    let mut config = EngineConfig::for_sequences(4, 512);
+    let mut config = EngineConfig::for_sequences(4, 256);
     config.prefix_cache = false;
     let mut scheduler = Scheduler::new(session.clone(), config);
     let mut outs = Vec::new();
@@ -321,11 +321,11 @@ fn a_cancelled_sequence_frees_its_blocks_at_the_next_step_and_the_others_go_on()
 
 #[test]
 fn a_full_pool_makes_new_work_wait_or_preempts_and_recomputes_without_changing_results() {
-    let session = open(&fixture("tiny-llama"), 512);
+    let session = open(&fixture("tiny-llama"), 256);
     let vocab = session.info().vocab_size;
     let prompts = prompts(vocab, &[100, 90, 80, 70]);
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&session, p, 40).tokens).collect();
-    let mut config = EngineConfig::for_sequences(4, 512);
+    let mut config = EngineConfig::for_sequences(4, 256);
     // Room for about two and a half of the four sequences at once.
     config.kv_tokens = 6 * BLOCK_TOKENS;
     config.prefix_cache = false;

@@ -4,6 +4,7 @@
 #[allow(unused_imports)]
 mod common;
 
+use xllm::state::BLOCK_TOKENS;
 use std::path::PathBuf;
 
 use common::*;
@@ -216,15 +217,16 @@ fn bench_reports_quantized_kv_bytes_at_most_055_of_f16_and_03_of_f32() {
     assert_eq!(default["kv_profile"], "default");
     assert_eq!(default["ctx"], 4096);
     let f32_bytes = default["kv_cache_bytes"].as_u64().unwrap();
-    // 4004 tokens → 16 chunks of 256 = 4096 tokens × 3 heads × 64 × 4 B × 2 (K, V).
-    assert_eq!(f32_bytes, 4096 * 3 * 64 * 4 * 2);
+    // 4004 tokens → 63 blocks of 64 = 4032 tokens × 3 heads × 64 × 4 B × 2 (K, V).
+    let tokens = 4004usize.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS;
+    assert_eq!(f32_bytes as usize, tokens * 3 * 64 * 4 * 2);
     // The f16 cache of the same capacity (what GPUs allocate) is exactly half.
     let f16_bytes = f32_bytes / 2;
     for profile in ["kv_int8", "kv_fp8"] {
         let report = bench(&format!(":{profile}"));
         assert_eq!(report["kv_profile"], profile);
         let bytes = report["kv_cache_bytes"].as_u64().unwrap();
-        assert_eq!(bytes, 4096 * 3 * (64 + 2) * 2, "{profile}");
+        assert_eq!(bytes as usize, tokens * 3 * (64 + 2) * 2, "{profile}");
         let (vs_f16, vs_f32) = (
             bytes as f64 / f16_bytes as f64,
             bytes as f64 / f32_bytes as f64,
@@ -311,11 +313,11 @@ fn kv_profiles_on_gguf_fail_the_same_way_in_run_bench_and_perplexity() {
 fn run_reports_the_kv_cache_actually_allocated() {
     let env = Env::new("http://127.0.0.1:9");
     let model = long_context_model(&env.dir.path().join("long"));
-    // One 256-token chunk: 256 × 3 heads × 2 (K, V) × (64 × 4 B) unquantized, × (64 + 2) B quantized.
+    // One block: 64 tokens × 3 heads × 2 (K, V) × (64 × 4 B) unquantized, × (64 + 2) B quantized.
     for (suffix, bytes) in [
-        ("", 256 * 3 * 2 * 256),
-        (":kv_int8", 256 * 3 * 2 * 66),
-        (":kv_fp8", 256 * 3 * 2 * 66),
+        ("", BLOCK_TOKENS * 3 * 2 * 256),
+        (":kv_int8", BLOCK_TOKENS * 3 * 2 * 66),
+        (":kv_fp8", BLOCK_TOKENS * 3 * 2 * 66),
     ] {
         let name = format!("{model}{suffix}");
         let args = [

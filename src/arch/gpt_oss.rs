@@ -580,7 +580,14 @@ impl GptOss {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let group = nh / nkv;
         let (start, t) = (span.start, span.len);
-        let (k_all, v_all) = store.append(k, v)?;
+        store.write(k, v)?;
+        let sinks = attn.sinks.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if let Some(out) =
+            super::cpu_attention::cpu_attention(q, &store.segments()?, attn.window, Some(&sinks))?
+        {
+            return out.squeeze(0);
+        }
+        let (k_all, v_all) = store.gathered()?;
         let total = start + t;
         // Keys no query of this chunk can see are skipped on sliding layers.
         let first_key = match attn.window {

@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::bf16_linear::Bf16Matrix;
-use super::decode_attention::decode_attention;
+use super::cpu_attention::cpu_attention;
 use super::mask::causal_mask;
 use super::qlinear::{BlockFormat, QuantMatrix};
 use super::rope::{Rope, RopeLayout};
@@ -709,10 +709,8 @@ impl Llama {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let t = span.len;
         store.write(k, v)?;
-        if t == 1 {
-            if let Some(out) = decode_attention(q, &store.segments()?, layer.window)? {
-                return Ok(out);
-            }
+        if let Some(out) = cpu_attention(q, &store.segments()?, layer.window, None)? {
+            return Ok(out);
         }
         let (k_all, v_all) = store.gathered()?;
         let len = k_all.dim(2)?;

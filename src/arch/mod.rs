@@ -12,7 +12,7 @@ use crate::state::{BlockPool, LayerState, PagedKv, SequenceState};
 
 pub mod bf16_linear;
 mod cpu_matmul;
-mod decode_attention;
+mod cpu_attention;
 pub mod llama;
 mod mask;
 pub mod qlinear;
@@ -160,10 +160,6 @@ impl BatchPlan {
         for (seq, span) in batch.iter_mut().zip(&self.spans) {
             seq.state.commit(span.len);
         }
-    }
-
-    pub(crate) fn total(&self) -> usize {
-        self.tokens.len()
     }
 
     /// True when every row is returned in order (no selection needed).

@@ -389,20 +389,22 @@ unsafe fn dot_i8_i8(w: std::arch::x86_64::__m256i, x: &BlockQ8) -> std::arch::x8
     _mm256_cvtepi32_ps(prod)
 }
 
+/// One accumulation chain per row, the same operations in the same order as
+/// [`q4_1_dot2_avx2`] and [`q4_1_dot4_avx2`]: a row's result never depends on which kernel (decode,
+/// prefill, remainder) ran it, so batching and prompt chunking do not change results — with
+/// activations quantized to 8 bits, a last-bit difference can flip a rounding downstream.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1_dot_avx2(w: &[u8], xb: &[BlockQ8]) -> f32 {
     use std::arch::x86_64::*;
-    // Two accumulators (even/odd blocks) halve the FMA latency chain.
-    let mut acc = [_mm256_setzero_ps(); 2];
-    let mut acc_min = [0f32; 2];
-    for (i, (b, x)) in w.chunks_exact(20).zip(xb).enumerate() {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_min = 0f32;
+    for (b, x) in w.chunks_exact(20).zip(xb) {
         let (d, m, q4) = q4_1_block(b);
-        let a = i & 1;
-        acc[a] = _mm256_fmadd_ps(dot_u8_i8(q4, x), _mm256_set1_ps(d * x.d), acc[a]);
-        acc_min[a] += m * x.s;
+        acc = _mm256_fmadd_ps(dot_u8_i8(q4, x), _mm256_set1_ps(d * x.d), acc);
+        acc_min += m * x.s;
     }
-    hsum(_mm256_add_ps(acc[0], acc[1])) + acc_min[0] + acc_min[1]
+    hsum(acc) + acc_min
 }
 
 /// Two weight rows dotted with one activation row.
@@ -451,17 +453,17 @@ unsafe fn f16_scale(b: &[u8]) -> f32 {
     )))
 }
 
+/// One accumulation chain, as [`q8_0_dot4_avx2`] per row (see [`q4_1_dot_avx2`] for why).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_dot_avx2(w: &[u8], xb: &[BlockQ8]) -> f32 {
     use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for (i, (b, x)) in w.chunks_exact(34).zip(xb).enumerate() {
+    let mut acc = _mm256_setzero_ps();
+    for (b, x) in w.chunks_exact(34).zip(xb) {
         let q = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
-        let a = i & 1;
-        acc[a] = _mm256_fmadd_ps(dot_i8_i8(q, x), _mm256_set1_ps(f16_scale(b) * x.d), acc[a]);
+        acc = _mm256_fmadd_ps(dot_i8_i8(q, x), _mm256_set1_ps(f16_scale(b) * x.d), acc);
     }
-    hsum(_mm256_add_ps(acc[0], acc[1]))
+    hsum(acc)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -29,8 +29,11 @@ struct Shape {
     vocab: usize,
 }
 
-fn safetensors_shape(dir: &Path) -> anyhow::Result<Shape> {
-    let meta = inspect_dir(dir)?;
+fn safetensors_shape(dir: &Path, known: Option<&ModelMetadata>) -> anyhow::Result<Shape> {
+    let meta = match known {
+        Some(m) => m.clone(),
+        None => inspect_dir(dir)?,
+    };
     let text = std::fs::read_to_string(dir.join("config.json"))
         .with_context(|| format!("cannot read {}/config.json", dir.display()))?;
     let config: Value = serde_json::from_str(&text)
@@ -52,8 +55,11 @@ fn safetensors_shape(dir: &Path) -> anyhow::Result<Shape> {
     })
 }
 
-fn gguf_shape(path: &Path) -> anyhow::Result<Shape> {
-    let meta = inspect_gguf(path)?;
+fn gguf_shape(path: &Path, known: Option<&ModelMetadata>) -> anyhow::Result<Shape> {
+    let meta = match known {
+        Some(m) => m.clone(),
+        None => inspect_gguf(path)?,
+    };
     let file = crate::model::gguf::GgufFile::open(path)?;
     let arch = meta.architecture.clone().unwrap_or_default();
     let hidden = meta.embedding_length.unwrap_or(0) as usize;
@@ -102,9 +108,18 @@ pub fn estimate(
     default_ctx: usize,
 ) -> anyhow::Result<MemoryEstimate> {
     let shape = match (&resolved.format, &resolved.gguf_file) {
-        (ModelFormat::Gguf, Some(path)) => gguf_shape(path)?,
-        _ => safetensors_shape(&resolved.dir)?,
+        (ModelFormat::Gguf, Some(path)) => gguf_shape(path, None)?,
+        _ => safetensors_shape(&resolved.dir, None)?,
     };
+    estimate_from_shape(resolved, &shape, ctx, default_ctx)
+}
+
+fn estimate_from_shape(
+    resolved: &ResolvedModel,
+    shape: &Shape,
+    ctx: Option<usize>,
+    default_ctx: usize,
+) -> anyhow::Result<MemoryEstimate> {
     let meta = &shape.meta;
     let model_ctx = meta.context_length.unwrap_or(default_ctx as u64) as usize;
     let context = ctx.unwrap_or(model_ctx.min(default_ctx));
@@ -130,6 +145,24 @@ pub fn estimate(
         context,
         activations,
     ))
+}
+
+/// [`ensure_fits`] with the metadata the resolver already read (not read again).
+pub fn ensure_fits_with(
+    resolved: &ResolvedModel,
+    metadata: &ModelMetadata,
+    device: &Device,
+    ctx: Option<usize>,
+    default_ctx: usize,
+) -> anyhow::Result<()> {
+    let shape = match (&resolved.format, &resolved.gguf_file) {
+        (ModelFormat::Gguf, Some(path)) => gguf_shape(path, Some(metadata)),
+        _ => safetensors_shape(&resolved.dir, Some(metadata)),
+    };
+    if let Ok(estimate) = shape.and_then(|s| estimate_from_shape(resolved, &s, ctx, default_ctx)) {
+        crate::device::ensure_fits(device, &estimate)?;
+    }
+    Ok(())
 }
 
 /// Refuses, before loading, a model that does not fit `device` (see [`crate::device::ensure_fits`]).

@@ -320,9 +320,9 @@ impl Scheduler {
         let (mut done, running): (Vec<Active>, Vec<Active>) =
             std::mem::take(&mut self.running).into_iter().partition(|a| a.cancelled);
         self.running = running;
-        let (waiting_done, waiting): (Vec<Active>, VecDeque<Active>) =
+        let (waiting_done, waiting): (Vec<Active>, Vec<Active>) =
             std::mem::take(&mut self.waiting).into_iter().partition(|a| a.cancelled);
-        self.waiting = waiting;
+        self.waiting = waiting.into();
         done.extend(waiting_done);
         let tokenizer = &self.session.loaded.tokenizer;
         for mut a in done {

@@ -13,6 +13,7 @@ use super::load::{self, LoadOptions, LoadedModel};
 use super::postprocess::HarmonySpecials;
 use super::request::OutputMode;
 use crate::arch::ModelInfo;
+use crate::model::inspect::ModelMetadata;
 use crate::quant::KvProfile;
 use crate::store::ResolvedModel;
 
@@ -41,12 +42,20 @@ pub struct ModelSession {
 
 /// Resolves `name` (store model `org/name[:token]`, a local folder, a `.gguf` file) and opens it.
 pub fn open(name: &str, options: &OpenOptions) -> anyhow::Result<ModelSession> {
-    let resolved = crate::store::resolve_for_run(name)?;
-    open_resolved(resolved, options)
+    let opened = crate::store::open_model(name)?;
+    open_with(opened.resolved(), Some(&opened.metadata), options)
 }
 
 /// Opens a model that is already resolved to files on disk.
 pub fn open_resolved(resolved: ResolvedModel, options: &OpenOptions) -> anyhow::Result<ModelSession> {
+    open_with(resolved, None, options)
+}
+
+fn open_with(
+    resolved: ResolvedModel,
+    metadata: Option<&ModelMetadata>,
+    options: &OpenOptions,
+) -> anyhow::Result<ModelSession> {
     // A KV profile the device cannot run is refused before anything is opened or loaded
     // (checked again once `auto` has picked a device).
     if let Some(spec) = options.device.as_deref() {
@@ -55,7 +64,16 @@ pub fn open_resolved(resolved: ResolvedModel, options: &OpenOptions) -> anyhow::
     }
     let device = crate::device::select_device(options.device.as_deref())?;
     crate::state::kv_quant::check_kv_profile_on_device(resolved.kv_profile, device.location())?;
-    crate::engine::memory_plan::ensure_fits(&resolved, &device, options.ctx, DEFAULT_CTX)?;
+    match metadata {
+        Some(meta) => crate::engine::memory_plan::ensure_fits_with(
+            &resolved,
+            meta,
+            &device,
+            options.ctx,
+            DEFAULT_CTX,
+        )?,
+        None => crate::engine::memory_plan::ensure_fits(&resolved, &device, options.ctx, DEFAULT_CTX)?,
+    }
     let load_options = LoadOptions {
         device,
         ..LoadOptions::default()

@@ -393,7 +393,7 @@ impl Registry {
         self.make_room(name, estimate.as_ref()).await?;
 
         let facts = ModelFacts::of(&opened);
-        let resolved = opened.into_resolved();
+        let resolved = opened.resolved();
         let options = OpenOptions {
             device: self.options.device.clone(),
             ctx: self.options.ctx,
@@ -452,7 +452,7 @@ impl Registry {
     /// What the model will need with this server's engine settings: weights, the KV pool of
     /// `parallel` sequences, activations.
     fn estimate(&self, opened: &OpenedModel) -> Option<MemoryEstimate> {
-        let resolved = opened.clone().into_resolved();
+        let resolved = opened.resolved();
         let e = crate::engine::memory_plan::estimate(&resolved, self.options.ctx, DEFAULT_CTX).ok()?;
         Some(MemoryEstimate::new(
             e.weights,

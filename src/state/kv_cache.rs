@@ -15,7 +15,7 @@ pub const KV_CHUNK_TOKENS: usize = 256;
 /// Keys and values of one attention layer for one sequence.
 ///
 /// Tensors are `[1, kv_heads, tokens, head_dim]` (batch of one: the cache is per sequence).
-pub trait KvStore: Send {
+pub trait KvStore: Send + Sync {
     /// Appends `k`, `v` (`[1, kv_heads, t, head_dim]`, compute dtype) and returns all cached keys
     /// and values so far, `[1, kv_heads, len, head_dim]` in the compute dtype.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;

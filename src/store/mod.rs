@@ -14,7 +14,7 @@ use anyhow::Context;
 
 pub use manifest::Manifest;
 pub use reference::ModelRef;
-pub use resolve::{resolve_for_run, ModelFormat, ResolvedModel};
+pub use resolve::{open_model, resolve_for_run, ModelFormat, OpenedModel, ResolvedModel};
 
 /// Environment variable naming the store root.
 pub const XLLM_HOME: &str = "XLLM_HOME";

@@ -58,20 +58,19 @@ pub struct OpenedModel {
 /// (suffix > manifest > none) and the typed errors. Never downloads. A name not in the store (or
 /// only partially pulled) is a [`NotFound`] whose message says how to pull or resume.
 pub fn resolve_for_run(reference: &str) -> anyhow::Result<ResolvedModel> {
-    Ok(open_model(reference)?.into_resolved())
+    Ok(open_model(reference)?.resolved())
 }
 
 impl OpenedModel {
-    /// What the engine needs of it.
-    pub fn into_resolved(self) -> ResolvedModel {
-        let opened = self;
+    /// The files and profile to run (what [`resolve_for_run`] returns).
+    pub fn resolved(&self) -> ResolvedModel {
         ResolvedModel {
-        display_name: opened.display_name,
-        format: opened.format,
-        dir: opened.dir,
-        gguf_file: opened.gguf_file,
-        kv_profile: opened.choice.kv_profile,
-        gguf_type: opened.choice.gguf_type,
+            display_name: self.display_name.clone(),
+            format: self.format,
+            dir: self.dir.clone(),
+            gguf_file: self.gguf_file.clone(),
+            kv_profile: self.choice.kv_profile,
+            gguf_type: self.choice.gguf_type.clone(),
         }
     }
 }

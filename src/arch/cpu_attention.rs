@@ -1,10 +1,13 @@
-//! Attention of one new token over the cached keys/values, on the CPU (the decode step).
+//! Attention of a sequence's new tokens over its cached keys/values, on the CPU.
 //!
-//! The general path builds `q·Kᵀ` with candle's GEMM on a `[n_rep, len]` product per KV head, adds
-//! a mask, runs softmax and a second GEMM after copying V out of the cache: at a few hundred tokens
-//! of context that cost more than the layer's weights. Here each query head makes one pass over
-//! its KV head's keys and one over its values, read in place from the cache's buffer (strided
-//! views are fine), with the sliding window applied as a key range instead of a mask.
+//! Every query row is computed the same way whatever the batch or the prompt chunking: one pass
+//! over the visible keys of its KV head and one over the values, read in place from the cache's
+//! blocks (strided views are fine), the causal limit and the sliding window applied as a key
+//! range instead of a mask, optional per-head attention sinks (gpt-oss) in the softmax. The
+//! general path (candle GEMMs over `q·Kᵀ` plus a mask) gives the same values up to rounding, but
+//! its rounding depends on how many rows it multiplies at once; with 8-bit activations
+//! downstream a last-bit difference can flip a rounding, so batching or chunking would change
+//! results. It also skips copying the cache out and building masks.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
@@ -17,23 +20,26 @@ struct KvView<'a> {
     head_stride: usize,
 }
 
-/// `Some([1, 1, heads · head_dim])` — the heads' outputs side by side — for a single query
-/// `q` `[1, heads, 1, head_dim]` over the keys/values of `segments` (the blocks of a sequence's
-/// cache, in order, each `[1, kv_heads, n_i, head_dim]` f32 CPU tensors). Query head `h` reads KV
-/// head `h / (heads / kv_heads)`; with a sliding `window` only the last `window` keys are visible.
-/// `None` when the tensors are not laid out for this path (other dtypes or devices, unusual
-/// strides): the caller then takes the general path.
-pub(crate) fn decode_attention(
+/// `Some([1, t, heads · head_dim])` — each query's heads side by side — for the `t` queries
+/// `q` `[1, heads, t, head_dim]` (the last `t` tokens of the sequence) over the keys/values of
+/// `segments` (the blocks of the sequence's cache, in order, each `[1, kv_heads, n_i, head_dim]`,
+/// f32 on the CPU). Query `i` sits at position `len − t + i` and sees the keys up to its own
+/// position, only the last `window` of them with a sliding window. Query head `h` reads KV head
+/// `h / (heads / kv_heads)`. `sinks` (one logit per head) join each softmax and take their share
+/// of the probability mass without a value. `None` when the tensors are not laid out for this
+/// path (other dtypes or devices, unusual strides): the caller then takes the general path.
+pub(crate) fn cpu_attention(
     q: &Tensor,
     segments: &[(Tensor, Tensor)],
     window: Option<usize>,
+    sinks: Option<&[f32]>,
 ) -> Result<Option<Tensor>> {
     let (_, heads, t, dim) = q.dims4()?;
     let Some((first_k, _)) = segments.first() else {
         return Ok(None);
     };
     let kv_heads = first_k.dim(1)?;
-    if t != 1 || heads % kv_heads != 0 {
+    if heads % kv_heads != 0 || sinks.is_some_and(|s| s.len() != heads) {
         return Ok(None);
     }
     let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
@@ -62,35 +68,38 @@ pub(crate) fn decode_attention(
         blocks.push((keys, values, *n));
     }
     let len: usize = blocks.iter().map(|b| b.2).sum();
-    if len == 0 {
+    if len < t || t == 0 {
         return Ok(None);
     }
-    let qs = q.flatten_all()?.to_vec1::<f32>()?;
-    let first = window.map_or(0, |w| len.saturating_sub(w));
+    let qs = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let group = heads / kv_heads;
     let scale = 1.0 / (dim as f32).sqrt();
-    let mut out = vec![0f32; heads * dim];
-    for_each_chunk(&mut out, dim, |h, o| {
+    let mut out = vec![0f32; t * heads * dim];
+    // One task per (query, head): output row `i · heads + h`.
+    for_each_chunk(&mut out, dim, |c, o| {
+        let (i, h) = (c / heads, c % heads);
         let kv = h / group;
+        let last = len - t + i;
+        let first = window.map_or(0, |w| (last + 1).saturating_sub(w));
         // The visible rows of each block, as (keys, values) slices.
         let mut parts = Vec::with_capacity(blocks.len());
         let mut at = 0;
         for (keys, values, n) in &blocks {
-            let skip = first.saturating_sub(at).min(*n);
-            if skip < *n {
+            let (lo, hi) = (first.max(at), (last + 1).min(at + n));
+            if lo < hi {
                 let k_rows = &keys.data[kv * keys.head_stride..][..n * dim];
                 let v_rows = &values.data[kv * values.head_stride..][..n * dim];
-                parts.push((&k_rows[skip * dim..], &v_rows[skip * dim..]));
+                parts.push((
+                    &k_rows[(lo - at) * dim..(hi - at) * dim],
+                    &v_rows[(lo - at) * dim..(hi - at) * dim],
+                ));
             }
             at += n;
         }
-        attend(&qs[h * dim..(h + 1) * dim], &parts, scale, o);
+        let q_row = &qs[(h * t + i) * dim..(h * t + i + 1) * dim];
+        attend(q_row, &parts, scale, sinks.map(|s| s[h]), o);
     });
-    Ok(Some(Tensor::from_vec(
-        out,
-        (1, 1, heads * dim),
-        q.device(),
-    )?))
+    Ok(Some(Tensor::from_vec(out, (1, t, heads * dim), q.device())?))
 }
 
 /// The flat view of a `[1, kv_heads, len, dim]` cache tensor, if its rows are `dim` apart with
@@ -114,34 +123,36 @@ fn kv_view<'a>(
 /// Visible keys and values of one block: rows of `dim` floats.
 type Rows<'a> = (&'a [f32], &'a [f32]);
 
-/// softmax(q·kᵢ · scale) weighted sum of the value rows over all `parts`, into `out`; AVX2 when
-/// the CPU has it.
-fn attend(q: &[f32], parts: &[Rows<'_>], scale: f32, out: &mut [f32]) {
+/// softmax(q·kᵢ · scale, with an optional sink logit) weighted sum of the value rows over all
+/// `parts`, into `out`; AVX2 when the CPU has it.
+fn attend(q: &[f32], parts: &[Rows<'_>], scale: f32, sink: Option<f32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu_matmul::has_avx2_fma_f16c() {
         // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { attend_avx2(q, parts, scale, out) };
+        return unsafe { attend_avx2(q, parts, scale, sink, out) };
     }
-    attend_portable(q, parts, scale, out)
+    attend_portable(q, parts, scale, sink, out)
 }
 
 /// [`attend_portable`] compiled for AVX2: the same code, vectorized eight lanes wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(q: &[f32], parts: &[Rows<'_>], scale: f32, out: &mut [f32]) {
-    attend_portable(q, parts, scale, out)
+unsafe fn attend_avx2(q: &[f32], parts: &[Rows<'_>], scale: f32, sink: Option<f32>, out: &mut [f32]) {
+    attend_portable(q, parts, scale, sink, out)
 }
 
 #[inline(always)]
-fn attend_portable(q: &[f32], parts: &[Rows<'_>], scale: f32, out: &mut [f32]) {
+fn attend_portable(q: &[f32], parts: &[Rows<'_>], scale: f32, sink: Option<f32>, out: &mut [f32]) {
     let dim = q.len();
     let mut scores: Vec<f32> = parts
         .iter()
         .flat_map(|(keys, _)| keys.chunks_exact(dim))
         .map(|k| dot(q, k) * scale)
         .collect();
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0f32;
+    let max = scores
+        .iter()
+        .fold(sink.unwrap_or(f32::NEG_INFINITY), |m, &s| m.max(s));
+    let mut sum = sink.map_or(0f32, |s| (s - max).exp());
     for s in &mut scores {
         *s = (*s - max).exp();
         sum += *s;
@@ -222,7 +233,7 @@ mod tests {
             let vc = Tensor::randn(0f32, 1.0, (1, kv_heads, capacity, dim), &dev).unwrap();
             let (k, v) = (kc.narrow(2, 0, len).unwrap(), vc.narrow(2, 0, len).unwrap());
             let q = Tensor::randn(0f32, 1.0, (1, heads, 1, dim), &dev).unwrap();
-            let ours = decode_attention(&q, &[(k.clone(), v.clone())], window)
+            let ours = cpu_attention(&q, &[(k.clone(), v.clone())], window, None)
                 .unwrap()
                 .unwrap();
             // The same keys split into blocks give the same result.
@@ -233,7 +244,7 @@ mod tests {
                     .iter()
                     .map(|&(a, n)| (k.narrow(2, a, n).unwrap(), v.narrow(2, a, n).unwrap()))
                     .collect();
-                decode_attention(&q, &segs, window).unwrap().unwrap()
+                cpu_attention(&q, &segs, window, None).unwrap().unwrap()
             } else {
                 ours.clone()
             };
@@ -245,22 +256,106 @@ mod tests {
         }
     }
 
+    /// Causal (and windowed) attention of the last `t` positions with optional sinks, by masked
+    /// softmax over repeated KV heads: `[1, t, heads · dim]`.
+    fn reference_many(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+        sinks: Option<&[f32]>,
+    ) -> Tensor {
+        let (_, heads, t, dim) = q.dims4().unwrap();
+        let (_, kv_heads, len, _) = k.dims4().unwrap();
+        let group = heads / kv_heads;
+        let repeat = |x: &Tensor| {
+            let parts: Vec<Tensor> = (0..heads)
+                .map(|h| x.narrow(1, h / group, 1).unwrap())
+                .collect();
+            Tensor::cat(&parts, 1).unwrap().contiguous().unwrap()
+        };
+        let (k, v) = (repeat(k), repeat(v));
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (dim as f64).sqrt()).unwrap();
+        let mask =
+            crate::arch::mask::causal_mask(len - t..len, 0..len, window, &Device::Cpu, DType::F32)
+                .unwrap();
+        let mut scores = scores.broadcast_add(&mask).unwrap();
+        if let Some(s) = sinks {
+            let s = Tensor::from_slice(s, (1, heads, 1, 1), &Device::Cpu)
+                .unwrap()
+                .broadcast_as((1, heads, t, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            scores = Tensor::cat(&[&scores, &s], 3).unwrap();
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .narrow(3, 0, len)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        probs
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((1, t, heads * dim))
+            .unwrap()
+    }
+
+    #[test]
+    fn many_queries_over_blocks_match_a_masked_softmax_with_and_without_sinks() {
+        let dev = Device::Cpu;
+        for (heads, kv_heads, len, t, dim, window) in [
+            (9, 3, 40, 40, 64, None),
+            (4, 2, 70, 7, 16, Some(16)),
+            (8, 8, 33, 33, 8, Some(5)),
+            (2, 1, 64, 1, 32, None),
+        ] {
+            let k = Tensor::randn(0f32, 1.0, (1, kv_heads, len, dim), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (1, kv_heads, len, dim), &dev).unwrap();
+            let q = Tensor::randn(0f32, 1.0, (1, heads, t, dim), &dev).unwrap();
+            // The cache in blocks of 16 tokens.
+            let segs: Vec<(Tensor, Tensor)> = (0..len)
+                .step_by(16)
+                .map(|a| {
+                    let n = 16.min(len - a);
+                    (k.narrow(2, a, n).unwrap(), v.narrow(2, a, n).unwrap())
+                })
+                .collect();
+            let sinks: Vec<f32> = (0..heads).map(|h| h as f32 * 0.5 - 1.0).collect();
+            for sink in [None, Some(sinks.as_slice())] {
+                let ours = cpu_attention(&q, &segs, window, sink).unwrap().unwrap();
+                let want = reference_many(&q, &k, &v, window, sink);
+                let diff = max_abs(&(ours - want).unwrap());
+                assert!(diff < 1e-5, "{heads}/{kv_heads} len {len} t {t}: {diff}");
+            }
+            // A query row's result does not depend on how many rows ran with it.
+            let all = cpu_attention(&q, &segs, window, None).unwrap().unwrap();
+            let last = cpu_attention(&q.narrow(2, t - 1, 1).unwrap(), &segs, window, None)
+                .unwrap()
+                .unwrap();
+            let row = all.narrow(1, t - 1, 1).unwrap();
+            assert_eq!(
+                row.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                last.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+    }
+
     #[test]
     fn declines_what_it_does_not_handle() {
         let dev = Device::Cpu;
         let k = Tensor::zeros((1, 2, 4, 8), DType::F32, &dev).unwrap();
-        let two_queries = Tensor::zeros((1, 2, 2, 8), DType::F32, &dev).unwrap();
-        assert!(decode_attention(&two_queries, &[(k.clone(), k.clone())], None)
-            .unwrap()
-            .is_none());
         let q16 = Tensor::zeros((1, 2, 1, 8), DType::F16, &dev).unwrap();
-        assert!(decode_attention(&q16, &[(k.clone(), k.clone())], None).unwrap().is_none());
+        assert!(cpu_attention(&q16, &[(k.clone(), k.clone())], None, None).unwrap().is_none());
         // Keys transposed in memory (element stride ≠ 1).
         let kt = Tensor::zeros((1, 2, 8, 4), DType::F32, &dev)
             .unwrap()
             .transpose(2, 3)
             .unwrap();
         let q = Tensor::zeros((1, 2, 1, 8), DType::F32, &dev).unwrap();
-        assert!(decode_attention(&q, &[(kt.clone(), kt)], None).unwrap().is_none());
+        assert!(cpu_attention(&q, &[(kt.clone(), kt)], None, None).unwrap().is_none());
     }
 }
