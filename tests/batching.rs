@@ -52,7 +52,11 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 
 /// max |a - b| / max |b| over one row.
 fn relative(a: &[f32], b: &[f32]) -> f32 {
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
     diff / scale.max(1e-12)
 }
@@ -71,7 +75,10 @@ fn check_batched_logits(session: &ModelSession, lengths: &[usize]) {
             rows(&model.forward(p, &mut state, false).unwrap())
         })
         .collect();
-    let mut states: Vec<_> = prompts.iter().map(|_| info.new_cache(profile, session.context).unwrap()).collect();
+    let mut states: Vec<_> = prompts
+        .iter()
+        .map(|_| info.new_cache(profile, session.context).unwrap())
+        .collect();
     let mut fed = vec![0usize; prompts.len()];
     let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
     for step in 0.. {
@@ -155,7 +162,9 @@ fn check_scheduler_tokens(session: &Arc<ModelSession>, lengths: &[usize], max_to
     let mut outs = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let (sink, out) = collecting_sink();
-        scheduler.submit(greedy_request(p.clone(), max_tokens), sink).unwrap();
+        scheduler
+            .submit(greedy_request(p.clone(), max_tokens), sink)
+            .unwrap();
         outs.push(out);
         // Later sequences join while earlier ones are prefilling or decoding.
         for _ in 0..(i % 3) {
@@ -195,7 +204,11 @@ fn tiny_fixtures_greedy_tokens_equal_alone_in_a_continuous_batch() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "gpt_oss_tiny"] {
         for suffix in ["", ":kv_int8", ":kv_fp8"] {
             let session = open(&format!("{}{suffix}", fixture(name)), 256);
-            check_scheduler_tokens(&session, &[5, 17, 1, 40, 9, 70, 3, 33, 12, 2, 8, 60, 25, 4, 19, 50], 12);
+            check_scheduler_tokens(
+                &session,
+                &[5, 17, 1, 40, 9, 70, 3, 33, 12, 2, 8, 60, 25, 4, 19, 50],
+                12,
+            );
         }
     }
 }
@@ -230,7 +243,9 @@ fn reused_prefixes_give_the_same_tokens_and_are_reported() {
     let mut scheduler = Scheduler::new(session.clone(), EngineConfig::for_sequences(4, 256));
     let run = |scheduler: &mut Scheduler, prompt: &[u32]| {
         let (sink, out) = collecting_sink();
-        scheduler.submit(greedy_request(prompt.to_vec(), 10), sink).unwrap();
+        scheduler
+            .submit(greedy_request(prompt.to_vec(), 10), sink)
+            .unwrap();
         scheduler.run_to_completion().unwrap();
         let out = out.lock().unwrap().clone();
         out
@@ -238,8 +253,15 @@ fn reused_prefixes_give_the_same_tokens_and_are_reported() {
     let first = run(&mut scheduler, &shared);
     assert_eq!(first.cached_tokens, 0);
     let again = run(&mut scheduler, &second);
-    assert_eq!(again.cached_tokens, 3 * BLOCK_TOKENS, "three full blocks reused");
-    assert_eq!(again.stats.prompt_eval_count, second.len() - 3 * BLOCK_TOKENS);
+    assert_eq!(
+        again.cached_tokens,
+        3 * BLOCK_TOKENS,
+        "three full blocks reused"
+    );
+    assert_eq!(
+        again.stats.prompt_eval_count,
+        second.len() - 3 * BLOCK_TOKENS
+    );
     assert_eq!(again.tokens, alone(&session, &second, 10).tokens);
     // A prompt equal to a cached one still runs its last token (its logits start the answer).
     let repeat = run(&mut scheduler, &shared);
@@ -270,12 +292,18 @@ fn concurrent_sequences_share_cached_prefix_blocks() {
         let mut p = system.clone();
         p.extend([10 + i, 20 + i, 30 + i]);
         let (sink, out) = collecting_sink();
-        scheduler.submit(greedy_request(p.clone(), 6), sink).unwrap();
+        scheduler
+            .submit(greedy_request(p.clone(), 6), sink)
+            .unwrap();
         outs.push((p, out));
     }
     scheduler.step().unwrap();
     // Six sequences, two shared blocks and one block of its own each.
-    assert!(scheduler.stats().kv_blocks_used <= 2 + 6, "{:?}", scheduler.stats());
+    assert!(
+        scheduler.stats().kv_blocks_used <= 2 + 6,
+        "{:?}",
+        scheduler.stats()
+    );
     scheduler.run_to_completion().unwrap();
     for (p, out) in outs {
         let out = out.lock().unwrap();
@@ -289,7 +317,10 @@ fn a_cancelled_sequence_frees_its_blocks_at_the_next_step_and_the_others_go_on()
     let session = open(&fixture("tiny-qwen2"), 256);
     let vocab = session.info().vocab_size;
     let prompts = prompts(vocab, &[2 * BLOCK_TOKENS + 5, 30, 3 * BLOCK_TOKENS]);
-    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&session, p, 20).tokens).collect();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| alone(&session, p, 20).tokens)
+        .collect();
     let mut config = EngineConfig::for_sequences(4, 256);
     config.prefix_cache = false;
     let mut scheduler = Scheduler::new(session.clone(), config);
@@ -297,7 +328,11 @@ fn a_cancelled_sequence_frees_its_blocks_at_the_next_step_and_the_others_go_on()
     let mut ids = Vec::new();
     for p in &prompts {
         let (sink, out) = collecting_sink();
-        ids.push(scheduler.submit(greedy_request(p.clone(), 20), sink).unwrap());
+        ids.push(
+            scheduler
+                .submit(greedy_request(p.clone(), 20), sink)
+                .unwrap(),
+        );
         outs.push(out);
     }
     for _ in 0..5 {
@@ -307,7 +342,10 @@ fn a_cancelled_sequence_frees_its_blocks_at_the_next_step_and_the_others_go_on()
     scheduler.cancel(ids[2]);
     scheduler.step().unwrap();
     let after = scheduler.stats().kv_blocks_used;
-    assert!(after + 3 <= before, "the cancelled sequence's 3+ blocks are back: {before} -> {after}");
+    assert!(
+        after + 3 <= before,
+        "the cancelled sequence's 3+ blocks are back: {before} -> {after}"
+    );
     scheduler.run_to_completion().unwrap();
     assert_eq!(
         outs[2].lock().unwrap().finish,
@@ -324,7 +362,10 @@ fn a_full_pool_makes_new_work_wait_or_preempts_and_recomputes_without_changing_r
     let session = open(&fixture("tiny-llama"), 256);
     let vocab = session.info().vocab_size;
     let prompts = prompts(vocab, &[100, 90, 80, 70]);
-    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&session, p, 40).tokens).collect();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| alone(&session, p, 40).tokens)
+        .collect();
     let mut config = EngineConfig::for_sequences(4, 256);
     // Room for about two and a half of the four sequences at once.
     config.kv_tokens = 6 * BLOCK_TOKENS;
@@ -333,7 +374,9 @@ fn a_full_pool_makes_new_work_wait_or_preempts_and_recomputes_without_changing_r
     let mut outs = Vec::new();
     for p in &prompts {
         let (sink, out) = collecting_sink();
-        scheduler.submit(greedy_request(p.clone(), 40), sink).unwrap();
+        scheduler
+            .submit(greedy_request(p.clone(), 40), sink)
+            .unwrap();
         outs.push(out);
     }
     let mut peak = 0;
@@ -365,7 +408,9 @@ fn sixteen_sequences_of_512_tokens_stay_within_their_kv_bytes_plus_a_block_each(
     for p in &prompts {
         let (sink, out) = collecting_sink();
         // 508 prompt tokens + 4 generated = 512 (the last one is emitted, never run).
-        scheduler.submit(greedy_request(p.clone(), 4), sink).unwrap();
+        scheduler
+            .submit(greedy_request(p.clone(), 4), sink)
+            .unwrap();
         outs.push(out);
     }
     let mut peak_blocks = 0;
@@ -376,7 +421,13 @@ fn sixteen_sequences_of_512_tokens_stay_within_their_kv_bytes_plus_a_block_each(
     let block_bytes = BLOCK_TOKENS * bytes_per_token;
     let budget = 16 * 512 * bytes_per_token + 16 * block_bytes;
     assert!(peak_blocks * block_bytes <= budget, "{peak_blocks} blocks");
-    let held: usize = outs.iter().map(|o| o.lock().unwrap().stats.kv_cache_bytes).sum();
+    let held: usize = outs
+        .iter()
+        .map(|o| o.lock().unwrap().stats.kv_cache_bytes)
+        .sum();
     assert!(held <= budget, "{held} > {budget}");
-    assert!(held >= 16 * 511 * bytes_per_token, "every token was cached: {held}");
+    assert!(
+        held >= 16 * 511 * bytes_per_token,
+        "every token was cached: {held}"
+    );
 }

@@ -4,8 +4,8 @@
 #[allow(unused_imports)]
 mod common;
 
-use xllm::state::BLOCK_TOKENS;
 use std::path::PathBuf;
+use xllm::state::BLOCK_TOKENS;
 
 use common::*;
 

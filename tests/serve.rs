@@ -19,14 +19,22 @@ fn tiny() -> String {
 /// The text and finish reason of an OpenAI SSE chat stream, checking its shape on the way:
 /// role first, one id, usage chunk (when asked) before `[DONE]`.
 fn parse_chat_stream(payloads: &[String], include_usage: bool) -> (String, String, Option<Value>) {
-    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"), "{payloads:?}");
+    assert_eq!(
+        payloads.last().map(String::as_str),
+        Some("[DONE]"),
+        "{payloads:?}"
+    );
     let chunks: Vec<Value> = payloads[..payloads.len() - 1]
         .iter()
         .map(|p| serde_json::from_str(p).unwrap())
         .collect();
     let id = chunks[0]["id"].as_str().unwrap().to_string();
     assert!(id.starts_with("chatcmpl-"));
-    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant", "role-first: {:?}", chunks[0]);
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"]["role"], "assistant",
+        "role-first: {:?}",
+        chunks[0]
+    );
     let mut text = String::new();
     let mut finish = None;
     let mut usage = None;
@@ -34,7 +42,10 @@ fn parse_chat_stream(payloads: &[String], include_usage: bool) -> (String, Strin
         assert_eq!(c["id"], id.as_str());
         assert_eq!(c["object"], "chat.completion.chunk");
         if include_usage {
-            assert!(c.get("usage").is_some(), "every chunk carries usage (null) with include_usage");
+            assert!(
+                c.get("usage").is_some(),
+                "every chunk carries usage (null) with include_usage"
+            );
         } else {
             assert!(c.get("usage").is_none());
         }
@@ -66,7 +77,10 @@ fn probes_models_and_routes() {
     assert_eq!((r.status, r.text.as_str()), (200, "Ollama is running"));
     let head = s.client.head(s.url("/")).send().unwrap();
     assert_eq!(head.status().as_u16(), 200);
-    assert_eq!(s.get("/api/version").json()["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        s.get("/api/version").json()["version"],
+        env!("CARGO_PKG_VERSION")
+    );
     assert_eq!(s.get("/health").json()["status"], "ok");
 
     let models = s.get("/v1/models").json();
@@ -87,7 +101,11 @@ fn probes_models_and_routes() {
     assert_eq!(show["model_info"]["general.architecture"], "llama");
     assert_eq!(show["model_info"]["llama.context_length"], 256);
     assert_eq!(show["capabilities"], json!(["completion"]));
-    assert_eq!(s.get("/api/ps").json()["models"], json!([]), "nothing loaded before use");
+    assert_eq!(
+        s.get("/api/ps").json()["models"],
+        json!([]),
+        "nothing loaded before use"
+    );
 
     let r = s.get("/v1/nothing");
     assert_eq!(r.status, 404);
@@ -100,7 +118,11 @@ fn probes_models_and_routes() {
     assert!(r.headers.get("x-request-id").is_some());
     let metrics = s.get("/metrics");
     assert_eq!(metrics.status, 200);
-    assert!(metrics.text.contains("xllm_time_to_first_token_seconds"), "{}", metrics.text);
+    assert!(
+        metrics.text.contains("xllm_models_loaded 0"),
+        "{}",
+        metrics.text
+    );
 }
 
 #[test]
@@ -122,20 +144,29 @@ fn openai_chat_and_completions_on_the_tiny_model() {
     let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(prompt_tokens > 0);
     assert_eq!(v["usage"]["total_tokens"], prompt_tokens + 12);
-    let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let mut stream_body = body.clone();
     stream_body["stream"] = true.into();
     stream_body["stream_options"] = json!({"include_usage": true});
     let payloads = s.sse("/v1/chat/completions", &stream_body);
     let (streamed, finish, usage) = parse_chat_stream(&payloads, true);
-    assert_eq!(streamed, text, "streamed text equals the reply at temperature 0");
+    assert_eq!(
+        streamed, text,
+        "streamed text equals the reply at temperature 0"
+    );
     assert_eq!(finish, "length");
     let usage = usage.expect("usage chunk");
     assert_eq!(usage["completion_tokens"], 12);
     assert_eq!(usage["prompt_tokens"], prompt_tokens);
     assert_eq!(
-        usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0,
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0,
         true,
         "the second identical prompt reuses the prefix cache: {usage}"
     );
@@ -148,7 +179,10 @@ fn openai_chat_and_completions_on_the_tiny_model() {
     let v = s.post("/v1/chat/completions", &b).json();
     assert_eq!(v["choices"].as_array().unwrap().len(), 2);
     assert_eq!(v["choices"][1]["index"], 1);
-    assert_eq!(v["choices"][0]["message"]["content"], v["choices"][1]["message"]["content"]);
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        v["choices"][1]["message"]["content"]
+    );
     let lp = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(lp.len(), 12);
     let first = &lp[0];
@@ -167,7 +201,13 @@ fn openai_chat_and_completions_on_the_tiny_model() {
     let v = s.post("/v1/completions", &cbody).json();
     assert_eq!(v["object"], "text_completion");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
-    assert_eq!(v["choices"][0]["logprobs"]["tokens"].as_array().unwrap().len(), 10);
+    assert_eq!(
+        v["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
     let ctext = v["choices"][0]["text"].as_str().unwrap().to_string();
     let mut sb = cbody.clone();
     sb["stream"] = true.into();
@@ -182,7 +222,10 @@ fn openai_chat_and_completions_on_the_tiny_model() {
     assert_eq!(streamed, ctext);
     // Default max_tokens of completions is 16, as OpenAI's.
     let v = s
-        .post("/v1/completions", &json!({"model": "tiny", "prompt": "x", "temperature": 0, "ignore_eos": true}))
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "x", "temperature": 0, "ignore_eos": true}),
+        )
         .json();
     assert_eq!(v["usage"]["completion_tokens"], 16);
 }
@@ -201,7 +244,10 @@ fn ollama_chat_and_generate_stream_ndjson_with_durations() {
     assert_eq!(v["done_reason"], "length");
     assert_eq!(v["eval_count"], 6);
     assert!(v["total_duration"].as_u64().unwrap() >= v["eval_duration"].as_u64().unwrap());
-    assert!(v["load_duration"].as_u64().unwrap() > 0, "loaded by this request");
+    assert!(
+        v["load_duration"].as_u64().unwrap() > 0,
+        "loaded by this request"
+    );
     assert!(v["prompt_eval_count"].as_u64().unwrap() > 0);
     let text = v["message"]["content"].as_str().unwrap().to_string();
 
@@ -209,7 +255,10 @@ fn ollama_chat_and_generate_stream_ndjson_with_durations() {
     b.as_object_mut().unwrap().remove("stream");
     let (status, lines) = s.stream_lines("/api/chat", &b);
     assert_eq!(status, 200);
-    let objs: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let objs: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let last = objs.last().unwrap();
     assert_eq!(last["done"], true);
     assert_eq!(last["load_duration"], 0, "already loaded");
@@ -226,7 +275,10 @@ fn ollama_chat_and_generate_stream_ndjson_with_durations() {
     assert_eq!(v["done"], true);
     assert_eq!(v["eval_count"], 5);
     let context = v["context"].as_array().unwrap();
-    assert_eq!(context.len() as u64, v["prompt_eval_count"].as_u64().unwrap() + 5);
+    assert_eq!(
+        context.len() as u64,
+        v["prompt_eval_count"].as_u64().unwrap() + 5
+    );
 
     let ps = s.get("/api/ps").json();
     assert_eq!(ps["models"][0]["name"], "tiny");
@@ -245,7 +297,7 @@ fn ollama_chat_and_generate_stream_ndjson_with_durations() {
 
 #[test]
 fn errors_have_the_envelopes_and_statuses_clients_expect() {
-    let s = Server::start(&["--model", &tiny(), "--body-limit", "2KB"]);
+    let s = Server::start(&["--model", &tiny(), "--body-limit", "4KB"]);
     let chat = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
 
     let r = s.post("/v1/chat/completions", &chat("org/not-here"));
@@ -260,7 +312,12 @@ fn errors_have_the_envelopes_and_statuses_clients_expect() {
 
     // A client can never name a path, even one that is a model.
     let fixture_path = path_str(&fixture("tiny-llama"));
-    for name in [fixture_path.as_str(), "../../etc/passwd", "/etc/passwd", "~/x"] {
+    for name in [
+        fixture_path.as_str(),
+        "../../etc/passwd",
+        "/etc/passwd",
+        "~/x",
+    ] {
         let r = s.post("/v1/chat/completions", &chat(name));
         assert_eq!(r.status, 404, "{name}: {}", r.text);
     }
@@ -292,15 +349,24 @@ fn errors_have_the_envelopes_and_statuses_clients_expect() {
     assert_eq!(s.post("/v1/chat/completions", &b).status, 400);
     let r = s.post("/api/chat", &json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "options": {"temperature": -1}}));
     assert_eq!(r.status, 400);
-    assert!(r.json()["error"].as_str().unwrap().contains("options.temperature"));
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("options.temperature"));
 
     // A prompt longer than the context, checked before any work: 400.
     let long = "word ".repeat(400);
-    let r = s.post("/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": long}]}));
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": [{"role": "user", "content": long}]}),
+    );
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(r.json()["error"]["type"], "exceed_context_size_error");
-    let r = s.post("/api/generate", &json!({"model": "tiny", "prompt": "a b c d e f g", "raw": true,
-                                          "options": {"num_ctx": 3}}));
+    let r = s.post(
+        "/api/generate",
+        &json!({"model": "tiny", "prompt": "a b c d e f g", "raw": true,
+                                          "options": {"num_ctx": 3}}),
+    );
     assert_eq!(r.status, 400, "{}", r.text);
 
     // Too large a body: 413.
@@ -314,13 +380,29 @@ fn errors_have_the_envelopes_and_statuses_clients_expect() {
 fn api_key_guards_every_route_but_health() {
     let s = Server::start(&["--model", &tiny(), "--api-key", "sekret-key"]);
     let anonymous = reqwest::blocking::Client::new();
-    assert_eq!(anonymous.get(s.url("/health")).send().unwrap().status().as_u16(), 200);
+    assert_eq!(
+        anonymous
+            .get(s.url("/health"))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
     for path in ["/v1/models", "/api/tags", "/metrics", "/"] {
         let r = anonymous.get(s.url(path)).send().unwrap();
         assert_eq!(r.status().as_u16(), 401, "{path}");
-        let r = anonymous.get(s.url(path)).bearer_auth("sekret-kez").send().unwrap();
+        let r = anonymous
+            .get(s.url(path))
+            .bearer_auth("sekret-kez")
+            .send()
+            .unwrap();
         assert_eq!(r.status().as_u16(), 401, "{path} with a wrong key");
-        let r = anonymous.get(s.url(path)).bearer_auth("sekret-key-longer").send().unwrap();
+        let r = anonymous
+            .get(s.url(path))
+            .bearer_auth("sekret-key-longer")
+            .send()
+            .unwrap();
         assert_eq!(r.status().as_u16(), 401, "{path} with a longer key");
     }
     let r = anonymous.get(s.url("/v1/models")).send().unwrap();
@@ -348,7 +430,9 @@ fn cors_only_for_configured_origins() {
         .send()
         .unwrap();
     assert_eq!(
-        r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap()),
+        r.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap()),
         Some("http://ui.example")
     );
     let r = s
@@ -365,10 +449,22 @@ fn registry_unloads_least_recently_used_and_refuses_what_does_not_fit() {
     let llama = format!("llama={}", path_str(&fixture("tiny-llama")));
     let qwen2 = format!("qwen2={}", path_str(&fixture("tiny-qwen2")));
     let qwen3 = format!("qwen3={}", path_str(&fixture("tiny-qwen3")));
-    let s = Server::start(&["--model", &llama, "--model", &qwen2, "--model", &qwen3, "--max-models", "2"]);
+    let s = Server::start(&[
+        "--model",
+        &llama,
+        "--model",
+        &qwen2,
+        "--model",
+        &qwen3,
+        "--max-models",
+        "2",
+    ]);
     let gen = |m: &str| {
-        let r = s.post("/api/generate", &json!({"model": m, "prompt": "hi", "raw": true, "stream": false,
-                                              "options": {"num_predict": 2}}));
+        let r = s.post(
+            "/api/generate",
+            &json!({"model": m, "prompt": "hi", "raw": true, "stream": false,
+                                              "options": {"num_predict": 2}}),
+        );
         assert_eq!(r.status, 200, "{}", r.text);
     };
     let loaded = || -> Vec<String> {
@@ -388,11 +484,20 @@ fn registry_unloads_least_recently_used_and_refuses_what_does_not_fit() {
 
     // A memory limit nothing fits in: a clear refusal, not an abort.
     let s = Server::start(&["--model", &llama, "--memory-limit", "1KB"]);
-    let r = s.post("/v1/chat/completions", &json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]}));
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]}),
+    );
     assert_eq!(r.status, 507, "{}", r.text);
     let e = &r.json()["error"];
-    assert!(e["message"].as_str().unwrap().contains("does not fit"), "{e}");
-    assert!(e["message"].as_str().unwrap().contains("not enough memory"), "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("does not fit"),
+        "{e}"
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("not enough memory"),
+        "{e}"
+    );
     assert_eq!(r.headers.get("x-should-retry").unwrap(), "false");
     assert_eq!(s.get("/health").status, 200, "the server is still up");
 }
@@ -400,22 +505,38 @@ fn registry_unloads_least_recently_used_and_refuses_what_does_not_fit() {
 #[test]
 fn keep_alive_unloads_after_the_last_request() {
     let s = Server::start(&["--model", &tiny(), "--keep-alive", "1s"]);
-    let r = s.post("/api/generate", &json!({"model": "tiny", "prompt": "hi", "raw": true, "stream": false,
-                                          "options": {"num_predict": 2}, "keep_alive": "2s"}));
+    let r = s.post(
+        "/api/generate",
+        &json!({"model": "tiny", "prompt": "hi", "raw": true, "stream": false,
+                                          "options": {"num_predict": 2}, "keep_alive": "2s"}),
+    );
     assert_eq!(r.status, 200);
-    assert_eq!(s.get("/api/ps").json()["models"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        s.get("/api/ps").json()["models"].as_array().unwrap().len(),
+        1
+    );
     let t0 = Instant::now();
-    while !s.get("/api/ps").json()["models"].as_array().unwrap().is_empty() {
+    while !s.get("/api/ps").json()["models"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
         assert!(t0.elapsed() < Duration::from_secs(15), "never unloaded");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(t0.elapsed() >= Duration::from_millis(1500), "kept for keep_alive");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "kept for keep_alive"
+    );
 }
 
 #[test]
 fn a_full_queue_answers_503_with_retry_after() {
     let s = Server::start(&["--model", &tiny(), "--max-queue", "0"]);
-    let r = s.post("/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}));
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}),
+    );
     assert_eq!(r.status, 503, "{}", r.text);
     assert_eq!(r.json()["error"]["type"], "unavailable_error");
     assert!(r.headers.get("retry-after").is_some());
@@ -435,14 +556,21 @@ fn pull_streams_progress_and_the_model_then_serves() {
         "org/tiny-llama",
         Repo {
             commit: "0123456789abcdef0123456789abcdef01234567".into(),
-            files: vec![file("config.json", false), file("tokenizer.json", false), file("model.safetensors", true)],
+            files: vec![
+                file("config.json", false),
+                file("tokenizer.json", false),
+                file("model.safetensors", true),
+            ],
             ..Default::default()
         },
     );
     let s = Server::start_with(&[], &[("HF_ENDPOINT", &hub.url)], None);
     let (status, lines) = s.stream_lines("/api/pull", &json!({"model": "org/tiny-llama"}));
     assert_eq!(status, 200);
-    let objs: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let objs: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(objs[0]["status"], "pulling manifest");
     let weights = objs
         .iter()
@@ -454,8 +582,11 @@ fn pull_streams_progress_and_the_model_then_serves() {
     assert_eq!(objs.last().unwrap()["status"], "success", "{objs:?}");
     let tags = s.get("/api/tags").json();
     assert_eq!(tags["models"][0]["name"], "org/tiny-llama");
-    let r = s.post("/v1/chat/completions", &json!({"model": "org/tiny-llama", "max_tokens": 3,
-        "messages": [{"role": "user", "content": "hi"}]}));
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({"model": "org/tiny-llama", "max_tokens": 3,
+        "messages": [{"role": "user", "content": "hi"}]}),
+    );
     assert_eq!(r.status, 200, "{}", r.text);
 
     // Only Hub ids.
@@ -463,17 +594,32 @@ fn pull_streams_progress_and_the_model_then_serves() {
         let r = s.post("/api/pull", &json!({"model": name}));
         assert_eq!(r.status, 400, "{name}: {}", r.text);
     }
-    let r = s.post("/api/pull", &json!({"model": "org/missing", "stream": false}));
+    let r = s.post(
+        "/api/pull",
+        &json!({"model": "org/missing", "stream": false}),
+    );
     assert_eq!(r.status, 404, "{}", r.text);
     let (_, lines) = s.stream_lines("/api/pull", &json!({"model": "org/missing"}));
     let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
-    assert!(last["error"].as_str().unwrap().contains("not found"), "{last}");
+    assert!(
+        last["error"].as_str().unwrap().contains("not found"),
+        "{last}"
+    );
 
     // Delete: store models only.
-    let r = s.client.delete(s.url("/api/delete")).body(json!({"model": "org/tiny-llama"}).to_string()).send().unwrap();
+    let r = s
+        .client
+        .delete(s.url("/api/delete"))
+        .body(json!({"model": "org/tiny-llama"}).to_string())
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(s.get("/api/tags").json()["models"], json!([]));
-    assert_eq!(s.post("/api/delete", &json!({"model": "org/tiny-llama"})).status, 404);
+    assert_eq!(
+        s.post("/api/delete", &json!({"model": "org/tiny-llama"}))
+            .status,
+        404
+    );
 }
 
 #[test]
@@ -496,7 +642,10 @@ fn sigterm_lets_running_streams_finish_and_exits_zero() {
     let status = s.terminate();
     assert!(status.success(), "exit status {status:?}");
     let text = stream.join().unwrap();
-    assert!(text.trim_end().ends_with("data: [DONE]"), "the stream finished: {text}");
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "the stream finished: {text}"
+    );
     assert!(text.contains("\"finish_reason\":\"length\""));
 }
 
@@ -517,7 +666,13 @@ fn chat_text(s: &Server, body: &Value) -> (String, Value) {
     let r = s.post("/v1/chat/completions", body);
     assert_eq!(r.status, 200, "{}", r.text);
     let v = r.json();
-    (v["choices"][0]["message"]["content"].as_str().unwrap().to_string(), v)
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        v,
+    )
 }
 
 #[test]
@@ -536,10 +691,14 @@ fn smollm2_answers_counts_seeds_and_stops() {
 
     // Prompt tokens as llama.cpp's tokenizer counts them (tests/fixtures/smollm2_tokens.json).
     let cases: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_tokens.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_tokens.json")).unwrap())
+            .unwrap();
     for case in cases["cases"].as_array().unwrap().iter().take(2) {
         let v = s
-            .post("/v1/completions", &json!({"model": "smol", "prompt": case["text"], "max_tokens": 1}))
+            .post(
+                "/v1/completions",
+                &json!({"model": "smol", "prompt": case["text"], "max_tokens": 1}),
+            )
             .json();
         assert_eq!(
             v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
@@ -574,16 +733,21 @@ fn smollm2_answers_counts_seeds_and_stops() {
 
     // Ollama: the same answer.
     let o = s
-        .post("/api/chat", &json!({"model": "smol", "stream": false,
+        .post(
+            "/api/chat",
+            &json!({"model": "smol", "stream": false,
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "options": {"temperature": 0, "num_predict": 24}}))
+            "options": {"temperature": 0, "num_predict": 24}}),
+        )
         .json();
     assert_eq!(o["message"]["content"], text.as_str());
 }
 
 #[test]
 fn sixteen_concurrent_streams_equal_their_solo_answers() {
-    let Some(s) = smol_server(&["--parallel", "8"]) else { return };
+    let Some(s) = smol_server(&["--parallel", "8"]) else {
+        return;
+    };
     let questions: Vec<String> = (0..16)
         .map(|i| format!("Write one sentence about the number {i}."))
         .collect();
@@ -601,20 +765,27 @@ fn sixteen_concurrent_streams_equal_their_solo_answers() {
         .map(|q| {
             let s = s.clone();
             let b = body(q);
-            std::thread::spawn(move || parse_chat_stream(&s.sse("/v1/chat/completions", &b), false).0)
+            std::thread::spawn(move || {
+                parse_chat_stream(&s.sse("/v1/chat/completions", &b), false).0
+            })
         })
         .collect();
     let together: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
         assert!(!a.is_empty());
-        assert_eq!(a, b, "question {i}: batched answer differs from the solo one");
+        assert_eq!(
+            a, b,
+            "question {i}: batched answer differs from the solo one"
+        );
     }
     assert_eq!(s.metric("xllm_num_requests_running", "smol"), Some(0.0));
 }
 
 #[test]
 fn two_hundred_requests_with_random_disconnects_leave_nothing_running() {
-    let Some(s) = smol_server(&["--parallel", "8"]) else { return };
+    let Some(s) = smol_server(&["--parallel", "8"]) else {
+        return;
+    };
     let s = std::sync::Arc::new(s);
     let completed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t0 = Instant::now();
@@ -679,12 +850,24 @@ fn two_hundred_requests_with_random_disconnects_leave_nothing_running() {
     let mut finished: HashMap<String, f64> = HashMap::new();
     for line in s.get("/metrics").text.lines() {
         if let Some(rest) = line.strip_prefix("xllm_request_success_total{") {
-            let reason = rest.split("finished_reason=\"").nth(1).unwrap().split('"').next().unwrap();
+            let reason = rest
+                .split("finished_reason=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
             let value: f64 = rest.rsplit(' ').next().unwrap().parse().unwrap();
             finished.insert(reason.to_string(), value);
         }
     }
     let total: f64 = finished.values().sum();
-    assert_eq!(total, 200.0, "every request finished exactly once: {finished:?}");
-    assert!(finished.get("cancelled").copied().unwrap_or(0.0) > 0.0, "disconnects cancel: {finished:?}");
+    assert_eq!(
+        total, 200.0,
+        "every request finished exactly once: {finished:?}"
+    );
+    assert!(
+        finished.get("cancelled").copied().unwrap_or(0.0) > 0.0,
+        "disconnects cancel: {finished:?}"
+    );
 }

@@ -32,7 +32,8 @@ fn official_openai_and_ollama_clients_work_against_the_server() {
         eprintln!("skipped: models/smollm2 is absent (run scripts/get_smollm2.sh)");
         return;
     };
-    let bin = std::env::var_os("XLLM_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_xllm").into());
+    let bin =
+        std::env::var_os("XLLM_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_xllm").into());
     let out = Command::new(&python)
         .arg(root().join("tests/clients/test_clients.py"))
         .arg(&bin)
@@ -43,6 +44,9 @@ fn official_openai_and_ollama_clients_work_against_the_server() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
-    assert!(out.status.success(), "client checks failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "client checks failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("all client checks passed"), "{stdout}");
 }

@@ -10,7 +10,6 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -99,7 +99,11 @@ pub(crate) fn cpu_attention(
         let q_row = &qs[(h * t + i) * dim..(h * t + i + 1) * dim];
         attend(q_row, &parts, scale, sinks.map(|s| s[h]), o);
     });
-    Ok(Some(Tensor::from_vec(out, (1, t, heads * dim), q.device())?))
+    Ok(Some(Tensor::from_vec(
+        out,
+        (1, t, heads * dim),
+        q.device(),
+    )?))
 }
 
 /// The flat view of a `[1, kv_heads, len, dim]` cache tensor, if its rows are `dim` apart with
@@ -137,7 +141,13 @@ fn attend(q: &[f32], parts: &[Rows<'_>], scale: f32, sink: Option<f32>, out: &mu
 /// [`attend_portable`] compiled for AVX2: the same code, vectorized eight lanes wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(q: &[f32], parts: &[Rows<'_>], scale: f32, sink: Option<f32>, out: &mut [f32]) {
+unsafe fn attend_avx2(
+    q: &[f32],
+    parts: &[Rows<'_>],
+    scale: f32,
+    sink: Option<f32>,
+    out: &mut [f32],
+) {
     attend_portable(q, parts, scale, sink, out)
 }
 
@@ -158,7 +168,9 @@ fn attend_portable(q: &[f32], parts: &[Rows<'_>], scale: f32, sink: Option<f32>,
         sum += *s;
     }
     out.fill(0.0);
-    let values = parts.iter().flat_map(|(_, values)| values.chunks_exact(dim));
+    let values = parts
+        .iter()
+        .flat_map(|(_, values)| values.chunks_exact(dim));
     for (p, v) in scores.iter().zip(values) {
         let w = p / sum;
         for (o, &x) in out.iter_mut().zip(v) {
@@ -252,7 +264,10 @@ mod tests {
             let diff = max_abs(&(ours - &want).unwrap());
             assert!(diff < 1e-5, "heads {heads}/{kv_heads}, len {len}: {diff}");
             let diff = max_abs(&(split - &want).unwrap());
-            assert!(diff < 1e-5, "split: heads {heads}/{kv_heads}, len {len}: {diff}");
+            assert!(
+                diff < 1e-5,
+                "split: heads {heads}/{kv_heads}, len {len}: {diff}"
+            );
         }
     }
 
@@ -349,13 +364,17 @@ mod tests {
         let dev = Device::Cpu;
         let k = Tensor::zeros((1, 2, 4, 8), DType::F32, &dev).unwrap();
         let q16 = Tensor::zeros((1, 2, 1, 8), DType::F16, &dev).unwrap();
-        assert!(cpu_attention(&q16, &[(k.clone(), k.clone())], None, None).unwrap().is_none());
+        assert!(cpu_attention(&q16, &[(k.clone(), k.clone())], None, None)
+            .unwrap()
+            .is_none());
         // Keys transposed in memory (element stride ≠ 1).
         let kt = Tensor::zeros((1, 2, 8, 4), DType::F32, &dev)
             .unwrap()
             .transpose(2, 3)
             .unwrap();
         let q = Tensor::zeros((1, 2, 1, 8), DType::F32, &dev).unwrap();
-        assert!(cpu_attention(&q, &[(kt.clone(), kt)], None, None).unwrap().is_none());
+        assert!(cpu_attention(&q, &[(kt.clone(), kt)], None, None)
+            .unwrap()
+            .is_none());
     }
 }

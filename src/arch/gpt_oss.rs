@@ -23,10 +23,10 @@ use serde::Deserialize;
 
 use crate::arch::mask::causal_mask;
 use crate::arch::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, Span, WeightSource};
-use crate::state::PagedKv;
 use crate::kernels::bytes::SharedBytes;
 use crate::kernels::moe::{MoeExperts, SwigluParams};
 use crate::model::safetensors::{shard_files, SafetensorsWeights};
+use crate::state::PagedKv;
 
 /// RoPE parameters as they appear under `rope_scaling` (or transformers 5's `rope_parameters`).
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -581,7 +581,11 @@ impl GptOss {
         let group = nh / nkv;
         let (start, t) = (span.start, span.len);
         store.write(k, v)?;
-        let sinks = attn.sinks.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let sinks = attn
+            .sinks
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         if let Some(out) =
             super::cpu_attention::cpu_attention(q, &store.segments()?, attn.window, Some(&sinks))?
         {

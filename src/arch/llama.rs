@@ -15,10 +15,10 @@ use super::mask::causal_mask;
 use super::qlinear::{BlockFormat, QuantMatrix};
 use super::rope::{Rope, RopeLayout};
 use super::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, Span, WeightSource};
-use crate::state::PagedKv;
 use crate::model::config::{LlamaConfig, RopeConfig, RopeScaling};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::SafetensorsWeights;
+use crate::state::PagedKv;
 
 /// Where the tensor-name mapping lives (shown by the architecture table).
 pub const TENSOR_NAMES_DOC: &str = "llama::Role::{hf_name, gguf_name}";

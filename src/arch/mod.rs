@@ -11,8 +11,8 @@ use crate::quant::KvProfile;
 use crate::state::{BlockPool, LayerState, PagedKv, SequenceState};
 
 pub mod bf16_linear;
-mod cpu_matmul;
 mod cpu_attention;
+mod cpu_matmul;
 pub mod llama;
 mod mask;
 pub mod qlinear;
@@ -52,7 +52,12 @@ pub trait CausalLm: Send + Sync {
     /// One sequence: `tokens` continue the sequence whose state is `state`. Returns logits
     /// `[tokens.len(), vocab]`, or `[1, vocab]` for the last token only when `last_only`. Long
     /// inputs run in passes of [`PROMPT_CHUNK`] tokens.
-    fn forward(&self, tokens: &[u32], state: &mut SequenceState, last_only: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut SequenceState,
+        last_only: bool,
+    ) -> Result<Tensor> {
         forward_in_passes(tokens, last_only, |pass| {
             let logits = if last_only { Logits::Last } else { Logits::All };
             self.forward_batch(&mut [BatchSeq {
@@ -143,7 +148,9 @@ impl BatchPlan {
             match seq.logits {
                 Logits::None => {}
                 Logits::Last => logit_rows.push((span.offset + span.len - 1) as u32),
-                Logits::All => logit_rows.extend((span.offset..span.offset + span.len).map(|r| r as u32)),
+                Logits::All => {
+                    logit_rows.extend((span.offset..span.offset + span.len).map(|r| r as u32))
+                }
             }
             tokens.extend_from_slice(seq.tokens);
             spans.push(span);

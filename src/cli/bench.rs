@@ -48,7 +48,9 @@ fn median(values: &[f64]) -> f64 {
 fn bench_prompt(len: usize, vocab: u32, salt: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| {
-            let x = i.wrapping_add(salt.wrapping_mul(7919)).wrapping_mul(2_654_435_761);
+            let x = i
+                .wrapping_add(salt.wrapping_mul(7919))
+                .wrapping_mul(2_654_435_761);
             100 + (x % (vocab - 100))
         })
         .collect()
@@ -347,7 +349,10 @@ fn parallel(args: &BenchArgs, session: Arc<ModelSession>, n: usize) -> anyhow::R
             "| aggregate prefill t/s           | {:>10.2} |",
             report.aggregate_prefill_tokens_per_second
         );
-        println!("| time to first token p50 (ms)    | {:>10.1} |", report.ttft_ms_p50);
+        println!(
+            "| time to first token p50 (ms)    | {:>10.1} |",
+            report.ttft_ms_p50
+        );
     }
     Ok(())
 }

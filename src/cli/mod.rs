@@ -8,7 +8,6 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub mod bench;
 pub mod completions;
-pub mod turn_view;
 pub mod list;
 pub mod output;
 pub mod perplexity;
@@ -17,6 +16,7 @@ pub mod rm;
 pub mod run;
 pub mod serve;
 pub mod show;
+pub mod turn_view;
 
 /// Run open-weight LLMs from the Hugging Face Hub, straight from safetensors or GGUF.
 #[derive(Debug, Parser)]

@@ -215,10 +215,7 @@ fn run_turn(
     mut printer: Option<&mut TurnPrinter<std::io::Stdout>>,
 ) -> anyhow::Result<Collected> {
     let (tx, rx) = mpsc::channel();
-    let id = scheduler.submit(
-        request,
-        Box::new(move |event| tx.send(event).is_ok()),
-    )?;
+    let id = scheduler.submit(request, Box::new(move |event| tx.send(event).is_ok()))?;
     let mut collected = Collected::default();
     interrupts.generating();
     while scheduler.has_work() {
@@ -284,7 +281,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sampling = sampling_params(&session.loaded.sampling, &args.sampling);
     validate_sampling(&sampling)?;
     let harmony = !args.raw && session.harmony.is_some();
-    let mode = if harmony { OutputMode::Harmony } else { OutputMode::Text };
+    let mode = if harmony {
+        OutputMode::Harmony
+    } else {
+        OutputMode::Text
+    };
     if !harmony && (args.hide_thinking || args.reasoning_effort.is_some()) {
         eprintln!(
             "note: --hide-thinking and --reasoning-effort apply to gpt-oss (harmony) chat only; ignored"
@@ -436,7 +437,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             continue;
         }
-        let tokens = match turn_prompt(&session, options, system.as_deref(), &history, input.clone()) {
+        let tokens = match turn_prompt(
+            &session,
+            options,
+            system.as_deref(),
+            &history,
+            input.clone(),
+        ) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("Error: {e:#}");
@@ -470,7 +477,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         history.push(Message::new("user", input));
         history.push(Message::new("assistant", result.text.clone()));
         if args.verbose {
-            print_stats(&mut std::io::stderr(), None, t_turn.elapsed(), &result.stats);
+            print_stats(
+                &mut std::io::stderr(),
+                None,
+                t_turn.elapsed(),
+                &result.stats,
+            );
         }
     }
     Ok(())

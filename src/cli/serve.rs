@@ -13,9 +13,9 @@ fn parse_size(text: &str, flag: &str) -> anyhow::Result<u64> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{flag} '{text}' is not a size (examples: 8MB, 512MiB, 16GB)"))?;
+    let value: f64 = number.parse().map_err(|_| {
+        anyhow::anyhow!("{flag} '{text}' is not a size (examples: 8MB, 512MiB, 16GB)")
+    })?;
     let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -26,7 +26,9 @@ fn parse_size(text: &str, flag: &str) -> anyhow::Result<u64> {
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
         "tib" => 1024f64.powi(4),
-        _ => anyhow::bail!("{flag} '{text}': unknown unit '{unit}' (use B, KB, MB, GB, KiB, MiB, GiB)"),
+        _ => anyhow::bail!(
+            "{flag} '{text}': unknown unit '{unit}' (use B, KB, MB, GB, KiB, MiB, GiB)"
+        ),
     };
     Ok((value * scale) as u64)
 }
@@ -123,7 +125,10 @@ mod tests {
         assert!(parse_size("5 parsecs", "x").is_err());
         assert_eq!(host_and_port("127.0.0.1", 1), ("127.0.0.1".into(), 1));
         assert_eq!(host_and_port("0.0.0.0:8080", 1), ("0.0.0.0".into(), 8080));
-        assert_eq!(host_and_port("http://localhost:9/", 1), ("localhost".into(), 9));
+        assert_eq!(
+            host_and_port("http://localhost:9/", 1),
+            ("localhost".into(), 9)
+        );
         assert_eq!(host_and_port("::1", 1), ("::1".into(), 1));
     }
 }

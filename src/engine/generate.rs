@@ -60,4 +60,3 @@ fn rate(n: usize, d: Duration) -> f64 {
         n as f64 / d.as_secs_f64()
     }
 }
-

@@ -174,7 +174,10 @@ impl OutputStream {
 
     /// The end of generation (for any reason): text still held back, cut at a stop string.
     /// Returns `true` as the second value when a stop string was found in it.
-    pub(crate) fn finish(&mut self, tokenizer: &TextTokenizer) -> anyhow::Result<(Vec<Output>, bool)> {
+    pub(crate) fn finish(
+        &mut self,
+        tokenizer: &TextTokenizer,
+    ) -> anyhow::Result<(Vec<Output>, bool)> {
         let mut outputs = Vec::new();
         if self.done {
             return Ok((outputs, false));

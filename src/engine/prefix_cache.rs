@@ -96,7 +96,12 @@ impl PrefixCache {
         let victim = self
             .entries
             .iter()
-            .filter(|(_, e)| e.block.leases.iter().all(|l| std::sync::Arc::strong_count(l) == 1))
+            .filter(|(_, e)| {
+                e.block
+                    .leases
+                    .iter()
+                    .all(|l| std::sync::Arc::strong_count(l) == 1)
+            })
             .min_by_key(|(_, e)| e.last_used)
             .map(|(k, _)| *k);
         match victim {

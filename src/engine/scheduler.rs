@@ -19,9 +19,7 @@ use candle_core::Tensor;
 use super::generate::{FinishReason, GenerationStats};
 use super::postprocess::OutputStream;
 use super::prefix_cache::PrefixCache;
-use super::request::{
-    EventSink, GenerationRequest, Output, SeqEvent, SubmitError, TokenLogprob,
-};
+use super::request::{EventSink, GenerationRequest, Output, SeqEvent, SubmitError, TokenLogprob};
 use super::sampler::Sampler;
 use super::session::ModelSession;
 use crate::arch::{BatchSeq, Logits, PROMPT_CHUNK};
@@ -185,7 +183,13 @@ impl Scheduler {
         }
     }
 
-    fn enqueue(&mut self, id: RequestId, request: GenerationRequest, sink: EventSink, limit: usize) {
+    fn enqueue(
+        &mut self,
+        id: RequestId,
+        request: GenerationRequest,
+        sink: EventSink,
+        limit: usize,
+    ) {
         let info = self.session.info();
         let state = info.new_state(self.session.kv_profile(), &self.pool, limit);
         let output = OutputStream::new(
@@ -317,11 +321,13 @@ impl Scheduler {
 
     /// Finishes cancelled sequences (running or waiting) and frees their blocks.
     fn reap_cancelled(&mut self) {
-        let (mut done, running): (Vec<Active>, Vec<Active>) =
-            std::mem::take(&mut self.running).into_iter().partition(|a| a.cancelled);
+        let (mut done, running): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|a| a.cancelled);
         self.running = running;
-        let (waiting_done, waiting): (Vec<Active>, Vec<Active>) =
-            std::mem::take(&mut self.waiting).into_iter().partition(|a| a.cancelled);
+        let (waiting_done, waiting): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|a| a.cancelled);
         self.waiting = waiting.into();
         done.extend(waiting_done);
         let tokenizer = &self.session.loaded.tokenizer;
@@ -429,7 +435,9 @@ impl Scheduler {
             if self.running.len() == before {
                 // One sequence alone does not fit the pool (its limit is capped by the pool
                 // size, so this only happens when the cache holds what it needs): run what fits.
-                plan.retain(|&(i, n)| self.running[i].state.blocks_needed(n) <= self.pool.free_blocks());
+                plan.retain(|&(i, n)| {
+                    self.running[i].state.blocks_needed(n) <= self.pool.free_blocks()
+                });
                 plan.sort_unstable();
                 return plan;
             }
@@ -440,7 +448,9 @@ impl Scheduler {
         let mut batch = Vec::with_capacity(plan.len());
         let mut wanted = plan.iter().peekable();
         for (i, a) in self.running.iter_mut().enumerate() {
-            let Some(&&(pi, n)) = wanted.peek() else { break };
+            let Some(&&(pi, n)) = wanted.peek() else {
+                break;
+            };
             if pi != i {
                 continue;
             }

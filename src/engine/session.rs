@@ -47,7 +47,10 @@ pub fn open(name: &str, options: &OpenOptions) -> anyhow::Result<ModelSession> {
 }
 
 /// Opens a model that is already resolved to files on disk.
-pub fn open_resolved(resolved: ResolvedModel, options: &OpenOptions) -> anyhow::Result<ModelSession> {
+pub fn open_resolved(
+    resolved: ResolvedModel,
+    options: &OpenOptions,
+) -> anyhow::Result<ModelSession> {
     open_with(resolved, None, options)
 }
 
@@ -72,7 +75,9 @@ fn open_with(
             options.ctx,
             DEFAULT_CTX,
         )?,
-        None => crate::engine::memory_plan::ensure_fits(&resolved, &device, options.ctx, DEFAULT_CTX)?,
+        None => {
+            crate::engine::memory_plan::ensure_fits(&resolved, &device, options.ctx, DEFAULT_CTX)?
+        }
     }
     let load_options = LoadOptions {
         device,
@@ -136,13 +141,16 @@ impl ModelSession {
 
     /// Prompt tokens for a conversation, ending with the assistant's turn opening: the chat
     /// template (harmony with `reasoning_effort` for gpt-oss), or raw text.
-    pub fn chat_prompt(&self, messages: &[Message], options: ChatOptions) -> anyhow::Result<Vec<u32>> {
+    pub fn chat_prompt(
+        &self,
+        messages: &[Message],
+        options: ChatOptions,
+    ) -> anyhow::Result<Vec<u32>> {
         let tokenizer = &self.loaded.tokenizer;
         match (&self.loaded.template, options.raw) {
             (Some(template), false) => {
                 let text = if self.harmony.is_some() {
-                    let extra =
-                        minijinja::context! { reasoning_effort => options.reasoning_effort.as_str() };
+                    let extra = minijinja::context! { reasoning_effort => options.reasoning_effort.as_str() };
                     template.render_with(messages, true, extra)?
                 } else {
                     template.render(messages, true)?

@@ -17,7 +17,9 @@ enum Command {
     Submit(RequestId, GenerationRequest, EventSink),
     Cancel(RequestId),
     /// Stop: finish running work first (`drain`) or cancel it.
-    Shutdown { drain: bool },
+    Shutdown {
+        drain: bool,
+    },
 }
 
 /// A running engine; cheap to clone, shared by every request of one model.

@@ -792,8 +792,8 @@ fn cpu_ops_and_their_cuda_fwd_agree() {
 /// stores return, and hold less device memory than the bf16 cache (measured with cuMemGetInfo).
 #[test]
 fn quantized_kv_stores_on_cuda_match_cpu_and_save_device_memory() {
-    use crate::state::kv_cache::{new_store, KvLayout};
     use crate::quant::KvProfile;
+    use crate::state::kv_cache::{new_store, KvLayout};
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(23);
     let layout = KvLayout {

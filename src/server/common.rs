@@ -44,7 +44,10 @@ impl SamplingFields {
             if !(0.0..=2.0).contains(&t) {
                 return Err(ApiError::bad_param(
                     names.temperature,
-                    format!("{} must be between 0 and 2 (0 is greedy), got {t}", names.temperature),
+                    format!(
+                        "{} must be between 0 and 2 (0 is greedy), got {t}",
+                        names.temperature
+                    ),
                 ));
             }
             p.temperature = t;
@@ -62,7 +65,10 @@ impl SamplingFields {
             // vLLM: -1 (and Ollama 0) mean no top-k.
             p.top_k = (k > 0).then_some(k as usize);
             if k < -1 {
-                return Err(ApiError::bad_param("top_k", "top_k must be -1 (off) or more"));
+                return Err(ApiError::bad_param(
+                    "top_k",
+                    "top_k must be -1 (off) or more",
+                ));
             }
         }
         if let Some(v) = self.min_p {
@@ -85,8 +91,16 @@ impl SamplingFields {
             p.repeat_last_n = if n < 0 { usize::MAX } else { n as usize };
         }
         for (name, value, slot) in [
-            ("presence_penalty", self.presence_penalty, &mut p.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty, &mut p.frequency_penalty),
+            (
+                "presence_penalty",
+                self.presence_penalty,
+                &mut p.presence_penalty,
+            ),
+            (
+                "frequency_penalty",
+                self.frequency_penalty,
+                &mut p.frequency_penalty,
+            ),
         ] {
             if let Some(v) = value {
                 if !(-2.0..=2.0).contains(&v) {
@@ -149,7 +163,10 @@ pub fn stop_strings(stop: Option<StopField>) -> Result<Vec<String>, ApiError> {
         .filter(|s| !s.is_empty())
         .collect();
     if stops.len() > 16 {
-        return Err(ApiError::bad_param("stop", "at most 16 stop strings are allowed"));
+        return Err(ApiError::bad_param(
+            "stop",
+            "at most 16 stop strings are allowed",
+        ));
     }
     Ok(stops)
 }
@@ -219,7 +236,10 @@ pub fn chat_prompt(
     options: crate::engine::session::ChatOptions,
 ) -> Result<Vec<u32>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::bad_param("messages", "messages must not be empty"));
+        return Err(ApiError::bad_param(
+            "messages",
+            "messages must not be empty",
+        ));
     }
     session.chat_prompt(messages, options).map_err(|e| {
         ApiError::bad_param(
@@ -245,5 +265,7 @@ pub fn tool_name(recipient: &str) -> &str {
 
 /// Seconds since the Unix epoch of `t` (OpenAI's `created`).
 pub fn system_seconds(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

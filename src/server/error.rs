@@ -90,7 +90,11 @@ impl ApiError {
     }
 
     pub fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", message);
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable_error",
+            message,
+        );
         e.retry_after = Some(retry_after);
         e
     }
@@ -158,19 +162,26 @@ impl From<SubmitError> for ApiError {
 
 /// A request body that is not the JSON a route expects.
 pub fn bad_json(err: serde_json::Error) -> ApiError {
-    ApiError::bad_request(format!("the request body is not valid JSON for this route: {err}"))
+    ApiError::bad_request(format!(
+        "the request body is not valid JSON for this route: {err}"
+    ))
 }
 
 /// Parses a JSON body, with our error for bad JSON.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::bad_request("the request body is empty; send a JSON object"));
+        return Err(ApiError::bad_request(
+            "the request body is empty; send a JSON object",
+        ));
     }
     serde_json::from_slice(body).map_err(bad_json)
 }
 
 /// Maps the body extractor's rejection (too large, unreadable) to our error.
-pub fn body_rejection(rejection: axum::extract::rejection::BytesRejection, limit: usize) -> ApiError {
+pub fn body_rejection(
+    rejection: axum::extract::rejection::BytesRejection,
+    limit: usize,
+) -> ApiError {
     let status = rejection.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         let mut e = ApiError::new(

@@ -182,8 +182,12 @@ impl Metrics {
             let l = model_labels(&m.key);
             self.running.get_or_create(&l).set(stats.running as i64);
             self.waiting.get_or_create(&l).set(stats.waiting as i64);
-            self.kv_used.get_or_create(&l).set(stats.kv_blocks_used as i64);
-            self.kv_total.get_or_create(&l).set(stats.kv_blocks_total as i64);
+            self.kv_used
+                .get_or_create(&l)
+                .set(stats.kv_blocks_used as i64);
+            self.kv_total
+                .get_or_create(&l)
+                .set(stats.kv_blocks_total as i64);
         }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

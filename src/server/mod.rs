@@ -122,7 +122,10 @@ pub async fn models_served(registry: &Arc<Registry>) -> Result<Vec<ServedModel>,
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         for alias in registry.aliases() {
-            let facts = registry.inspect(&alias.name).ok().map(|(_, o)| ModelFacts::of(&o));
+            let facts = registry
+                .inspect(&alias.name)
+                .ok()
+                .map(|(_, o)| ModelFacts::of(&o));
             out.push(ServedModel {
                 name: alias.name.clone(),
                 owner: "local",
@@ -137,7 +140,10 @@ pub async fn models_served(registry: &Arc<Registry>) -> Result<Vec<ServedModel>,
             if out.iter().any(|m| m.name == entry.name) {
                 continue;
             }
-            let facts = registry.inspect(&entry.name).ok().map(|(_, o)| ModelFacts::of(&o));
+            let facts = registry
+                .inspect(&entry.name)
+                .ok()
+                .map(|(_, o)| ModelFacts::of(&o));
             out.push(ServedModel {
                 name: entry.name,
                 owner: "store",
@@ -188,9 +194,13 @@ async fn run(options: ServerOptions) -> anyhow::Result<()> {
     } else {
         format!("{}:{}", options.host, options.port)
     };
-    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| {
-        format!("cannot listen on {addr} (is another server using the port? pick one with --port)")
-    })?;
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {addr} (is another server using the port? pick one with --port)"
+            )
+        })?;
     let local: SocketAddr = listener.local_addr()?;
     log_line(serde_json::json!({"msg": "listening", "address": format!("http://{local}")}));
 
@@ -227,7 +237,9 @@ async fn run(options: ServerOptions) -> anyhow::Result<()> {
     for name in &options.preload {
         match registry.acquire(name, None).await {
             Ok(lease) => {
-                log_line(serde_json::json!({"msg": "preloaded", "model": name, "load_ms": lease.model.load_duration.as_millis() as u64}));
+                log_line(
+                    serde_json::json!({"msg": "preloaded", "model": name, "load_ms": lease.model.load_duration.as_millis() as u64}),
+                );
             }
             Err(e) => {
                 anyhow::bail!("--preload {name}: {}", e.message);

@@ -27,7 +27,7 @@ use super::{AppState, RequestId};
 use crate::engine::chat_template::Message;
 use crate::engine::generate::{FinishReason, GenerationStats};
 use crate::engine::harmony::ReasoningEffort;
-use crate::engine::request::{GenerationRequest, OutputMode, Output, SeqEvent};
+use crate::engine::request::{GenerationRequest, Output, OutputMode, SeqEvent};
 use crate::engine::scheduler::Collected;
 use crate::engine::session::{ChatOptions, ModelSession};
 
@@ -95,14 +95,19 @@ impl CommonFields {
                 "low" => (Some(true), ReasoningEffort::Low),
                 "medium" => (Some(true), ReasoningEffort::Medium),
                 "high" => (Some(true), ReasoningEffort::High),
-                other => {
-                    return Err(ApiError::bad_param(
-                        "think",
-                        format!("think must be true, false, \"low\", \"medium\" or \"high\", got '{other}'"),
-                    ))
-                }
+                other => return Err(ApiError::bad_param(
+                    "think",
+                    format!(
+                        "think must be true, false, \"low\", \"medium\" or \"high\", got '{other}'"
+                    ),
+                )),
             },
-            Some(_) => return Err(ApiError::bad_param("think", "think must be a boolean or a level")),
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    "think",
+                    "think must be a boolean or a level",
+                ))
+            }
         };
         if wanted == Some(true) && !harmony {
             return Err(ApiError::bad_param(
@@ -114,7 +119,11 @@ impl CommonFields {
         Ok((wanted.unwrap_or(harmony), effort))
     }
 
-    fn request(&self, session: &ModelSession, prompt: Vec<u32>) -> Result<GenerationRequest, ApiError> {
+    fn request(
+        &self,
+        session: &ModelSession,
+        prompt: Vec<u32>,
+    ) -> Result<GenerationRequest, ApiError> {
         let default = Options::default();
         let o = self.options.as_ref().unwrap_or(&default);
         let fields = SamplingFields {
@@ -193,7 +202,10 @@ pub async fn root() -> Response {
 }
 
 pub async fn version() -> Response {
-    json_response(StatusCode::OK, &json!({"version": env!("CARGO_PKG_VERSION")}))
+    json_response(
+        StatusCode::OK,
+        &json!({"version": env!("CARGO_PKG_VERSION")}),
+    )
 }
 
 pub async fn chat(
@@ -240,7 +252,10 @@ async fn chat_inner(
     if messages.is_empty() {
         return load_or_unload(&state, &req.common, keep_alive, Kind::Chat).await;
     }
-    let lease = state.registry.acquire(&req.common.model, keep_alive).await?;
+    let lease = state
+        .registry
+        .acquire(&req.common.model, keep_alive)
+        .await?;
     let session = lease.model.session().clone();
     let (show_thinking, effort) = req.common.think(&session)?;
     let prompt = chat_prompt(
@@ -252,7 +267,18 @@ async fn chat_inner(
         },
     )?;
     let request = req.common.request(&session, prompt.clone())?;
-    run(state, request_id, lease, request, req.common, Kind::Chat, show_thinking, prompt, t0).await
+    run(
+        state,
+        request_id,
+        lease,
+        request,
+        req.common,
+        Kind::Chat,
+        show_thinking,
+        prompt,
+        t0,
+    )
+    .await
 }
 
 pub async fn generate(
@@ -278,15 +304,24 @@ async fn generate_inner(
     let keep_alive = req.common.keep_alive()?;
     req.common.check_format()?;
     if !req.images.is_empty() {
-        return Err(ApiError::bad_param("images", "images are not supported (text models only)"));
+        return Err(ApiError::bad_param(
+            "images",
+            "images are not supported (text models only)",
+        ));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::bad_param("suffix", "suffix (fill-in-the-middle) is not supported"));
+        return Err(ApiError::bad_param(
+            "suffix",
+            "suffix (fill-in-the-middle) is not supported",
+        ));
     }
     if req.prompt.is_empty() {
         return load_or_unload(&state, &req.common, keep_alive, Kind::Generate).await;
     }
-    let lease = state.registry.acquire(&req.common.model, keep_alive).await?;
+    let lease = state
+        .registry
+        .acquire(&req.common.model, keep_alive)
+        .await?;
     let session = lease.model.session().clone();
     let (show_thinking, effort) = req.common.think(&session)?;
     let mut prompt = if req.raw {
@@ -311,7 +346,18 @@ async fn generate_inner(
         prompt = context.into_iter().chain(prompt).collect();
     }
     let request = req.common.request(&session, prompt.clone())?;
-    run(state, request_id, lease, request, req.common, Kind::Generate, show_thinking, prompt, t0).await
+    run(
+        state,
+        request_id,
+        lease,
+        request,
+        req.common,
+        Kind::Generate,
+        show_thinking,
+        prompt,
+        t0,
+    )
+    .await
 }
 
 /// An empty prompt loads the model (`done_reason: "load"`); with `keep_alive: 0` it unloads it.
@@ -437,7 +483,8 @@ async fn run(
 
 /// A tool call as Ollama sends it: arguments as a JSON object.
 fn tool_call(index: usize, recipient: &str, arguments: &str) -> Value {
-    let args: Value = serde_json::from_str(arguments).unwrap_or_else(|_| Value::String(arguments.into()));
+    let args: Value =
+        serde_json::from_str(arguments).unwrap_or_else(|_| Value::String(arguments.into()));
     json!({"function": {"index": index, "name": tool_name(recipient), "arguments": args}})
 }
 
@@ -538,7 +585,9 @@ impl NdjsonStream {
                 for output in outputs {
                     match output {
                         Output::Text(t) => self.piece(&t, None, None),
-                        Output::Reasoning(t) if self.show_thinking => self.piece("", Some(&t), None),
+                        Output::Reasoning(t) if self.show_thinking => {
+                            self.piece("", Some(&t), None)
+                        }
                         Output::Reasoning(_) => {}
                         Output::ToolCall { name, arguments } => {
                             let call = tool_call(calls, &name, &arguments);
@@ -673,7 +722,11 @@ fn template_source(facts: &super::registry::ModelFacts) -> String {
     std::fs::read_to_string(facts.dir.join("tokenizer_config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v.get("chat_template").and_then(Value::as_str).map(str::to_string))
+        .and_then(|v| {
+            v.get("chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .unwrap_or_default()
 }
 

@@ -83,7 +83,10 @@ impl CommonFields {
         match self.n {
             None => Ok(1),
             Some(n) if (1..=16).contains(&n) => Ok(n as usize),
-            Some(n) => Err(ApiError::bad_param("n", format!("n must be between 1 and 16, got {n}"))),
+            Some(n) => Err(ApiError::bad_param(
+                "n",
+                format!("n must be between 1 and 16, got {n}"),
+            )),
         }
     }
 
@@ -116,13 +119,19 @@ impl CommonFields {
         let min_tokens = match self.min_tokens {
             None => 0,
             Some(v) if v >= 0 => v as usize,
-            Some(_) => return Err(ApiError::bad_param("min_tokens", "min_tokens must be 0 or more")),
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    "min_tokens",
+                    "min_tokens must be 0 or more",
+                ))
+            }
         };
         let stops = stop_strings(self.stop.clone())?;
         let fields = self.sampling();
         (0..choices)
             .map(|i| {
-                let sampling = fields.params(&session.loaded.sampling, &OPENAI_FIELDS, first_choice + i)?;
+                let sampling =
+                    fields.params(&session.loaded.sampling, &OPENAI_FIELDS, first_choice + i)?;
                 let mut r = GenerationRequest::new(prompt.to_vec(), sampling);
                 r.max_tokens = max_tokens;
                 r.min_tokens = min_tokens;
@@ -136,7 +145,9 @@ impl CommonFields {
     }
 
     fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
@@ -262,7 +273,10 @@ async fn chat_inner(
             ))
         }
         (_, Some(t)) if !(0..=20).contains(&t) => {
-            return Err(ApiError::bad_param("top_logprobs", "top_logprobs must be between 0 and 20"))
+            return Err(ApiError::bad_param(
+                "top_logprobs",
+                "top_logprobs must be between 0 and 20",
+            ))
         }
         (true, t) => Some(t.unwrap_or(0) as usize),
         (false, _) => None,
@@ -349,7 +363,10 @@ struct CompletionRequest {
 }
 
 /// `prompt`: a string, a list of strings, a token list or a list of token lists.
-fn completion_prompts(session: &ModelSession, prompt: &Value) -> Result<Vec<(String, Vec<u32>)>, ApiError> {
+fn completion_prompts(
+    session: &ModelSession,
+    prompt: &Value,
+) -> Result<Vec<(String, Vec<u32>)>, ApiError> {
     let bad = || {
         ApiError::bad_param(
             "prompt",
@@ -358,7 +375,12 @@ fn completion_prompts(session: &ModelSession, prompt: &Value) -> Result<Vec<(Str
     };
     let tokens = |v: &[Value]| -> Result<Vec<u32>, ApiError> {
         v.iter()
-            .map(|t| t.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32).ok_or_else(bad))
+            .map(|t| {
+                t.as_u64()
+                    .filter(|&t| t <= u32::MAX as u64)
+                    .map(|t| t as u32)
+                    .ok_or_else(bad)
+            })
             .collect()
     };
     let decode = |ids: &[u32]| session.loaded.tokenizer.decode(ids).unwrap_or_default();
@@ -386,7 +408,10 @@ fn completion_prompts(session: &ModelSession, prompt: &Value) -> Result<Vec<(Str
         _ => return Err(bad()),
     };
     if prompts.len() > 16 {
-        return Err(ApiError::bad_param("prompt", "at most 16 prompts per request"));
+        return Err(ApiError::bad_param(
+            "prompt",
+            "at most 16 prompts per request",
+        ));
     }
     Ok(prompts)
 }
@@ -413,10 +438,18 @@ async fn completions_inner(
     let top = match req.logprobs {
         None => None,
         Some(t) if (0..=20).contains(&t) => Some(t as usize),
-        Some(_) => return Err(ApiError::bad_param("logprobs", "logprobs must be between 0 and 20")),
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "logprobs",
+                "logprobs must be between 0 and 20",
+            ))
+        }
     };
     if req.common.stream && req.echo {
-        return Err(ApiError::bad_param("echo", "echo is not supported with stream"));
+        return Err(ApiError::bad_param(
+            "echo",
+            "echo is not supported with stream",
+        ));
     }
     req.common.max_tokens(None)?;
     stop_strings(req.common.stop.clone())?;
@@ -429,7 +462,10 @@ async fn completions_inner(
     let mut requests = Vec::new();
     for (p, (_, ids)) in prompts.iter().enumerate() {
         // OpenAI's default for completions is 16 tokens.
-        requests.extend(req.common.requests(&session, ids, Some(16), top, n, p * n)?);
+        requests.extend(
+            req.common
+                .requests(&session, ids, Some(16), top, n, p * n)?,
+        );
     }
     let generation = Generation::submit(lease, requests, &state.metrics)?;
     let meta = ReplyMeta {
@@ -440,7 +476,13 @@ async fn completions_inner(
         logprobs: top.is_some(),
     };
     if req.common.stream {
-        let stream = SseStream::new(generation, meta, Kind::Completion, req.common.include_usage(), n);
+        let stream = SseStream::new(
+            generation,
+            meta,
+            Kind::Completion,
+            req.common.include_usage(),
+            n,
+        );
         return Ok(stream_response("text/event-stream", stream.into_stream()));
     }
     let prompt_tokens: usize = prompts.iter().map(|(_, ids)| ids.len()).sum();
@@ -449,7 +491,11 @@ async fn completions_inner(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let prefix = if req.echo { prompts[i / n].0.clone() } else { String::new() };
+            let prefix = if req.echo {
+                prompts[i / n].0.clone()
+            } else {
+                String::new()
+            };
             let logprobs = if meta.logprobs {
                 completion_logprobs(&session, &c.logprobs, prefix.len())
             } else {
@@ -645,7 +691,9 @@ impl SseStream {
         include_usage: bool,
         per_prompt: usize,
     ) -> Self {
-        let choices = (0..generation.choices()).map(|_| ChoiceState::default()).collect();
+        let choices = (0..generation.choices())
+            .map(|_| ChoiceState::default())
+            .collect();
         Self {
             generation,
             meta,
@@ -675,12 +723,15 @@ impl SseStream {
     }
 
     fn data(&mut self, value: &Value) {
-        self.queue.push_back(Bytes::from(format!("data: {value}\n\n")));
+        self.queue
+            .push_back(Bytes::from(format!("data: {value}\n\n")));
     }
 
     fn chunk(&mut self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) {
         let choice = match self.kind {
-            Kind::Chat => json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}),
+            Kind::Chat => {
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            }
             Kind::Completion => json!({
                 "index": index,
                 "text": delta.get("content").and_then(Value::as_str).unwrap_or(""),
@@ -717,7 +768,12 @@ impl SseStream {
     fn role_first(&mut self, index: usize) {
         if self.kind == Kind::Chat && !self.choices[index].role_sent {
             self.choices[index].role_sent = true;
-            self.chunk(index, json!({"role": "assistant", "content": ""}), Value::Null, None);
+            self.chunk(
+                index,
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+                None,
+            );
         }
     }
 
@@ -753,10 +809,16 @@ impl SseStream {
                 });
                 self.data(&v);
             }
-            self.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+            self.queue
+                .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
             self.done = true;
-            super::log_generation(&self.meta.request_id, &self.meta.model, self.prompt_tokens,
-                self.choices.iter().map(|c| c.completion_tokens).sum(), self.generation.started.elapsed());
+            super::log_generation(
+                &self.meta.request_id,
+                &self.meta.model,
+                self.prompt_tokens,
+                self.choices.iter().map(|c| c.completion_tokens).sum(),
+                self.generation.started.elapsed(),
+            );
             return;
         };
         match event {
@@ -781,9 +843,12 @@ impl SseStream {
                             let lp = self.take_logprobs(i);
                             self.chunk(i, json!({"content": t}), lp, None);
                         }
-                        Output::Reasoning(t) if self.kind == Kind::Chat => {
-                            self.chunk(i, json!({"reasoning_content": t, "reasoning": t}), Value::Null, None)
-                        }
+                        Output::Reasoning(t) if self.kind == Kind::Chat => self.chunk(
+                            i,
+                            json!({"reasoning_content": t, "reasoning": t}),
+                            Value::Null,
+                            None,
+                        ),
                         Output::Reasoning(_) => {}
                         Output::ToolCall { name, arguments } if self.kind == Kind::Chat => {
                             let k = self.choices[i].tool_calls;
@@ -808,7 +873,11 @@ impl SseStream {
                     finish_str(reason)
                 };
                 let lp = self.take_logprobs(i);
-                let delta = if self.kind == Kind::Chat { json!({}) } else { json!({"content": ""}) };
+                let delta = if self.kind == Kind::Chat {
+                    json!({})
+                } else {
+                    json!({"content": ""})
+                };
                 self.chunk(i, delta, lp, Some(finish));
             }
             SeqEvent::Failed(message) => self.error(&format!("generation failed: {message}")),

@@ -150,14 +150,21 @@ async fn pull_inner(
     let reference = ModelRef::parse_hub(&name).map_err(|e| {
         ApiError::bad_param(
             "model",
-            format!("{e:#}; /api/pull downloads Hugging Face Hub models (`org/name[:quantization]`)"),
+            format!(
+                "{e:#}; /api/pull downloads Hugging Face Hub models (`org/name[:quantization]`)"
+            ),
         )
     })?;
     let store = state.registry.store().clone();
     let reference = reference.to_string();
     if !req.stream {
         let result = tokio::task::spawn_blocking(move || {
-            crate::store::pull::pull(&store, &reference, "main", &crate::hub::download::NoProgress)
+            crate::store::pull::pull(
+                &store,
+                &reference,
+                "main",
+                &crate::hub::download::NoProgress,
+            )
         })
         .await
         .map_err(|e| ApiError::internal(format!("pull task failed: {e}")))?;

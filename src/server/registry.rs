@@ -36,7 +36,11 @@ impl KeepAlive {
         let seconds = match value {
             serde_json::Value::Number(n) => n.as_f64().ok_or("keep_alive must be a number")?,
             serde_json::Value::String(s) => parse_duration(s.trim())?,
-            _ => return Err("keep_alive must be a number of seconds or a duration like \"5m\"".into()),
+            _ => {
+                return Err(
+                    "keep_alive must be a number of seconds or a duration like \"5m\"".into(),
+                )
+            }
         };
         Ok(if seconds < 0.0 {
             KeepAlive::Forever
@@ -164,7 +168,10 @@ impl ModelFacts {
                 (m.total_size(), modified, sha256_hex(&bytes))
             }
             None => {
-                let file = opened.gguf_file.clone().unwrap_or_else(|| opened.dir.clone());
+                let file = opened
+                    .gguf_file
+                    .clone()
+                    .unwrap_or_else(|| opened.dir.clone());
                 let mut size = 0;
                 let mut modified = SystemTime::UNIX_EPOCH;
                 let _ = crate::store::for_each_file(&file, &mut |_, m| {
@@ -179,7 +186,11 @@ impl ModelFacts {
                         modified = m.modified().unwrap_or(modified);
                     }
                 }
-                (size, modified, sha256_hex(file.to_string_lossy().as_bytes()))
+                (
+                    size,
+                    modified,
+                    sha256_hex(file.to_string_lossy().as_bytes()),
+                )
             }
         };
         ModelFacts {
@@ -240,7 +251,10 @@ impl LoadedModel {
     }
 
     fn last_used(&self) -> Instant {
-        self.usage.lock().unwrap_or_else(|e| e.into_inner()).last_used
+        self.usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_used
     }
 
     /// Bytes reserved for KV blocks that no sequence holds yet (the free-memory figure does
@@ -281,7 +295,10 @@ impl Drop for Lease {
 /// What a client's model name refers to.
 #[derive(Debug, Clone)]
 enum Target {
-    Alias { path: PathBuf, token: Option<String> },
+    Alias {
+        path: PathBuf,
+        token: Option<String>,
+    },
     Store(ModelRef),
 }
 
@@ -296,7 +313,11 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(store: Store, aliases: Vec<Alias>, options: RegistryOptions) -> anyhow::Result<Self> {
+    pub fn new(
+        store: Store,
+        aliases: Vec<Alias>,
+        options: RegistryOptions,
+    ) -> anyhow::Result<Self> {
         let device = crate::device::select_device(options.device.as_deref())?;
         Ok(Self {
             store,
@@ -453,7 +474,8 @@ impl Registry {
     /// `parallel` sequences, activations.
     fn estimate(&self, opened: &OpenedModel) -> Option<MemoryEstimate> {
         let resolved = opened.resolved();
-        let e = crate::engine::memory_plan::estimate(&resolved, self.options.ctx, DEFAULT_CTX).ok()?;
+        let e =
+            crate::engine::memory_plan::estimate(&resolved, self.options.ctx, DEFAULT_CTX).ok()?;
         Some(MemoryEstimate::new(
             e.weights,
             e.kv_bytes_per_token,
@@ -485,15 +507,17 @@ impl Registry {
     /// Unloads idle models, least recently used first, until the new model fits the count and
     /// the memory plan. A model that cannot fit gets a clear error: 503 when busy models hold
     /// the room (retry later), 507 when it could never fit.
-    async fn make_room(&self, name: &str, estimate: Option<&MemoryEstimate>) -> Result<(), ApiError> {
+    async fn make_room(
+        &self,
+        name: &str,
+        estimate: Option<&MemoryEstimate>,
+    ) -> Result<(), ApiError> {
         loop {
             let count = self.map().len();
             let fits_memory = match (estimate, self.budget()) {
-                (Some(e), Some(budget)) => crate::device::check_fits(
-                    &crate::device::device_label(&self.device),
-                    e,
-                    budget,
-                ),
+                (Some(e), Some(budget)) => {
+                    crate::device::check_fits(&crate::device::device_label(&self.device), e, budget)
+                }
                 _ => Ok(()),
             };
             let fits_count = count < self.options.max_models.max(1);
@@ -568,7 +592,11 @@ impl Registry {
         let Some(model) = map.get(&key) else {
             return Ok(false);
         };
-        model.usage.lock().unwrap_or_else(|e| e.into_inner()).expires = Some(Instant::now());
+        model
+            .usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expires = Some(Instant::now());
         Ok(true)
     }
 
@@ -631,7 +659,9 @@ impl Registry {
             .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
         match removed {
             Some(_) => Ok(()),
-            None => Err(ApiError::model_not_found(format!("model '{name}' not found"))),
+            None => Err(ApiError::model_not_found(format!(
+                "model '{name}' not found"
+            ))),
         }
     }
 }
@@ -664,10 +694,10 @@ fn open_error(name: &str, e: anyhow::Error) -> ApiError {
 
 /// A load failure: the memory plan's refusal is 507 (it will not fit by retrying), the rest 500.
 fn load_error(name: &str, e: anyhow::Error) -> ApiError {
-    if e
-        .chain()
-        .any(|c| c.downcast_ref::<crate::device::InsufficientMemory>().is_some())
-    {
+    if e.chain().any(|c| {
+        c.downcast_ref::<crate::device::InsufficientMemory>()
+            .is_some()
+    }) {
         let mut a = ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
             "insufficient_memory_error",
@@ -691,9 +721,15 @@ mod tests {
     fn keep_alive_accepts_ollama_forms() {
         let p = |v: serde_json::Value| KeepAlive::parse(&v);
         assert_eq!(p("5m".into()), Ok(KeepAlive::For(Duration::from_secs(300))));
-        assert_eq!(p("1h30m".into()), Ok(KeepAlive::For(Duration::from_secs(5400))));
+        assert_eq!(
+            p("1h30m".into()),
+            Ok(KeepAlive::For(Duration::from_secs(5400)))
+        );
         assert_eq!(p("0".into()), Ok(KeepAlive::For(Duration::ZERO)));
-        assert_eq!(p(serde_json::json!(10)), Ok(KeepAlive::For(Duration::from_secs(10))));
+        assert_eq!(
+            p(serde_json::json!(10)),
+            Ok(KeepAlive::For(Duration::from_secs(10)))
+        );
         assert_eq!(p("-1".into()), Ok(KeepAlive::Forever));
         assert_eq!(p("-1m".into()), Ok(KeepAlive::Forever));
         assert_eq!(p(serde_json::json!(-1)), Ok(KeepAlive::Forever));
@@ -706,7 +742,10 @@ mod tests {
         let a = Alias::parse("models/smollm2/SmolLM2.Q4_1.gguf").unwrap();
         assert_eq!(a.name, "SmolLM2.Q4_1");
         let a = Alias::parse("smol=models/smollm2/x.gguf").unwrap();
-        assert_eq!((a.name.as_str(), a.path.to_str().unwrap()), ("smol", "models/smollm2/x.gguf"));
+        assert_eq!(
+            (a.name.as_str(), a.path.to_str().unwrap()),
+            ("smol", "models/smollm2/x.gguf")
+        );
         let a = Alias::parse("tests/fixtures/tiny-llama").unwrap();
         assert_eq!(a.name, "tiny-llama");
         assert!(Alias::parse("a:b=x").is_err());

@@ -34,12 +34,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
         .route("/api/pull", post(pull::pull))
-        .route("/api/delete", axum::routing::delete(ollama::delete).post(ollama::delete))
+        .route(
+            "/api/delete",
+            axum::routing::delete(ollama::delete).post(ollama::delete),
+        )
         // Operations
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
         .layer(DefaultBodyLimit::max(state.body_limit));
     let mut app = Router::new()
         .route("/health", get(health))
@@ -125,7 +131,11 @@ async fn method_not_allowed(request: Request) -> Response {
 /// `Authorization: Bearer <key>` on every route but `/health` (and CORS preflights), when the
 /// server has a key. The comparison is constant-time over SHA-256 digests, so neither the
 /// key's bytes nor its length leak through timing.
-async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let Some(key) = &state.api_key_digest else {
         return next.run(request).await;
     };
@@ -136,7 +146,10 @@ async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, n
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(|v| v.trim());
     let ok = given.is_some_and(|g| bool::from(super::digest(g).ct_eq(key)));
     if ok {
@@ -149,7 +162,11 @@ async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, n
 
 /// Gives each request an id (the client's `x-request-id` when it is sane), returns it in the
 /// response, and logs one structured line per request.
-async fn request_log(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+async fn request_log(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let id = request
         .headers()
         .get("x-request-id")
@@ -157,7 +174,8 @@ async fn request_log(State(state): State<Arc<AppState>>, mut request: Request, n
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= 64
-                && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
         })
         .map(str::to_string)
         .unwrap_or_else(|| super::common::new_id("req-"));

@@ -446,7 +446,15 @@ mod tests {
 
     fn state(pool: &Arc<BlockPool>, layers: usize) -> SequenceState {
         let layers = (0..layers)
-            .map(|_| LayerState::Kv(PagedKv::new(KvProfile::Default, 2, 4, DType::F32, &Device::Cpu)))
+            .map(|_| {
+                LayerState::Kv(PagedKv::new(
+                    KvProfile::Default,
+                    2,
+                    4,
+                    DType::F32,
+                    &Device::Cpu,
+                ))
+            })
             .collect();
         SequenceState::new(layers, pool.clone(), 1024)
     }
@@ -476,7 +484,14 @@ mod tests {
         // Reading across the block boundary gives the tokens back in order.
         let (k, _) = s.kv_mut(0).unwrap().gathered().unwrap();
         assert_eq!(k.dims(), &[1, 2, BLOCK_TOKENS + 10, 4]);
-        let row = |k: &Tensor, t: usize| k.narrow(2, t, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let row = |k: &Tensor, t: usize| {
+            k.narrow(2, t, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         assert_eq!(row(&k, 10)[..4], row(&kv(BLOCK_TOKENS, 0.0), 0)[..4]);
         s.clear();
         assert_eq!(pool.used_blocks(), 0);
@@ -504,11 +519,21 @@ mod tests {
         b.adopt(&shared).unwrap();
         drop(shared);
         assert_eq!((b.len(), pool.used_blocks()), (2 * BLOCK_TOKENS, 3));
-        let want = a.kv_mut(1).unwrap().gathered().unwrap().0.narrow(2, 0, 2 * BLOCK_TOKENS).unwrap();
+        let want = a
+            .kv_mut(1)
+            .unwrap()
+            .gathered()
+            .unwrap()
+            .0
+            .narrow(2, 0, 2 * BLOCK_TOKENS)
+            .unwrap();
         drop(a);
         assert_eq!(pool.used_blocks(), 2, "the unshared tail block went back");
         let got = b.kv_mut(1).unwrap().gathered().unwrap().0;
-        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         // b grows into a block of its own, never into the shared ones.
         write(&mut b, 3, 9.0);
         assert_eq!((b.len(), pool.used_blocks()), (2 * BLOCK_TOKENS + 3, 3));
@@ -521,7 +546,11 @@ mod tests {
         write(&mut a, 2 * BLOCK_TOKENS, 0.0);
         let mut b = state(&pool, 1);
         b.adopt(&a.share(2).unwrap()).unwrap();
-        assert_eq!(b.truncate(BLOCK_TOKENS + 7), BLOCK_TOKENS, "the shared block is dropped");
+        assert_eq!(
+            b.truncate(BLOCK_TOKENS + 7),
+            BLOCK_TOKENS,
+            "the shared block is dropped"
+        );
         // b let go of the second block, so a owns it alone again and cuts it exactly.
         assert_eq!(a.truncate(BLOCK_TOKENS + 7), BLOCK_TOKENS + 7);
     }

@@ -55,7 +55,11 @@ impl Server {
         Self::start_with(args, &[], None)
     }
 
-    pub fn start_with(args: &[&str], env: &[(&str, &str)], home: Option<tempfile::TempDir>) -> Server {
+    pub fn start_with(
+        args: &[&str],
+        env: &[(&str, &str)],
+        home: Option<tempfile::TempDir>,
+    ) -> Server {
         let home = home.unwrap_or_else(|| tempfile::tempdir().unwrap());
         let bin =
             std::env::var_os("XLLM_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_xllm").into());
@@ -127,7 +131,11 @@ impl Server {
                     break;
                 }
             }
-            assert!(t0.elapsed() < Duration::from_secs(120), "never became ready: {}", server.log_text());
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "never became ready: {}",
+                server.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         server
@@ -241,7 +249,9 @@ impl Server {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
         let t0 = Instant::now();
         loop {
             if let Some(s) = child.try_wait().unwrap() {

@@ -101,4 +101,3 @@ pub fn convert(gguf: &Path, out: &Path) {
     });
     std::fs::write(out.join("tokenizer_config.json"), tok_config.to_string()).unwrap();
 }
-
