@@ -162,12 +162,11 @@ fn openai_chat_and_completions_on_the_tiny_model() {
     let usage = usage.expect("usage chunk");
     assert_eq!(usage["completion_tokens"], 12);
     assert_eq!(usage["prompt_tokens"], prompt_tokens);
-    assert_eq!(
+    assert!(
         usage["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
             .unwrap()
             > 0,
-        true,
         "the second identical prompt reuses the prefix cache: {usage}"
     );
 
@@ -574,8 +573,7 @@ fn pull_streams_progress_and_the_model_then_serves() {
     assert_eq!(objs[0]["status"], "pulling manifest");
     let weights = objs
         .iter()
-        .filter(|o| o["status"] == "pulling model.safetensors")
-        .last()
+        .rfind(|o| o["status"] == "pulling model.safetensors")
         .expect("progress for the weights");
     assert_eq!(weights["total"], weights["completed"]);
     assert_eq!(weights["total"], 464504);

@@ -88,10 +88,10 @@ impl Generation {
             return None;
         }
         let (index, event) = self.rx.recv().await?;
-        if matches!(event, SeqEvent::Finished { .. } | SeqEvent::Failed(_)) {
-            if self.ids[index].take().is_some() {
-                self.open -= 1;
-            }
+        if matches!(event, SeqEvent::Finished { .. } | SeqEvent::Failed(_))
+            && self.ids[index].take().is_some()
+        {
+            self.open -= 1;
         }
         Some((index, event))
     }

@@ -95,12 +95,14 @@ impl CommonFields {
                 "low" => (Some(true), ReasoningEffort::Low),
                 "medium" => (Some(true), ReasoningEffort::Medium),
                 "high" => (Some(true), ReasoningEffort::High),
-                other => return Err(ApiError::bad_param(
-                    "think",
-                    format!(
+                other => {
+                    return Err(ApiError::bad_param(
+                        "think",
+                        format!(
                         "think must be true, false, \"low\", \"medium\" or \"high\", got '{other}'"
                     ),
-                )),
+                    ))
+                }
             },
             Some(_) => {
                 return Err(ApiError::bad_param(
