@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use xllm::state::kv_cache::{new_store, KvLayout, KvStore};
 use xllm::quant::KvProfile;
+use xllm::state::kv_cache::{new_store, KvLayout, KvStore};
 
 const Q_HEADS: usize = 9;
 const KV_HEADS: usize = 3;

@@ -22,6 +22,9 @@ _xllm() {
             xllm,completions)
                 cmd="xllm__subcmd__completions"
                 ;;
+            xllm,embed)
+                cmd="xllm__subcmd__embed"
+                ;;
             xllm,help)
                 cmd="xllm__subcmd__help"
                 ;;
@@ -48,6 +51,9 @@ _xllm() {
                 ;;
             xllm__subcmd__help,completions)
                 cmd="xllm__subcmd__help__subcmd__completions"
+                ;;
+            xllm__subcmd__help,embed)
+                cmd="xllm__subcmd__help__subcmd__embed"
                 ;;
             xllm__subcmd__help,help)
                 cmd="xllm__subcmd__help__subcmd__help"
@@ -77,7 +83,7 @@ _xllm() {
 
     case "${cmd}" in
         xllm)
-            opts="-h -V --help --version pull list show rm run perplexity bench completions help"
+            opts="-h -V --help --version pull list show rm run perplexity bench embed completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -154,8 +160,46 @@ _xllm() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        xllm__subcmd__embed)
+            opts="-f -v -h -V --file --format --json --dimensions --no-truncate --verbose --device --threads --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "text jsonl json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dimensions)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         xllm__subcmd__help)
-            opts="pull list show rm run perplexity bench completions help"
+            opts="pull list show rm run perplexity bench embed completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -183,6 +227,20 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help__subcmd__completions)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__help__subcmd__embed)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -9,6 +9,9 @@ pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
+pub mod guard;
 pub mod hub;
 pub mod kernels;
 pub mod model;
@@ -16,3 +19,8 @@ pub mod quant;
 pub mod server;
 pub mod state;
 pub mod store;
+
+/// The system allocator with per-thread budgets for work on untrusted data (chat templates):
+/// see [`guard`].
+#[global_allocator]
+static ALLOCATOR: guard::BudgetAllocator = guard::BudgetAllocator;

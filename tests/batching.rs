@@ -222,14 +222,14 @@ fn smollm2_gguf_and_safetensors_batched_equal_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let st = tmp.path().join("smollm2-st");
     common::smollm2::convert(&gguf, &st);
+    // GGUF runs only the default KV profile. The bf16 copy's prefill of 16+ rows goes through
+    // candle's GEMM, whose rounding depends on the row count: with 8-bit KV downstream that
+    // reaches ~2e-3 relative (docs/architecture.md), so its quantized profiles are left to the
+    // tiny fixtures above.
     for model in [gguf.display().to_string(), st.display().to_string()] {
-        for suffix in ["", ":kv_int8", ":kv_fp8"] {
-            if suffix.is_empty() || model.ends_with("smollm2-st") {
-                let session = open(&format!("{model}{suffix}"), 512);
-                check_batched_logits(&session, &[7, 30, 2, 90]);
-                check_scheduler_tokens(&session, &[7, 30, 2, 90, 12, 45, 3, 64], 16);
-            }
-        }
+        let session = open(&model, 512);
+        check_batched_logits(&session, &[7, 30, 2, 90]);
+        check_scheduler_tokens(&session, &[7, 30, 2, 90, 12, 45, 3, 64], 16);
     }
 }
 

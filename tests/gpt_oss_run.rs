@@ -1,8 +1,8 @@
 //! `xllm run` on the tiny gpt-oss fixture through the real binary. The weights are random, so
 //! these tests check the harmony plumbing (flags, JSON shape, exit codes, determinism, how the
 //! text view relates to the JSON of the same turn), not what the model says. The exact
-//! thinking/answer rendering is tested on scripted token streams in `engine::harmony_chat` and
-//! `cli::harmony_view`.
+//! thinking/answer rendering is tested on scripted token streams in `engine::postprocess` and
+//! `cli::turn_view`.
 
 use std::process::{Command, Output};
 

@@ -184,6 +184,7 @@ fn show_works_on_local_directories_and_gguf_files() {
     let dir = env.dir.path().join("local");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.json"), TINY_CONFIG).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), TINY_TOKENIZER).unwrap();
     std::fs::write(
         dir.join("model.safetensors"),
         safetensors_bytes(&[("w", "F32", vec![10, 10])]),

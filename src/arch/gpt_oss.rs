@@ -94,6 +94,24 @@ fn config_error(msg: impl std::fmt::Display) -> candle_core::Error {
 
 impl GptOssConfig {
     pub fn from_value(value: &serde_json::Value) -> Result<Self> {
+        crate::model::bounds::check_json_integers(
+            value,
+            &[
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "num_local_experts",
+                "num_experts_per_tok",
+                "experts_per_token",
+                "sliding_window",
+                "max_position_embeddings",
+            ],
+        )
+        .map_err(config_error)?;
         let cfg = Self::deserialize(value).map_err(config_error)?;
         cfg.validate()?;
         Ok(cfg)
@@ -133,6 +151,71 @@ impl GptOssConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        use crate::model::bounds::{self, check_float, check_range};
+        let sizes = [
+            ("vocab_size", self.vocab_size, &bounds::VOCAB),
+            ("hidden_size", self.hidden_size, &bounds::HIDDEN),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                &bounds::INTERMEDIATE,
+            ),
+            ("num_hidden_layers", self.num_hidden_layers, &bounds::LAYERS),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                &bounds::HEADS,
+            ),
+            (
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                &bounds::HEADS,
+            ),
+            (
+                "num_local_experts",
+                self.num_local_experts,
+                &bounds::EXPERTS,
+            ),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                &bounds::CONTEXT,
+            ),
+        ];
+        for (key, value, range) in sizes {
+            check_range(key, value, range).map_err(config_error)?;
+        }
+        check_range("head_dim", self.head_dim(), &bounds::HEAD_DIM).map_err(config_error)?;
+        if let Some(w) = self.sliding_window {
+            check_range("sliding_window", w, &bounds::CONTEXT).map_err(config_error)?;
+        }
+        let rope = self.rope();
+        let floats = [
+            ("rms_norm_eps", Some(self.rms_norm_eps)),
+            ("rope_theta", Some(self.rope_theta())),
+            ("rope_scaling.factor", rope.factor),
+            ("rope_scaling.beta_fast", rope.beta_fast),
+            ("rope_scaling.beta_slow", rope.beta_slow),
+        ];
+        for (key, value) in floats {
+            if let Some(v) = value {
+                check_float(key, v, |v| v >= 0.0, "a non-negative number").map_err(config_error)?;
+            }
+        }
+        if let Some(n) = rope.original_max_position_embeddings {
+            check_range(
+                "rope_scaling.original_max_position_embeddings",
+                n,
+                &bounds::CONTEXT,
+            )
+            .map_err(config_error)?;
+        }
+        for (key, v) in [
+            ("swiglu_limit", self.swiglu_limit),
+            ("swiglu_alpha", self.swiglu_alpha),
+        ] {
+            check_float(key, v, |_| true, "a finite number").map_err(config_error)?;
+        }
         let hd = self.head_dim();
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0

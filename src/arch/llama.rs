@@ -455,14 +455,17 @@ pub fn config_from_gguf(file: &GgufFile) -> anyhow::Result<LlamaConfig> {
     let hidden = file.require_usize(&key("embedding_length"))?;
     let heads = file.require_usize(&key("attention.head_count"))?;
     let kv_heads = file
-        .get_usize(&key("attention.head_count_kv"))
+        .usize_value(&key("attention.head_count_kv"))?
         .unwrap_or(heads);
     let head_dim = file
-        .get_usize(&key("attention.key_length"))
+        .usize_value(&key("attention.key_length"))?
         .unwrap_or(hidden / heads.max(1));
     let layers = file.require_usize(&key("block_count"))?;
-    let context = file.get_usize(&key("context_length")).unwrap_or(2048);
-    let vocab = match file.get_usize(&key("vocab_size")) {
+    // Sized by the layer count below: refuse an absurd one before building vectors of it.
+    crate::model::bounds::check_range(&key("block_count"), layers, &crate::model::bounds::LAYERS)
+        .with_context(|| file.path.display().to_string())?;
+    let context = file.usize_value(&key("context_length"))?.unwrap_or(2048);
+    let vocab = match file.usize_value(&key("vocab_size"))? {
         Some(v) => v,
         None => file
             .get("tokenizer.ggml.tokens")
@@ -470,9 +473,9 @@ pub fn config_from_gguf(file: &GgufFile) -> anyhow::Result<LlamaConfig> {
             .map(|v| v.len())
             .context("GGUF has neither a vocab_size nor a token list")?,
     };
-    let factor = file.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0);
+    let factor = file.f64_value(&key("rope.scaling.factor"))?.unwrap_or(1.0);
     let original = file
-        .get_usize(&key("rope.scaling.original_context_length"))
+        .usize_value(&key("rope.scaling.original_context_length"))?
         .unwrap_or(context);
     let scaling = match file.get_str(&key("rope.scaling.type")) {
         Some("linear") if factor != 1.0 => RopeScaling::Linear { factor },
@@ -480,22 +483,23 @@ pub fn config_from_gguf(file: &GgufFile) -> anyhow::Result<LlamaConfig> {
             factor,
             original_max_position_embeddings: original,
             beta_fast: file
-                .get_f64(&key("rope.scaling.yarn_beta_fast"))
+                .f64_value(&key("rope.scaling.yarn_beta_fast"))?
                 .unwrap_or(32.0),
             beta_slow: file
-                .get_f64(&key("rope.scaling.yarn_beta_slow"))
+                .f64_value(&key("rope.scaling.yarn_beta_slow"))?
                 .unwrap_or(1.0),
             attention_factor: 0.1 * factor.ln() + 1.0,
             truncate: true,
         },
         _ => RopeScaling::Default,
     };
-    let window = file.get_usize(&key("attention.sliding_window"));
+    let window = file.usize_value(&key("attention.sliding_window"))?;
     let eos = file
         .get_usize("tokenizer.ggml.eos_token_id")
-        .map(|v| vec![v as u32])
+        .and_then(|v| u32::try_from(v).ok())
+        .map(|v| vec![v])
         .unwrap_or_default();
-    Ok(LlamaConfig {
+    let cfg = LlamaConfig {
         model_type: arch.clone(),
         vocab_size: vocab,
         hidden_size: hidden,
@@ -505,13 +509,13 @@ pub fn config_from_gguf(file: &GgufFile) -> anyhow::Result<LlamaConfig> {
         num_kv_heads: kv_heads,
         head_dim,
         rms_norm_eps: file
-            .get_f64(&key("attention.layer_norm_rms_epsilon"))
+            .f64_value(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5),
         rope: RopeConfig {
-            theta: file.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
+            theta: file.f64_value(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             scaling,
             rotary_dim: file
-                .get_usize(&key("rope.dimension_count"))
+                .usize_value(&key("rope.dimension_count"))?
                 .unwrap_or(head_dim),
         },
         max_position_embeddings: context,
@@ -523,10 +527,13 @@ pub fn config_from_gguf(file: &GgufFile) -> anyhow::Result<LlamaConfig> {
         sliding_window: vec![window; layers],
         bos_token_id: file
             .get_usize("tokenizer.ggml.bos_token_id")
-            .map(|v| v as u32),
+            .and_then(|v| u32::try_from(v).ok()),
         eos_token_ids: eos,
         torch_dtype: None,
-    })
+    };
+    cfg.validate(|field| crate::model::config::gguf_key(&arch, field))
+        .with_context(|| format!("{}: invalid metadata", file.path.display()))?;
+    Ok(cfg)
 }
 
 impl Llama {

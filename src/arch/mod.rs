@@ -10,9 +10,11 @@ use crate::model::safetensors::SafetensorsWeights;
 use crate::quant::KvProfile;
 use crate::state::{BlockPool, LayerState, PagedKv, SequenceState};
 
+pub mod bert;
 pub mod bf16_linear;
 mod cpu_attention;
 mod cpu_matmul;
+pub mod encoder;
 pub mod llama;
 mod mask;
 pub mod qlinear;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub mod bench;
 pub mod completions;
+pub mod embed;
 pub mod list;
 pub mod output;
 pub mod perplexity;
@@ -45,6 +46,8 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Measure prefill and decode speed (tokens/s).
     Bench(BenchArgs),
+    /// Embedding vectors for texts (arguments, --file lines or stdin lines).
+    Embed(EmbedArgs),
     /// Print shell completions.
     Completions(CompletionsArgs),
 }
@@ -257,6 +260,48 @@ pub struct BenchArgs {
     pub runtime: RuntimeArgs,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EmbedFormat {
+    /// One JSON array of numbers per input, one per line.
+    Text,
+    /// One JSON object per line: index, tokens, embedding.
+    Jsonl,
+    /// One JSON document with every vector.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Embedding model: name, local directory (sentence-transformers folder or BERT checkpoint).
+    pub model: String,
+    /// Texts to embed; without them, lines of --file or of stdin.
+    pub texts: Vec<String>,
+    /// Read inputs from this file, one per non-empty line (`-` for stdin).
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = EmbedFormat::Text)]
+    pub format: EmbedFormat,
+    /// Same as --format json.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the first N dimensions (Matryoshka), renormalised when the model normalises.
+    #[arg(long)]
+    pub dimensions: Option<usize>,
+    /// Refuse inputs longer than the model's limit instead of truncating them.
+    #[arg(long)]
+    pub no_truncate: bool,
+    /// Print load and embed durations, token count and rate to stderr.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Device: only `cpu` runs embedding models for now.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
 #[derive(Debug, Args)]
 pub struct CompletionsArgs {
     /// Shell to generate completions for.
@@ -276,6 +321,7 @@ pub fn main() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Perplexity(a) => run::with_thread_pool(a.runtime.threads, || perplexity::run(a)),
         Command::Bench(a) => run::with_thread_pool(a.runtime.threads, || bench::run(a)),
+        Command::Embed(a) => run::with_thread_pool(a.threads, || embed::run(a)),
         Command::Completions(a) => completions::run(a),
     };
     match result {

@@ -2,10 +2,12 @@
 //! for store models and local paths alike. `show name:token` displays the resolved profile and
 //! fails exactly as `run` would on a bad token.
 
+use anyhow::Context;
 use serde::Serialize;
 
 use super::ShowArgs;
 use crate::cli::list::human_params;
+use crate::engine::embed::{describe, EmbeddingSpec};
 use crate::model::inspect::ModelMetadata;
 use crate::quant::KvProfile;
 use crate::store::human_bytes;
@@ -23,6 +25,11 @@ struct ShowJson<'a> {
     #[serde(flatten)]
     metadata: &'a ModelMetadata,
     selected: Selected<'a>,
+    /// `completion` and/or `embedding`.
+    capabilities: Vec<&'static str>,
+    /// Embedding models: pooling, normalisation and input limit the folder declares.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    embedding: Option<EmbeddingSpec>,
     /// KV-cache bytes per token for each profile (unquantized at 2 bytes per element).
     kv_bytes_per_token: Vec<KvBytes>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -46,7 +53,20 @@ struct KvBytes {
 
 pub fn run(args: ShowArgs) -> anyhow::Result<()> {
     let model = open_model(&args.model)?;
+    // The same file checks `run` makes before loading: `show` accepts no model `run` refuses.
+    crate::engine::preflight::check(&crate::store::ResolvedModel {
+        display_name: model.display_name.clone(),
+        format: model.format,
+        dir: model.dir.clone(),
+        gguf_file: model.gguf_file.clone(),
+        kv_profile: model.choice.kv_profile,
+        gguf_type: model.choice.gguf_type.clone(),
+    })
+    .with_context(|| format!("model '{}' would not load", model.display_name))?;
     let files = files_of(&model)?;
+    let (capabilities, embedding) = describe(&model.dir, model.metadata.architecture.as_deref());
+    // An encoder keeps no KV cache: nothing to report per token.
+    let keeps_kv = capabilities != ["embedding"];
     if args.json {
         let out = ShowJson {
             name: &model.display_name,
@@ -62,10 +82,13 @@ pub fn run(args: ShowArgs) -> anyhow::Result<()> {
                 kv_profile: model.choice.kv_profile,
                 gguf_type: model.choice.gguf_type.as_deref(),
             },
+            capabilities,
+            embedding,
             kv_bytes_per_token: model
                 .metadata
                 .kv_bytes_per_token(DEFAULT_KV_ELEM_BYTES)
                 .into_iter()
+                .filter(|_| keeps_kv)
                 .map(|(profile, bytes)| KvBytes { profile, bytes })
                 .collect(),
             source: model.manifest.as_ref().map(|m| &m.source),
@@ -83,7 +106,12 @@ pub fn run(args: ShowArgs) -> anyhow::Result<()> {
         };
         return super::output::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&out)?));
     }
-    super::output::print_stdout(&render_text(&model, &files))
+    super::output::print_stdout(&render_text(
+        &model,
+        &files,
+        &capabilities,
+        embedding.as_ref(),
+    ))
 }
 
 fn files_of(model: &OpenedModel) -> anyhow::Result<Vec<FileEntry>> {
@@ -112,7 +140,12 @@ fn files_of(model: &OpenedModel) -> anyhow::Result<Vec<FileEntry>> {
     Ok(out)
 }
 
-fn render_text(model: &OpenedModel, files: &[FileEntry]) -> String {
+fn render_text(
+    model: &OpenedModel,
+    files: &[FileEntry],
+    capabilities: &[&str],
+    embedding: Option<&EmbeddingSpec>,
+) -> String {
     use std::fmt::Write;
     let m = &model.metadata;
     let mut s = String::new();
@@ -153,6 +186,24 @@ fn render_text(model: &OpenedModel, files: &[FileEntry]) -> String {
     if let (Some(total), Some(active)) = (m.experts, m.experts_active) {
         row(&mut s, "experts", format!("{active} active of {total}"));
     }
+    if !capabilities.is_empty() {
+        let _ = writeln!(s, "\nCapabilities");
+        for c in capabilities {
+            let _ = writeln!(s, "  {c}");
+        }
+    }
+    if let Some(e) = embedding {
+        let _ = writeln!(s, "\nEmbedding");
+        row(&mut s, "pooling", e.pooling.name());
+        row(
+            &mut s,
+            "normalized",
+            if e.normalize { "yes" } else { "no" }.into(),
+        );
+        if let Some(n) = e.max_tokens {
+            row(&mut s, "max input tokens", n.to_string());
+        }
+    }
     let _ = writeln!(s, "\nQuantization");
     row(
         &mut s,
@@ -181,7 +232,7 @@ fn render_text(model: &OpenedModel, files: &[FileEntry]) -> String {
         model.choice.kv_profile.token().to_string(),
     );
     let kv = m.kv_bytes_per_token(DEFAULT_KV_ELEM_BYTES);
-    if !kv.is_empty() {
+    if !kv.is_empty() && capabilities != ["embedding"] {
         let _ = writeln!(s, "  KV cache per token:");
         for (p, bytes) in kv {
             let label = match p {

@@ -106,6 +106,10 @@ pub fn load(resolved: &ResolvedModel, options: &LoadOptions) -> anyhow::Result<L
             )
             .with_context(|| format!("cannot load the model in {}", dir.display()))?;
             let gen = read_json(&dir.join("generation_config.json"))?;
+            if let Some(g) = &gen {
+                crate::model::config::check_generation_config(g)
+                    .context("in generation_config.json")?;
+            }
             let mut eos = token_ids(config.get("eos_token_id"));
             if let Some(g) = &gen {
                 eos.extend(token_ids(g.get("eos_token_id")));
@@ -131,6 +135,8 @@ pub fn load(resolved: &ResolvedModel, options: &LoadOptions) -> anyhow::Result<L
             (model, tokenizer, SamplingParams::default(), bytes)
         }
     };
+    let mut tokenizer = tokenizer;
+    tokenizer.limit_to_vocab(model.info().vocab_size);
     let template = match &tokenizer.chat_template {
         Some(src) => Some(ChatTemplate::new(
             src,

@@ -38,6 +38,9 @@ fn safetensors_shape(dir: &Path, known: Option<&ModelMetadata>) -> anyhow::Resul
         .with_context(|| format!("cannot read {}/config.json", dir.display()))?;
     let config: Value = serde_json::from_str(&text)
         .with_context(|| format!("{}/config.json is not valid JSON", dir.display()))?;
+    // Sizes are validated before they are multiplied into an estimate.
+    super::preflight::check_architecture_config(&config)
+        .with_context(|| format!("in {}/config.json", dir.display()))?;
     let config = config
         .get("text_config")
         .filter(|t| t.is_object())
@@ -61,6 +64,7 @@ fn gguf_shape(path: &Path, known: Option<&ModelMetadata>) -> anyhow::Result<Shap
         None => inspect_gguf(path)?,
     };
     let file = crate::model::gguf::GgufFile::open(path)?;
+    super::preflight::check_gguf_config(&file)?;
     let arch = meta.architecture.clone().unwrap_or_default();
     let hidden = meta.embedding_length.unwrap_or(0) as usize;
     let intermediate = file

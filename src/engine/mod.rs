@@ -4,16 +4,19 @@
 //! every event of a request goes to its sink.
 
 pub mod chat_template;
+pub mod embed;
 pub mod generate;
 pub mod harmony;
 pub mod load;
 pub mod memory_plan;
 pub mod postprocess;
 mod prefix_cache;
+pub mod preflight;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
 pub mod session;
 pub mod threads;
 pub mod tokenizer;
+pub mod tokenizer_checks;
 pub mod worker;

@@ -236,6 +236,79 @@ mod tests {
         );
     }
 
+    /// Runs the token stream of `generated` (text with harmony control tokens) through an
+    /// [`OutputStream`] of the tiny gpt-oss fixture's tokenizer.
+    fn harmony(generated: &str, stops: &[String]) -> (Vec<Output>, Option<FinishReason>) {
+        let dir = std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/gpt_oss_tiny"
+        ));
+        let tokenizer = TextTokenizer::from_dir(dir, &[]).unwrap();
+        let specials: HashMap<u32, &'static str> = [
+            "<|start|>",
+            "<|end|>",
+            "<|message|>",
+            "<|channel|>",
+            "<|constrain|>",
+            "<|return|>",
+            "<|call|>",
+        ]
+        .iter()
+        .filter_map(|s| tokenizer.token_to_id(s).map(|id| (id, *s)))
+        .collect();
+        let specials = Arc::new(specials);
+        let mut stream = OutputStream::new(OutputMode::Harmony, stops, Some(&specials));
+        let mut outputs = Vec::new();
+        for id in tokenizer.encode(generated, false).unwrap() {
+            let (out, finish) = stream.push(&tokenizer, id).unwrap();
+            out.into_iter().for_each(|o| push_text(&mut outputs, o));
+            if finish.is_some() {
+                return (outputs, finish);
+            }
+        }
+        let (out, _) = stream.finish(&tokenizer).unwrap();
+        out.into_iter().for_each(|o| push_text(&mut outputs, o));
+        (outputs, None)
+    }
+
+    const TURN: &str = "<|channel|>analysis<|message|>Add two and two.<|end|><|start|>assistant<|channel|>final<|message|>It is 4.<|return|>";
+
+    #[test]
+    fn harmony_reasoning_and_answer_are_separated_and_return_stops() {
+        let (out, finish) = harmony(TURN, &[]);
+        assert_eq!(
+            out,
+            vec![
+                Output::Reasoning("Add two and two.".into()),
+                Output::Text("It is 4.".into())
+            ]
+        );
+        assert_eq!(finish, Some(FinishReason::Stop));
+    }
+
+    #[test]
+    fn harmony_tool_call_stops_at_call() {
+        let (out, finish) = harmony(
+            "<|channel|>commentary to=functions.add <|constrain|>json<|message|>{\"a\":2}<|call|>ignored",
+            &[],
+        );
+        assert_eq!(
+            out,
+            vec![Output::ToolCall {
+                name: "functions.add".into(),
+                arguments: "{\"a\":2}".into()
+            }]
+        );
+        assert_eq!(finish, Some(FinishReason::Stop));
+    }
+
+    #[test]
+    fn harmony_stop_string_in_the_answer_is_never_shown() {
+        let (out, finish) = harmony(TURN, &[" 4".into()]);
+        assert_eq!(out.last(), Some(&Output::Text("It is".into())));
+        assert_eq!(finish, Some(FinishReason::StopString));
+    }
+
     #[test]
     fn stop_strings_are_held_back_across_pieces_and_never_shown() {
         let mut f = StopFilter::new(&["END".into(), "".into()]);

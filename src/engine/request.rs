@@ -108,7 +108,7 @@ pub enum SubmitError {
     #[error("the server is busy: {waiting} requests are waiting; retry later")]
     Overloaded { waiting: usize },
     #[error(
-        "the prompt has {prompt} tokens but the context holds {limit}; shorten it or raise the context size"
+        "the prompt has {prompt} tokens but the context holds {limit}; shorten it or raise the context size (--ctx)"
     )]
     ContextExceeded { prompt: usize, limit: usize },
     #[error("{0}")]

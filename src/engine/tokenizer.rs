@@ -3,6 +3,7 @@
 //! template the engine needs, and a streaming decoder that never emits half a UTF-8 character.
 
 use std::path::Path;
+use std::str::FromStr;
 
 use anyhow::{bail, Context};
 use serde_json::Value;
@@ -27,6 +28,10 @@ pub struct TextTokenizer {
     /// through their own post-processor).
     add_bos: bool,
     pub chat_template: Option<String>,
+    /// Worst-case bytes the normalizer makes of one input byte (see `tokenizer_checks`).
+    growth: f64,
+    /// The model's vocabulary: ids at or past it are refused by `encode`.
+    model_vocab: Option<usize>,
 }
 
 fn json_file(path: &Path) -> anyhow::Result<Option<Value>> {
@@ -56,14 +61,53 @@ impl TextTokenizer {
         if !path.is_file() {
             bail!("{} has no tokenizer.json", dir.display());
         }
-        let inner = Tokenizer::from_file(&path)
-            .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
+        let text = crate::model::files::read_text(&path, crate::model::files::MAX_TEXT_FILE)?;
         let config = json_file(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let template_file = dir.join("chat_template.jinja");
+        let template_file = match template_file.exists() {
+            true => Some(crate::model::files::read_text(
+                &template_file,
+                crate::model::files::MAX_TEXT_FILE,
+            )?),
+            false => None,
+        };
+        Self::from_parts(&path, &text, &config, template_file, extra_eos)
+    }
+
+    /// Builds from the contents of tokenizer.json (`text`, read from `path`),
+    /// tokenizer_config.json and chat_template.jinja (which wins over the config's template).
+    pub fn from_parts(
+        path: &Path,
+        text: &str,
+        config: &Value,
+        template_file: Option<String>,
+        extra_eos: &[u32],
+    ) -> anyhow::Result<Self> {
+        let json: Value = serde_json::from_str(text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        super::tokenizer_checks::check_tokenizer_json(&json)
+            .with_context(|| format!("{} is malformed", path.display()))?;
+        let growth = json
+            .get("normalizer")
+            .filter(|n| !n.is_null())
+            .map_or(1.0, super::tokenizer_checks::normalizer_growth);
+        // Last resort: the checks above cover the malformations known to panic inside the
+        // `tokenizers` crate, not every one it may have.
+        let mut inner = crate::guard::catch_panic("loading the tokenizer", || {
+            Tokenizer::from_str(text)
+                .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))
+        })?;
+        // Generation wants every prompt token: truncation would cut prompts silently (and a
+        // `stride` ≥ `max_length` makes the crate panic), padding would add tokens.
+        inner
+            .with_truncation(None)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        inner.with_padding(None);
         let bos_token = token_text(config.get("bos_token"));
         let eos_token = token_text(config.get("eos_token"));
-        let chat_template = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
-            Ok(t) => Some(t),
-            Err(_) => match config.get("chat_template") {
+        let chat_template = match template_file {
+            Some(t) => Some(t),
+            None => match config.get("chat_template") {
                 Some(Value::String(t)) => Some(t.clone()),
                 // A list of named templates: take "default".
                 Some(Value::Array(list)) => list
@@ -90,6 +134,8 @@ impl TextTokenizer {
             eos_ids,
             add_bos: false,
             chat_template,
+            growth,
+            model_vocab: None,
         })
     }
 
@@ -123,10 +169,27 @@ impl TextTokenizer {
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the BPE tokenizer from GGUF: {e}"))?;
+        // The `tokenizers` BPE builder panics when a merged pair is longer than every token:
+        // check each merge against the vocabulary first.
+        for (i, (a, b)) in merges.iter().enumerate() {
+            let merged = format!("{a}{b}");
+            let missing = [a, b, &merged]
+                .into_iter()
+                .find(|t| !vocab.contains_key(*t))
+                .cloned();
+            if let Some(missing) = missing {
+                bail!(
+                    "{}: merge {i} of 'tokenizer.ggml.merges' ({a:?} + {b:?}) needs the token {missing:?}, which 'tokenizer.ggml.tokens' lacks",
+                    file.path.display()
+                );
+            }
+        }
+        let bpe = crate::guard::catch_panic("building the GGUF tokenizer", || {
+            BPE::builder()
+                .vocab_and_merges(vocab, merges)
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot build the BPE tokenizer from GGUF: {e}"))
+        })?;
         let mut inner = Tokenizer::new(bpe);
         let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("default");
         inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
@@ -141,6 +204,14 @@ impl TextTokenizer {
                     .collect()
             })
             .unwrap_or_default();
+        if !types.is_empty() && types.len() != tokens.len() {
+            bail!(
+                "{}: metadata 'tokenizer.ggml.token_type' has {} entries for {} tokens in 'tokenizer.ggml.tokens'",
+                file.path.display(),
+                types.len(),
+                tokens.len()
+            );
+        }
         let specials: Vec<AddedToken> = types
             .iter()
             .enumerate()
@@ -150,7 +221,7 @@ impl TextTokenizer {
         inner
             .add_special_tokens(specials)
             .map_err(|e| anyhow::anyhow!("cannot add GGUF special tokens: {e}"))?;
-        let id = |key: &str| file.get_usize(key).map(|v| v as u32);
+        let id = |key: &str| file.get_usize(key).and_then(|v| u32::try_from(v).ok());
         let bos_id = id("tokenizer.ggml.bos_token_id");
         let eos_id = id("tokenizer.ggml.eos_token_id");
         let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
@@ -170,16 +241,74 @@ impl TextTokenizer {
                 .unwrap_or(false),
             chat_template: file.get_str("tokenizer.chat_template").map(str::to_string),
             inner,
+            growth: 1.0,
+            model_vocab: None,
         })
+    }
+
+    /// Makes `encode` refuse token ids the model has no embedding for (a tokenizer with more
+    /// tokens than the model's vocabulary).
+    pub fn limit_to_vocab(&mut self, vocab: usize) {
+        self.model_vocab = Some(vocab);
+    }
+
+    /// Refuses texts whose tokenization would be unbounded: longer than
+    /// [`super::tokenizer_checks::MAX_ENCODE_BYTES`], or growing through the normalizer past
+    /// [`super::tokenizer_checks::normalized_limit`] (measured piece by piece when the worst
+    /// case says it might).
+    fn check_text_size(&self, text: &str) -> anyhow::Result<()> {
+        use super::tokenizer_checks::{normalized_limit, MAX_ENCODE_BYTES};
+        use tokenizers::{NormalizedString, Normalizer};
+        if text.len() > MAX_ENCODE_BYTES {
+            bail!(
+                "the text is {} bytes; at most {MAX_ENCODE_BYTES} are tokenized at once",
+                text.len()
+            );
+        }
+        let limit = normalized_limit(text.len());
+        let Some(normalizer) = self.inner.get_normalizer() else {
+            return Ok(());
+        };
+        if (text.len() as f64) * self.growth <= limit as f64 {
+            return Ok(());
+        }
+        // Pieces small enough that even the worst case of one stays small.
+        let piece = ((1usize << 20) as f64 / self.growth).max(1.0) as usize;
+        let mut total = 0usize;
+        let mut start = 0;
+        while start < text.len() {
+            let mut end = (start + piece).min(text.len());
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            let mut normalized = NormalizedString::from(&text[start..end]);
+            crate::guard::catch_panic("normalizing the text", || {
+                normalizer
+                    .normalize(&mut normalized)
+                    .map_err(|e| anyhow::anyhow!("normalization failed: {e}"))
+            })?;
+            total += normalized.get().len();
+            if total > limit {
+                bail!(
+                    "the tokenizer's normalizer grows this {}-byte text past {limit} bytes; refusing to tokenize it",
+                    text.len()
+                );
+            }
+            start = end;
+        }
+        Ok(())
     }
 
     /// Tokens of `text`. `add_special` adds what the model adds to a raw prompt (BOS); rendered
     /// chat templates already contain it.
     pub fn encode(&self, text: &str, add_special: bool) -> anyhow::Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
+        self.check_text_size(text)?;
+        // Last resort against panics inside `tokenizers` on malformed tokenizer data.
+        let enc = crate::guard::catch_panic("tokenization", || {
+            self.inner
+                .encode(text, add_special)
+                .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))
+        })?;
         let mut ids = enc.get_ids().to_vec();
         if add_special && self.add_bos {
             if let Some(bos) = self.bos_id {
@@ -188,14 +317,24 @@ impl TextTokenizer {
                 }
             }
         }
+        if let Some(vocab) = self.model_vocab {
+            if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                bail!(
+                    "the tokenizer produced token id {bad} ({:?}), but the model's vocabulary has {vocab} entries: the tokenizer does not match the model",
+                    self.inner.id_to_token(bad).unwrap_or_default()
+                );
+            }
+        }
         Ok(ids)
     }
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
+        crate::guard::catch_panic("detokenization", || {
+            self.inner
+                .decode(ids, true)
+                .map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
+        })
     }
 
     /// Writes the tokenizer as a tokenizer.json (e.g. when converting a GGUF to a folder).

@@ -20,7 +20,27 @@ pub const SUPPORT_FILES: &[&str] = &[
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    // sentence-transformers folders (embedding models): module list, input limit, prompts.
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "vocab.txt",
 ];
+
+/// A sentence-transformers module config the embedding engine reads: `1_Pooling/config.json`
+/// (any `N_Pooling`) and the config of a Normalize module, if the repo ships one.
+fn is_module_config(path: &str) -> bool {
+    let Some((dir, file)) = path.split_once('/') else {
+        return false;
+    };
+    let Some((index, kind)) = dir.split_once('_') else {
+        return false;
+    };
+    file == "config.json"
+        && !index.is_empty()
+        && index.bytes().all(|b| b.is_ascii_digit())
+        && matches!(kind, "Pooling" | "Normalize")
+}
 
 pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 
@@ -189,7 +209,9 @@ fn safetensors_selection(siblings: &[Sibling], weights: &[&Sibling]) -> Selectio
     let mut files: Vec<RepoFile> = siblings
         .iter()
         .filter(|s| {
-            SUPPORT_FILES.contains(&s.rfilename.as_str()) || s.rfilename == SAFETENSORS_INDEX
+            SUPPORT_FILES.contains(&s.rfilename.as_str())
+                || s.rfilename == SAFETENSORS_INDEX
+                || is_module_config(&s.rfilename)
         })
         .map(RepoFile::from)
         .collect();
@@ -386,6 +408,56 @@ mod tests {
             assert!(err.contains("escape the model folder"), "{err}");
         }
         assert!(is_safe_relative_path("Q4_K_M/model.gguf"));
+    }
+
+    /// sentence-transformers/all-MiniLM-L6-v2's listing: the pooling config and module list come
+    /// along; ONNX/OpenVINO exports and other weight formats do not.
+    #[test]
+    fn embedding_repo_brings_its_sentence_transformers_modules() {
+        let s: Vec<Sibling> = [
+            ".gitattributes",
+            "1_Pooling/config.json",
+            "README.md",
+            "config.json",
+            "config_sentence_transformers.json",
+            "data_config.json",
+            "model.safetensors",
+            "modules.json",
+            "onnx/model.onnx",
+            "onnx/model_O1.onnx",
+            "openvino/openvino_model.bin",
+            "pytorch_model.bin",
+            "rust_model.ot",
+            "sentence_bert_config.json",
+            "special_tokens_map.json",
+            "tf_model.h5",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "train_script.py",
+            "vocab.txt",
+            "2_Dense/pytorch_model.bin",
+        ]
+        .iter()
+        .map(|n| sib(n))
+        .collect();
+        let sel = select_files("sentence-transformers/all-MiniLM-L6-v2", &s, None).unwrap();
+        assert_eq!(
+            names(&sel),
+            vec![
+                "1_Pooling/config.json",
+                "config.json",
+                "config_sentence_transformers.json",
+                "modules.json",
+                "sentence_bert_config.json",
+                "special_tokens_map.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "vocab.txt",
+                "model.safetensors",
+            ]
+        );
+        assert!(!is_module_config("x_Pooling/config.json"));
+        assert!(!is_module_config("1_Pooling/other.json"));
     }
 
     #[test]

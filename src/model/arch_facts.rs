@@ -11,6 +11,14 @@ use crate::arch::gpt_oss::GptOssConfig;
 /// Refines `meta` (already filled from config.json and tensor headers) with family facts.
 pub fn apply(config: &Value, meta: &mut ModelMetadata) {
     meta.sliding_window = sliding_window(config);
+    // Encoders (embedding models) keep no KV cache, so no KV-cache profile applies.
+    if meta
+        .architecture
+        .as_deref()
+        .is_some_and(|a| crate::arch::encoder::lookup(a).is_some())
+    {
+        meta.kv_profiles = vec![crate::quant::KvProfile::Default];
+    }
     if meta.architecture.as_deref() == Some("gpt_oss") {
         // A config the loader would refuse keeps the generic counts; `run` reports the problem.
         if let Ok(c) = GptOssConfig::from_value(config) {

@@ -7,6 +7,8 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::bounds::{self, check_float, check_multiple, check_range};
+
 /// How rotary position embeddings are scaled beyond the trained context.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -123,10 +125,14 @@ fn default_max_pos() -> usize {
 /// Token ids that may be a number, a list of numbers, or null.
 pub fn token_ids(value: Option<&Value>) -> Vec<u32> {
     match value {
-        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(|n| vec![n])
+            .unwrap_or_default(),
         Some(Value::Array(items)) => items
             .iter()
-            .filter_map(|v| v.as_u64().map(|n| n as u32))
+            .filter_map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
             .collect(),
         _ => Vec::new(),
     }
@@ -143,6 +149,20 @@ impl LlamaConfig {
     }
 
     pub fn from_value(value: &Value) -> anyhow::Result<Self> {
+        bounds::check_json_integers(
+            value,
+            &[
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "max_position_embeddings",
+                "max_window_layers",
+            ],
+        )?;
         let raw: Raw = serde_json::from_value(value.clone())
             .context("config.json lacks a field the Llama-family architectures need")?;
         let model_type = raw.model_type.clone().unwrap_or_else(|| "llama".into());
@@ -160,9 +180,9 @@ impl LlamaConfig {
             );
         }
         let rope = parse_rope(&raw, head_dim)?;
-        let sliding_window = sliding_windows(&raw, &model_type);
+        let sliding_window = sliding_windows(&raw, &model_type)?;
         let is_qwen2 = model_type == "qwen2";
-        Ok(Self {
+        let cfg = Self {
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
@@ -183,23 +203,224 @@ impl LlamaConfig {
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
             torch_dtype: raw.torch_dtype.or(raw.dtype),
             model_type,
-        })
+        };
+        cfg.validate(json_key)?;
+        Ok(cfg)
+    }
+
+    /// Checks every size and factor against the bounds in [`bounds`] and against each other, so
+    /// nothing downstream divides by zero, allocates from an absurd value or indexes past a
+    /// table. `key` names each field as the file spells it (config.json or GGUF metadata).
+    pub fn validate(&self, key: impl Fn(Field) -> String) -> anyhow::Result<()> {
+        use Field::*;
+        check_range(&key(VocabSize), self.vocab_size, &bounds::VOCAB)?;
+        check_range(&key(HiddenSize), self.hidden_size, &bounds::HIDDEN)?;
+        check_range(
+            &key(IntermediateSize),
+            self.intermediate_size,
+            &bounds::INTERMEDIATE,
+        )?;
+        check_range(&key(NumLayers), self.num_layers, &bounds::LAYERS)?;
+        check_range(&key(NumHeads), self.num_heads, &bounds::HEADS)?;
+        check_range(&key(NumKvHeads), self.num_kv_heads, &bounds::HEADS)?;
+        check_multiple(
+            &key(NumHeads),
+            self.num_heads,
+            &key(NumKvHeads),
+            self.num_kv_heads,
+            "query heads share key/value heads in equal groups",
+        )?;
+        check_range(&key(HeadDim), self.head_dim, &bounds::HEAD_DIM)?;
+        if self.head_dim % 2 != 0 {
+            bail!(
+                "{} = {} must be even (RoPE rotates pairs)",
+                key(HeadDim),
+                self.head_dim
+            );
+        }
+        check_range(
+            &key(ContextLength),
+            self.max_position_embeddings,
+            &bounds::CONTEXT,
+        )?;
+        check_float(
+            &key(RmsNormEps),
+            self.rms_norm_eps,
+            |v| (0.0..1.0).contains(&v),
+            "a number in [0, 1)",
+        )?;
+        let rope = &self.rope;
+        check_float(
+            &key(RopeTheta),
+            rope.theta,
+            |v| v > 0.0,
+            "a positive number",
+        )?;
+        if rope.rotary_dim < 2 || rope.rotary_dim > self.head_dim || rope.rotary_dim % 2 != 0 {
+            bail!(
+                "{} = {} is invalid (expected an even number from 2 to the head dimension {})",
+                key(RotaryDim),
+                rope.rotary_dim,
+                self.head_dim
+            );
+        }
+        let positive = |v: f64| v > 0.0;
+        let check_original = |n: usize| check_range(&key(RopeOriginalContext), n, &bounds::CONTEXT);
+        match &rope.scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => {
+                check_float(&key(RopeFactor), *factor, positive, "a positive number")?
+            }
+            RopeScaling::Dynamic {
+                factor,
+                original_max_position_embeddings,
+            } => {
+                check_float(&key(RopeFactor), *factor, |v| v >= 1.0, "a number ≥ 1")?;
+                check_original(*original_max_position_embeddings)?;
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                check_float(&key(RopeFactor), *factor, positive, "a positive number")?;
+                check_original(*original_max_position_embeddings)?;
+                let low = format!("{}.low_freq_factor", key(RopeScalingGroup));
+                let high = format!("{}.high_freq_factor", key(RopeScalingGroup));
+                check_float(&low, *low_freq_factor, positive, "a positive number")?;
+                check_float(
+                    &high,
+                    *high_freq_factor,
+                    |v| v > *low_freq_factor,
+                    "a number above low_freq_factor",
+                )?;
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                ..
+            } => {
+                check_float(&key(RopeFactor), *factor, positive, "a positive number")?;
+                check_original(*original_max_position_embeddings)?;
+                let group = key(RopeScalingGroup);
+                for (name, v) in [
+                    ("beta_fast", beta_fast),
+                    ("beta_slow", beta_slow),
+                    ("attention_factor", attention_factor),
+                ] {
+                    check_float(
+                        &format!("{group}.{name}"),
+                        *v,
+                        positive,
+                        "a positive number",
+                    )?;
+                }
+            }
+        }
+        if self.sliding_window.len() != self.num_layers {
+            bail!(
+                "{} has {} entries for {} layers",
+                key(SlidingWindow),
+                self.sliding_window.len(),
+                self.num_layers
+            );
+        }
+        for w in self.sliding_window.iter().flatten() {
+            check_range(&key(SlidingWindow), *w, &bounds::CONTEXT)?;
+        }
+        Ok(())
     }
 }
 
-fn sliding_windows(raw: &Raw, model_type: &str) -> Vec<Option<usize>> {
-    let window = raw
-        .sliding_window
-        .as_ref()
-        .and_then(Value::as_u64)
-        .map(|w| w as usize);
-    let n = raw.num_hidden_layers;
-    if let (Some(types), Some(w)) = (&raw.layer_types, window) {
-        return (0..n)
-            .map(|i| (types.get(i).map(String::as_str) == Some("sliding_attention")).then_some(w))
-            .collect();
+/// A field of [`LlamaConfig`], for naming it as each file format spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    VocabSize,
+    HiddenSize,
+    IntermediateSize,
+    NumLayers,
+    NumHeads,
+    NumKvHeads,
+    HeadDim,
+    ContextLength,
+    RmsNormEps,
+    RopeTheta,
+    RotaryDim,
+    RopeFactor,
+    RopeOriginalContext,
+    /// The object holding the scaling parameters (`rope_scaling` / `rope.scaling`).
+    RopeScalingGroup,
+    SlidingWindow,
+}
+
+/// The config.json key of each field.
+pub fn json_key(field: Field) -> String {
+    match field {
+        Field::VocabSize => "vocab_size",
+        Field::HiddenSize => "hidden_size",
+        Field::IntermediateSize => "intermediate_size",
+        Field::NumLayers => "num_hidden_layers",
+        Field::NumHeads => "num_attention_heads",
+        Field::NumKvHeads => "num_key_value_heads",
+        Field::HeadDim => "head_dim",
+        Field::ContextLength => "max_position_embeddings",
+        Field::RmsNormEps => "rms_norm_eps",
+        Field::RopeTheta => "rope_theta",
+        Field::RotaryDim => "rotary dimensions (head_dim × partial_rotary_factor)",
+        Field::RopeFactor => "rope_scaling.factor",
+        Field::RopeOriginalContext => "rope_scaling.original_max_position_embeddings",
+        Field::RopeScalingGroup => "rope_scaling",
+        Field::SlidingWindow => "sliding_window",
     }
-    match model_type {
+    .to_string()
+}
+
+/// The GGUF metadata key of each field for architecture `arch` (llama.cpp's names).
+pub fn gguf_key(arch: &str, field: Field) -> String {
+    let k = match field {
+        Field::VocabSize => "vocab_size (or the length of tokenizer.ggml.tokens)",
+        Field::HiddenSize => "embedding_length",
+        Field::IntermediateSize => "feed_forward_length",
+        Field::NumLayers => "block_count",
+        Field::NumHeads => "attention.head_count",
+        Field::NumKvHeads => "attention.head_count_kv",
+        Field::HeadDim => "attention.key_length",
+        Field::ContextLength => "context_length",
+        Field::RmsNormEps => "attention.layer_norm_rms_epsilon",
+        Field::RopeTheta => "rope.freq_base",
+        Field::RotaryDim => "rope.dimension_count",
+        Field::RopeFactor => "rope.scaling.factor",
+        Field::RopeOriginalContext => "rope.scaling.original_context_length",
+        Field::RopeScalingGroup => "rope.scaling",
+        Field::SlidingWindow => "attention.sliding_window",
+    };
+    format!("{arch}.{k}")
+}
+
+fn sliding_windows(raw: &Raw, model_type: &str) -> anyhow::Result<Vec<Option<usize>>> {
+    let window = match &raw.sliding_window {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|w| usize::try_from(w).ok())
+                .with_context(|| {
+                    format!("sliding_window = {v} is invalid (expected a positive integer)")
+                })?,
+        ),
+    };
+    let n = raw.num_hidden_layers;
+    // Vectors sized by the layer count are built below: refuse absurd counts first.
+    check_range("num_hidden_layers", n, &bounds::LAYERS)?;
+    if let (Some(types), Some(w)) = (&raw.layer_types, window) {
+        return Ok((0..n)
+            .map(|i| (types.get(i).map(String::as_str) == Some("sliding_attention")).then_some(w))
+            .collect());
+    }
+    Ok(match model_type {
         // qwen2/qwen3 only slide when asked, and only from `max_window_layers` on.
         "qwen2" | "qwen3" => {
             let on = raw.use_sliding_window.unwrap_or(false);
@@ -209,7 +430,7 @@ fn sliding_windows(raw: &Raw, model_type: &str) -> Vec<Option<usize>> {
                 .collect()
         }
         _ => vec![window; n],
-    }
+    })
 }
 
 fn num(v: &Value, key: &str) -> Option<f64> {
@@ -229,6 +450,12 @@ fn parse_rope(raw: &Raw, head_dim: usize) -> anyhow::Result<RopeConfig> {
         .and_then(|p| num(p, "partial_rotary_factor"))
         .or(raw.partial_rotary_factor)
         .unwrap_or(1.0);
+    check_float(
+        "partial_rotary_factor",
+        partial,
+        |v| v > 0.0 && v <= 1.0,
+        "a number in (0, 1]",
+    )?;
     let rotary_dim = ((head_dim as f64 * partial) as usize).max(2) & !1;
     let scaling = match scaling {
         None => RopeScaling::Default,
@@ -239,9 +466,16 @@ fn parse_rope(raw: &Raw, head_dim: usize) -> anyhow::Result<RopeConfig> {
                 .and_then(Value::as_str)
                 .unwrap_or("default");
             let factor = num(s, "factor").unwrap_or(1.0);
-            let original = num(s, "original_max_position_embeddings")
-                .map(|v| v as usize)
-                .unwrap_or(raw.max_position_embeddings);
+            let original = match num(s, "original_max_position_embeddings") {
+                None => raw.max_position_embeddings,
+                Some(v) if v >= 1.0 && v <= *bounds::CONTEXT.end() as f64 && v.fract() == 0.0 => {
+                    v as usize
+                }
+                Some(v) => bail!(
+                    "rope_scaling.original_max_position_embeddings = {v} is invalid (expected an integer from 1 to {})",
+                    bounds::CONTEXT.end()
+                ),
+            };
             match kind {
                 "default" => RopeScaling::Default,
                 "linear" => RopeScaling::Linear { factor },
@@ -291,6 +525,43 @@ fn parse_rope(raw: &Raw, head_dim: usize) -> anyhow::Result<RopeConfig> {
         scaling,
         rotary_dim,
     })
+}
+
+/// Checks the sampling defaults of a generation_config.json: each present value must be a
+/// number in the range the sampler accepts (the error names the key and value).
+pub fn check_generation_config(gen: &Value) -> anyhow::Result<()> {
+    let float = |key: &str, ok: &dyn Fn(f64) -> bool, expected: &str| -> anyhow::Result<()> {
+        match gen.get(key) {
+            None | Some(Value::Null) => Ok(()),
+            Some(v) => match v.as_f64() {
+                Some(x) => check_float(key, x, ok, expected),
+                None => bail!("{key} = {v} is invalid (expected {expected})"),
+            },
+        }
+    };
+    float("temperature", &|v| v >= 0.0, "a number ≥ 0")?;
+    float("top_p", &|v| v > 0.0 && v <= 1.0, "a number in (0, 1]")?;
+    float("min_p", &|v| (0.0..=1.0).contains(&v), "a number in [0, 1]")?;
+    float("repetition_penalty", &|v| v > 0.0, "a positive number")?;
+    bounds::check_json_integers(gen, &["top_k"])?;
+    for key in ["eos_token_id", "bos_token_id", "pad_token_id"] {
+        let ok = match gen.get(key) {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(items)) => items.iter().all(is_token_id),
+            Some(v) => is_token_id(v),
+        };
+        if !ok {
+            bail!(
+                "{key} = {} is invalid (expected a token id or a list of them)",
+                gen[key]
+            );
+        }
+    }
+    Ok(())
+}
+
+fn is_token_id(v: &Value) -> bool {
+    v.as_u64().is_some_and(|n| n <= u32::MAX as u64)
 }
 
 #[cfg(test)]

@@ -1,48 +1,80 @@
 //! GGUF files through candle's quantized module: header, metadata accessors, tensor loading.
 //!
-//! The header is read once and every tensor's byte range is checked against the file size, so a
+//! Before candle parses the header, our own walk checks it (see [`check_header`]): candle's reader
+//! bounds strings and arrays by the file size but divides by a zero `general.alignment`, keeps a
+//! 32-byte `Value` per array element (a 1 GB array of bytes would take 32 GB), and leaves tensor
+//! shapes, types and byte ranges to whoever reads them. After the walk every tensor is known to
+//! have a supported type, a shape whose rows are whole blocks, and bytes inside the file, so a
 //! truncated download is reported (file, tensor, bytes missing) before loading starts.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
+
+/// Longest metadata key or tensor name accepted.
+const MAX_NAME_LEN: u64 = 1 << 16;
+/// Most elements in one metadata array (the largest vocabularies have ~262k tokens).
+const MAX_ARRAY_LEN: u64 = 1 << 24;
+/// Arrays of arrays deeper than this are refused (llama.cpp writes none).
+const MAX_ARRAY_DEPTH: usize = 2;
+/// Most tensors in a file (a 1000-layer model has ~10k).
+const MAX_TENSORS: u64 = 1 << 20;
+/// Largest `general.alignment` accepted (llama.cpp writes 32).
+const MAX_ALIGNMENT: u64 = 1 << 16;
+/// Most elements in one tensor (2^40, 2 TB at one byte each).
+const MAX_TENSOR_ELEMS: u64 = 1 << 40;
+
+/// Where tensor bytes are read from: the file, or memory (fuzzing, tests).
+trait Source: Read + Seek + Send {}
+impl<T: Read + Seek + Send> Source for T {}
 
 /// An open GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
-    reader: Mutex<BufReader<File>>,
+    reader: Mutex<Box<dyn Source>>,
 }
 
 impl GgufFile {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let file_size = file.metadata()?.len();
-        let mut reader = BufReader::new(file);
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            bail!("{} is not a regular file", path.display());
+        }
+        Self::from_reader(path, Box::new(BufReader::new(file)), meta.len())
+    }
+
+    /// A GGUF file held in memory; `path` only names it in messages.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> anyhow::Result<Self> {
+        let len = bytes.len() as u64;
+        Self::from_reader(path, Box::new(std::io::Cursor::new(bytes)), len)
+    }
+
+    fn from_reader(
+        path: &Path,
+        mut reader: Box<dyn Source>,
+        file_size: u64,
+    ) -> anyhow::Result<Self> {
+        check_header(&mut reader, file_size).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a valid GGUF file: {e:#}; it may be truncated or corrupt: download it again",
+                path.display()
+            )
+        })?;
+        reader.seek(SeekFrom::Start(0))?;
         let content = Content::read(&mut reader).map_err(|e| {
             anyhow::anyhow!(
                 "{} is not a valid GGUF file ({e}); it may be truncated or corrupt: download it again",
                 path.display()
             )
         })?;
-        for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let dtype = info.ggml_dtype;
-            let bytes = (elems / dtype.block_size()) * dtype.type_size();
-            let end = content.tensor_data_offset + info.offset + bytes as u64;
-            if end > file_size {
-                bail!(
-                    "{} is truncated: tensor '{name}' ends at byte {end} but the file has {file_size} bytes; download it again",
-                    path.display()
-                );
-            }
-        }
         Ok(Self {
             path: path.to_path_buf(),
             content,
@@ -77,13 +109,60 @@ impl GgufFile {
         })
     }
 
+    /// A count or size: `None` when absent or not a whole non-negative number (use
+    /// [`Self::usize_value`] where a bad value must be an error).
     pub fn get_usize(&self, key: &str) -> Option<usize> {
-        self.get_f64(key).map(|v| v as usize)
+        self.usize_value(key).ok().flatten()
+    }
+
+    /// A count or size when present; a negative, fractional, non-numeric or huge value (a
+    /// `block_count` of 1e30) is an error naming the file, key and value.
+    pub fn usize_value(&self, key: &str) -> anyhow::Result<Option<usize>> {
+        let Some(value) = self.get(key) else {
+            return Ok(None);
+        };
+        let n = match value {
+            Value::U8(v) => Some(*v as u64),
+            Value::U16(v) => Some(*v as u64),
+            Value::U32(v) => Some(*v as u64),
+            Value::U64(v) => Some(*v),
+            Value::I8(v) => u64::try_from(*v).ok(),
+            Value::I16(v) => u64::try_from(*v).ok(),
+            Value::I32(v) => u64::try_from(*v).ok(),
+            Value::I64(v) => u64::try_from(*v).ok(),
+            Value::F32(v) => whole(*v as f64),
+            Value::F64(v) => whole(*v),
+            _ => None,
+        };
+        // 2^53: past it a float is no longer a whole number one can trust, and no size is that big.
+        match n.filter(|n| *n <= 1 << 53) {
+            Some(n) => Ok(Some(n as usize)),
+            None => bail!(
+                "{}: metadata '{key}' = {} is invalid (expected a non-negative integer)",
+                self.path.display(),
+                describe(value)
+            ),
+        }
+    }
+
+    /// A float when present; NaN, infinities and non-numbers are errors naming the key.
+    pub fn f64_value(&self, key: &str) -> anyhow::Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(value) => match self.get_f64(key).filter(|v| v.is_finite()) {
+                Some(v) => Ok(Some(v)),
+                None => bail!(
+                    "{}: metadata '{key}' = {} is invalid (expected a finite number)",
+                    self.path.display(),
+                    describe(value)
+                ),
+            },
+        }
     }
 
     /// A required numeric value, with an error naming the key and file.
     pub fn require_usize(&self, key: &str) -> anyhow::Result<usize> {
-        self.get_usize(key)
+        self.usize_value(key)?
             .with_context(|| format!("{} lacks metadata '{key}'", self.path.display()))
     }
 
@@ -106,9 +185,347 @@ impl GgufFile {
         if !self.has_tensor(name) {
             bail!("tensor '{name}' is missing from {}", self.path.display());
         }
-        let mut reader = self.reader.lock().expect("reader lock");
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
         self.content
             .tensor(&mut *reader, name, device)
             .with_context(|| format!("cannot read tensor '{name}' from {}", self.path.display()))
+    }
+}
+
+fn whole(v: f64) -> Option<u64> {
+    (v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= u64::MAX as f64).then_some(v as u64)
+}
+
+/// A metadata value for an error message (arrays by length, not contents).
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Array(a) => format!("an array of {} values", a.len()),
+        Value::String(s) => format!("{:?}", s.chars().take(64).collect::<String>()),
+        Value::Bool(b) => b.to_string(),
+        Value::F32(v) => v.to_string(),
+        Value::F64(v) => v.to_string(),
+        Value::U8(v) => v.to_string(),
+        Value::I8(v) => v.to_string(),
+        Value::U16(v) => v.to_string(),
+        Value::I16(v) => v.to_string(),
+        Value::U32(v) => v.to_string(),
+        Value::I32(v) => v.to_string(),
+        Value::U64(v) => v.to_string(),
+        Value::I64(v) => v.to_string(),
+    }
+}
+
+/// The ggml tensor types candle reads (its own mapping is private to candle).
+fn ggml_dtype(id: u32) -> Option<GgmlDType> {
+    Some(match id {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+/// GGUF value type ids (gguf.md).
+const TYPE_STRING: u32 = 8;
+const TYPE_ARRAY: u32 = 9;
+
+/// Bytes of a fixed-size value type, `None` for strings/arrays, error for unknown ids.
+fn scalar_size(value_type: u32) -> anyhow::Result<Option<u64>> {
+    Ok(Some(match value_type {
+        0 | 1 | 7 => 1, // u8, i8, bool
+        2 | 3 => 2,     // u16, i16
+        4..=6 => 4,     // u32, i32, f32
+        10..=12 => 8,   // u64, i64, f64
+        TYPE_STRING | TYPE_ARRAY => return Ok(None),
+        other => bail!("unknown metadata value type {other}"),
+    }))
+}
+
+/// Reads the GGUF header with bounds of our own, allocating nothing sized by the file (strings
+/// are skipped, not read): magic and version, counts, every metadata value (arrays bounded,
+/// `general.alignment` a power of two), and every tensor (at most 4 dimensions, a type candle
+/// knows, rows of whole blocks, byte range inside the file). What it accepts, candle's reader
+/// can parse without panicking or allocating beyond a small multiple of the file size.
+pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result<()> {
+    let mut h = Header {
+        r,
+        file_size,
+        wide: true,
+    };
+    let magic = h.u32()?;
+    if magic != 0x4655_4747 {
+        bail!("it does not start with the GGUF magic (found 0x{magic:08x})");
+    }
+    let version = h.u32()?;
+    match version {
+        1 => h.wide = false,
+        2 | 3 => {}
+        v => bail!("GGUF version {v} is not supported (1 to 3 are)"),
+    }
+    let tensors = h.len()?;
+    let kvs = h.len()?;
+    if tensors > MAX_TENSORS {
+        bail!("the header declares {tensors} tensors (at most {MAX_TENSORS} are accepted)");
+    }
+    // Every entry takes at least a length, a type and one byte: counts that cannot fit are lies.
+    if kvs > h.remaining()? / 13 {
+        bail!("the header declares {kvs} metadata entries, more than the file can hold");
+    }
+    let mut alignment = 32u64;
+    for _ in 0..kvs {
+        let key = h.name("metadata key")?;
+        let value_type = h.u32()?;
+        if key == "general.alignment" {
+            let value = match value_type {
+                0 => h.u8()? as u64,
+                2 => h.u16()? as u64,
+                4 => h.u32()? as u64,
+                1 => h.u8()? as i8 as u64,
+                3 => h.u16()? as i16 as u64,
+                5 => h.u32()? as i32 as u64,
+                t => bail!("metadata 'general.alignment' has value type {t}, expected an integer"),
+            };
+            if value == 0 || !value.is_power_of_two() || value > MAX_ALIGNMENT {
+                bail!(
+                    "metadata 'general.alignment' = {} is invalid (expected a power of two from 1 to {MAX_ALIGNMENT})",
+                    value as i64
+                );
+            }
+            alignment = value;
+            continue;
+        }
+        h.skip_value(value_type, 0)
+            .with_context(|| format!("in metadata '{key}'"))?;
+    }
+    let mut ranges = Vec::new();
+    for _ in 0..tensors {
+        let name = h.name("tensor name")?;
+        let dims = h.u32()?;
+        if dims > 4 {
+            bail!("tensor '{name}' has {dims} dimensions (at most 4)");
+        }
+        let mut shape = Vec::with_capacity(dims as usize);
+        for _ in 0..dims {
+            shape.push(if h.wide { h.u64()? } else { h.u32()? as u64 });
+        }
+        let type_id = h.u32()?;
+        let dtype = ggml_dtype(type_id).with_context(|| {
+            format!("tensor '{name}' has type id {type_id}, which candle cannot read")
+        })?;
+        let offset = h.u64()?;
+        let elems = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .filter(|n| *n <= MAX_TENSOR_ELEMS)
+            .with_context(|| format!("tensor '{name}' has an absurd shape {shape:?}"))?;
+        let block = dtype.block_size() as u64;
+        // GGUF lists dimensions innermost first: rows are `shape[0]` long and must be whole blocks.
+        if shape.first().is_some_and(|&row| row % block != 0) {
+            bail!(
+                "tensor '{name}' ({dtype:?}) has rows of {} values, not a multiple of its block size {block}",
+                shape[0]
+            );
+        }
+        let bytes = elems / block * dtype.type_size() as u64;
+        ranges.push((name, offset, bytes));
+    }
+    let position = h.r.stream_position()?;
+    let data_start = position.div_ceil(alignment) * alignment;
+    for (name, offset, bytes) in ranges {
+        let end = data_start
+            .checked_add(offset)
+            .and_then(|s| s.checked_add(bytes))
+            .with_context(|| format!("tensor '{name}' has an absurd offset {offset}"))?;
+        if end > h.file_size {
+            bail!(
+                "tensor '{name}' ends at byte {end} but the file has {} bytes",
+                h.file_size
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Little-endian reads over the header with the file size at hand.
+struct Header<'a, R> {
+    r: &'a mut R,
+    file_size: u64,
+    /// Version 2+ lengths are u64 (version 1: u32).
+    wide: bool,
+}
+
+impl<R: Read + Seek> Header<'_, R> {
+    fn bytes<const N: usize>(&mut self) -> anyhow::Result<[u8; N]> {
+        let mut b = [0u8; N];
+        self.r
+            .read_exact(&mut b)
+            .context("the header ends before the end of the file's declared contents")?;
+        Ok(b)
+    }
+    fn u8(&mut self) -> anyhow::Result<u8> {
+        Ok(self.bytes::<1>()?[0])
+    }
+    fn u16(&mut self) -> anyhow::Result<u16> {
+        Ok(u16::from_le_bytes(self.bytes()?))
+    }
+    fn u32(&mut self) -> anyhow::Result<u32> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+    fn u64(&mut self) -> anyhow::Result<u64> {
+        Ok(u64::from_le_bytes(self.bytes()?))
+    }
+    fn len(&mut self) -> anyhow::Result<u64> {
+        if self.wide {
+            self.u64()
+        } else {
+            Ok(self.u32()? as u64)
+        }
+    }
+    fn remaining(&mut self) -> anyhow::Result<u64> {
+        Ok(self.file_size.saturating_sub(self.r.stream_position()?))
+    }
+    /// Moves past `n` bytes that must lie inside the file.
+    fn skip(&mut self, n: u64, what: &str) -> anyhow::Result<()> {
+        let left = self.remaining()?;
+        if n > left {
+            bail!("{what} of {n} bytes runs past the end of the file ({left} bytes left)");
+        }
+        self.r.seek(SeekFrom::Current(n as i64))?;
+        Ok(())
+    }
+    /// A short string (key or tensor name), read for messages.
+    fn name(&mut self, what: &str) -> anyhow::Result<String> {
+        let n = self.len()?;
+        if n > MAX_NAME_LEN || n > self.remaining()? {
+            bail!("a {what} of {n} bytes is too long");
+        }
+        let mut buf = vec![0u8; n as usize];
+        self.r.read_exact(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+    fn skip_value(&mut self, value_type: u32, depth: usize) -> anyhow::Result<()> {
+        match value_type {
+            TYPE_STRING => {
+                let n = self.len()?;
+                self.skip(n, "a string")
+            }
+            TYPE_ARRAY => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    bail!("arrays nested deeper than {MAX_ARRAY_DEPTH}");
+                }
+                let elem = self.u32()?;
+                let n = self.len()?;
+                if n > MAX_ARRAY_LEN {
+                    bail!("an array of {n} elements (at most {MAX_ARRAY_LEN} are accepted)");
+                }
+                match scalar_size(elem)? {
+                    Some(size) => self.skip(n * size, "an array"),
+                    None => {
+                        // Strings or arrays: each takes at least a length.
+                        if n > self.remaining()? / 8 {
+                            bail!("an array of {n} elements is longer than the file");
+                        }
+                        for _ in 0..n {
+                            self.skip_value(elem, depth + 1)?;
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            other => {
+                let size = scalar_size(other)?.expect("scalar type");
+                self.skip(size, "a value")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file;
+    use candle_core::Tensor;
+
+    fn file_with(metadata: &[(&str, gguf_file::Value)]) -> Vec<u8> {
+        let t = Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        let md: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let mut cur = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut cur, &md, &[("w", &q)]).unwrap();
+        cur.into_inner()
+    }
+
+    fn check(bytes: &[u8]) -> anyhow::Result<()> {
+        check_header(&mut std::io::Cursor::new(bytes), bytes.len() as u64)
+    }
+
+    #[test]
+    fn accepts_what_candle_writes() {
+        let b = file_with(&[
+            (
+                "general.architecture",
+                gguf_file::Value::String("llama".into()),
+            ),
+            (
+                "tokenizer.ggml.tokens",
+                gguf_file::Value::Array(vec![gguf_file::Value::String("a".into()); 3]),
+            ),
+        ]);
+        check(&b).unwrap();
+        Content::read(&mut std::io::Cursor::new(&b)).unwrap();
+    }
+
+    #[test]
+    fn zero_alignment_is_an_error_not_a_division_by_zero() {
+        let b = file_with(&[("general.alignment", gguf_file::Value::U32(0))]);
+        let e = check(&b).unwrap_err().to_string();
+        assert!(e.contains("'general.alignment' = 0"), "{e}");
+        let b = file_with(&[("general.alignment", gguf_file::Value::U32(24))]);
+        assert!(check(&b).is_err());
+    }
+
+    #[test]
+    fn truncation_anywhere_is_an_error() {
+        let b = file_with(&[("general.name", gguf_file::Value::String("x".repeat(100)))]);
+        // The last 32 bytes may be alignment padding after the last tensor's data.
+        for cut in 0..b.len() - 32 {
+            assert!(check(&b[..cut]).is_err(), "accepted a file cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn strict_integers_name_key_and_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(
+            &path,
+            file_with(&[
+                ("llama.block_count", gguf_file::Value::F32(1e30)),
+                ("llama.head", gguf_file::Value::I32(-2)),
+                ("llama.ok", gguf_file::Value::F64(3.0)),
+            ]),
+        )
+        .unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        let e = f.usize_value("llama.block_count").unwrap_err().to_string();
+        assert!(
+            e.contains("'llama.block_count' = 1") && e.contains("invalid"),
+            "{e}"
+        );
+        assert!(f.usize_value("llama.head").is_err());
+        assert_eq!(f.usize_value("llama.ok").unwrap(), Some(3));
+        assert_eq!(f.usize_value("absent").unwrap(), None);
     }
 }

@@ -91,6 +91,7 @@ pub fn inspect_dir(dir: &Path) -> anyhow::Result<ModelMetadata> {
     }
     let mut counts = ParamCounts::default();
     for shard in &shards {
+        super::files::check_inside(dir, shard, dir)?;
         let header = read_safetensors_header(shard)?;
         counts.add_safetensors(&header);
     }
@@ -107,11 +108,9 @@ pub fn inspect_dir(dir: &Path) -> anyhow::Result<ModelMetadata> {
 
 /// Inspects a GGUF file: llama.cpp metadata keys and tensor infos.
 pub fn inspect_gguf(path: &Path) -> anyhow::Result<ModelMetadata> {
-    use candle_core::quantized::gguf_file;
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!("{} is not a valid GGUF file: {e}", path.display()))?;
+    // The same checked open as loading (a header `run` would refuse is refused here too).
+    let file = super::gguf::GgufFile::open(path)?;
+    let content = &file.content;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
@@ -216,7 +215,7 @@ pub fn gguf_file_type_name(ftype: u64) -> Option<&'static str> {
 }
 
 /// config.json fields, with the usual aliases and a nested `text_config` for multimodal models.
-fn metadata_from_config(config: &serde_json::Value) -> ModelMetadata {
+pub fn metadata_from_config(config: &serde_json::Value) -> ModelMetadata {
     let text = config.get("text_config").filter(|t| t.is_object());
     let get = |keys: &[&str]| -> Option<u64> {
         for src in [Some(config), text].into_iter().flatten() {
@@ -310,15 +309,21 @@ pub fn read_safetensors_header(path: &Path) -> anyhow::Result<BTreeMap<String, H
     }
     let mut buf = vec![0u8; len as usize];
     file.read_exact(&mut buf)?;
-    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&buf)
-        .with_context(|| format!("{} has a corrupt safetensors header", path.display()))?;
+    parse_safetensors_header(&buf)
+        .with_context(|| format!("{} has a corrupt safetensors header", path.display()))
+}
+
+/// The tensor entries of a safetensors JSON header (without `__metadata__`).
+pub fn parse_safetensors_header(json: &[u8]) -> anyhow::Result<BTreeMap<String, HeaderTensor>> {
+    let raw: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(json).context("the header is not a JSON object")?;
     let mut out = BTreeMap::new();
     for (name, v) in raw {
         if name == "__metadata__" {
             continue;
         }
-        let t: HeaderTensor = serde_json::from_value(v)
-            .with_context(|| format!("{}: bad entry for tensor {name}", path.display()))?;
+        let t: HeaderTensor =
+            serde_json::from_value(v).with_context(|| format!("bad entry for tensor {name}"))?;
         out.insert(name, t);
     }
     Ok(out)
@@ -335,9 +340,10 @@ struct ParamCounts {
 
 impl ParamCounts {
     fn add(&mut self, _name: &str, n: u64, is_expert: bool) {
-        self.total += n;
+        // Saturating: a header may declare absurd shapes; `show` must still not overflow.
+        self.total = self.total.saturating_add(n);
         if is_expert {
-            self.experts += n;
+            self.experts = self.experts.saturating_add(n);
         }
     }
 
@@ -345,19 +351,20 @@ impl ParamCounts {
     /// parameters. Expert tensors are those under `.experts.` (shared experts always run).
     fn add_safetensors(&mut self, header: &BTreeMap<String, HeaderTensor>) {
         for (name, t) in header {
-            let elems: u64 = t.shape.iter().product();
+            let elems: u64 = t.shape.iter().fold(1u64, |a, &d| a.saturating_mul(d));
             let is_expert = name.contains(".experts.") && !name.contains("shared_expert");
             if t.dtype == "U8" && name.ends_with("_blocks") {
                 self.mxfp4 = true;
-                self.add(name, 2 * elems, is_expert);
+                self.add(name, elems.saturating_mul(2), is_expert);
             } else if t.dtype == "U8" && name.ends_with("_scales") {
                 continue;
             } else {
                 self.add(name, elems, is_expert);
-                *self
+                let n = self
                     .float_dtypes
                     .entry(t.dtype.to_ascii_lowercase())
-                    .or_default() += elems;
+                    .or_default();
+                *n = n.saturating_add(elems);
             }
         }
     }

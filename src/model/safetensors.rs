@@ -43,34 +43,36 @@ pub struct RawTensor<'a> {
 pub fn shard_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("cannot read {}", index.display()))?;
+        let text = super::files::read_text(&index, super::files::MAX_TEXT_FILE)?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", index.display()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
             .with_context(|| format!("{} has no weight_map object", index.display()))?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
-        files.sort();
-        files.dedup();
-        let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
-        for f in &files {
-            if !f.is_file() {
-                bail!(
-                    "{} names shard {} which is missing",
-                    index.display(),
-                    f.display()
-                );
+        let mut files: Vec<String> = Vec::new();
+        for (tensor, file) in map {
+            match file.as_str() {
+                Some(f) => files.push(f.to_string()),
+                None => bail!(
+                    "{}: weight_map entry '{tensor}' = {file} is not a file name",
+                    index.display()
+                ),
             }
         }
-        return Ok(files);
+        files.sort();
+        files.dedup();
+        if files.is_empty() {
+            bail!("{} has an empty weight_map", index.display());
+        }
+        return files
+            .iter()
+            .map(|f| super::files::contained_file(dir, f, &index))
+            .collect();
     }
     let single = dir.join("model.safetensors");
     if single.is_file() {
+        super::files::check_inside(dir, &single, dir)?;
         return Ok(vec![single]);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -79,6 +81,9 @@ pub fn shard_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     files.sort();
+    for f in &files {
+        super::files::check_inside(dir, f, dir)?;
+    }
     // `model-00001-of-00003.safetensors`: all shards of the set must be there.
     if let Some(total) = files.iter().find_map(|f| shard_total(f)) {
         let found = files

@@ -143,7 +143,11 @@ pub fn safetensors_bytes(tensors: &[(&str, &str, Vec<u64>)]) -> Vec<u8> {
 }
 
 /// config.json of a tiny llama-like model.
-pub const TINY_CONFIG: &str = r#"{"model_type":"llama","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":2048,"vocab_size":1000}"#;
+pub const TINY_CONFIG: &str = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":2048,"vocab_size":1000}"#;
+
+/// A minimal tokenizer.json the `tokenizers` crate loads (a two-word vocabulary): `show` checks
+/// the tokenizer as `run` does, so store fixtures need a real one.
+pub const TINY_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"a":0,"<unk>":1},"unk_token":"<unk>"}}"#;
 
 /// A tiny safetensors repo: config, tokenizer files, one weight file of about `weight_kib` KiB, a
 /// README, and an `original/` copy that a pull must skip.
@@ -162,11 +166,7 @@ pub fn tiny_safetensors_repo(commit: &str, weight_kib: u64) -> Repo {
         commit: commit.into(),
         files: vec![
             file("config.json", TINY_CONFIG.as_bytes().to_vec(), false),
-            file(
-                "tokenizer.json",
-                br#"{"model":{"type":"BPE"}}"#.to_vec(),
-                false,
-            ),
+            file("tokenizer.json", TINY_TOKENIZER.as_bytes().to_vec(), false),
             file(
                 "tokenizer_config.json",
                 br#"{"chat_template":"{{ messages }}"}"#.to_vec(),
@@ -196,6 +196,14 @@ pub fn gguf_bytes(file_type: u32) -> Vec<u8> {
     let kv = gguf_file::Value::U32(2);
     let emb = gguf_file::Value::U32(32);
     let blocks = gguf_file::Value::U32(2);
+    let ffn = gguf_file::Value::U32(64);
+    let tok_model = gguf_file::Value::String("gpt2".into());
+    let tokens = gguf_file::Value::Array(vec![
+        gguf_file::Value::String("a".into()),
+        gguf_file::Value::String("b".into()),
+        gguf_file::Value::String("ab".into()),
+    ]);
+    let merges = gguf_file::Value::Array(vec![gguf_file::Value::String("a b".into())]);
     let mut cur = std::io::Cursor::new(Vec::new());
     gguf_file::write(
         &mut cur,
@@ -207,6 +215,10 @@ pub fn gguf_bytes(file_type: u32) -> Vec<u8> {
             ("llama.attention.head_count_kv", &kv),
             ("llama.embedding_length", &emb),
             ("llama.block_count", &blocks),
+            ("llama.feed_forward_length", &ffn),
+            ("tokenizer.ggml.model", &tok_model),
+            ("tokenizer.ggml.tokens", &tokens),
+            ("tokenizer.ggml.merges", &merges),
         ],
         &[("token_embd.weight", &q)],
     )
