@@ -37,6 +37,9 @@ _xllm() {
             xllm,pull)
                 cmd="xllm__subcmd__pull"
                 ;;
+            xllm,quantize)
+                cmd="xllm__subcmd__quantize"
+                ;;
             xllm,rm)
                 cmd="xllm__subcmd__rm"
                 ;;
@@ -67,6 +70,9 @@ _xllm() {
             xllm__subcmd__help,pull)
                 cmd="xllm__subcmd__help__subcmd__pull"
                 ;;
+            xllm__subcmd__help,quantize)
+                cmd="xllm__subcmd__help__subcmd__quantize"
+                ;;
             xllm__subcmd__help,rm)
                 cmd="xllm__subcmd__help__subcmd__rm"
                 ;;
@@ -83,7 +89,7 @@ _xllm() {
 
     case "${cmd}" in
         xllm)
-            opts="-h -V --help --version pull list show rm run perplexity bench embed completions help"
+            opts="-h -V --help --version pull list show rm run perplexity bench quantize embed completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -199,7 +205,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help)
-            opts="pull list show rm run perplexity bench embed completions help"
+            opts="pull list show rm run perplexity bench quantize embed completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -297,6 +303,20 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help__subcmd__pull)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__help__subcmd__quantize)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -408,6 +428,44 @@ _xllm() {
             fi
             case "${prev}" in
                 --revision)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__quantize)
+            opts="-t -o -h -V --type --output --name --dry-run --json --threads --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --type)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -t)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

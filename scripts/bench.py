@@ -4,8 +4,10 @@
 - GGUF (models/smollm2/*.gguf): `xllm bench` vs llama.cpp (llama-cpp-python), prefill of P random
   tokens and decode of N tokens one at a time, median of R repeats after a warm-up.
 - safetensors (models/smollm2-st, if present): `xllm bench` vs transformers bf16 (and f32).
-Usage: /work/refenv/.venv/bin/python scripts/bench.py [--xllm target/release/xllm] [-p 128] [-n 64]
-       [-r 3] [--threads 2] [--skip-transformers]
+- Nemotron-H (`--nemotron DIR`, e.g. .dev/nemotron_synthetic from scripts/make_synthetic_nemotron.py):
+  `xllm bench` vs transformers bf16 and f32 (torch path), and xllm's peak RSS against the checkpoint.
+Usage: $XLLM_PEERS/venv/bin/python scripts/bench.py [--xllm target/release/xllm] [-p 128] [-n 64]
+       [-r 3] [--threads 2] [--skip-transformers] [--nemotron DIR]
 """
 import argparse
 import glob
@@ -51,12 +53,12 @@ def llama_cpp_bench(gguf, p, n, r, threads):
     return statistics.median(pre), statistics.median(dec)
 
 
-def transformers_bench(path, dtype_name, p, n, r, threads):
+def transformers_bench(path, dtype_name, p, n, r, threads, **load_kwargs):
     import torch
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load_kwargs).eval()
     ids = torch.tensor([prompt_ids(model.config.vocab_size, p)])
     pre, dec = [], []
     with torch.inference_mode():
@@ -90,6 +92,7 @@ def main():
     ap.add_argument("-r", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--nemotron", help="a Nemotron-H checkpoint directory (synthetic, real widths)")
     a = ap.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}; threads {a.threads}; pp{a.p} tg{a.n}; median of {a.r}")
     print("| model / peer                       | xllm pp/s | peer pp/s | ratio | xllm tg/s | peer tg/s | ratio |")
@@ -105,7 +108,30 @@ def main():
         for dt in ("bfloat16", "float32"):
             peer = transformers_bench(st, dt, a.p, a.n, a.r, a.threads)
             row(f"SmolLM2 bf16 st vs transformers {dt[:4]}", ours, peer)
+    if a.nemotron:
+        nemotron(a)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+def checkpoint_bytes(path):
+    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def nemotron(a):
+    """xllm bench (bf16 weights kept) vs transformers on the CPU, and xllm's peak RSS."""
+    proc = subprocess.Popen([a.xllm, "bench", a.nemotron, "-p", str(a.p), "-n", str(a.n), "-r", str(a.r),
+                             "--threads", str(a.threads), "--json"], stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0, f"xllm bench failed ({status})"
+    j = json.loads(out)
+    ours = (j["prefill_tokens_per_second"], j["decode_tokens_per_second"])
+    rss = usage.ru_maxrss * 1024
+    size = checkpoint_bytes(a.nemotron)
+    for dt in ("bfloat16", "float32"):
+        peer = transformers_bench(a.nemotron, dt, a.p, a.n, a.r, a.threads, use_mamba_kernels=False)
+        row(f"Nemotron-H synth vs transformers {dt[:4]}", ours, peer)
+    print(f"xllm peak RSS {rss / 2**20:.1f} MiB = {rss / size:.2f}x the checkpoint ({size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

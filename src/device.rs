@@ -164,6 +164,8 @@ pub struct MemoryEstimate {
     pub context: usize,
     /// KV bytes per token (for the advice in the error).
     pub kv_bytes_per_token: u64,
+    /// Recurrent (Mamba conv + SSM) state of one sequence: fixed, whatever its length.
+    pub recurrent_state: u64,
 }
 
 impl MemoryEstimate {
@@ -174,12 +176,20 @@ impl MemoryEstimate {
             activations,
             context,
             kv_bytes_per_token,
+            recurrent_state: 0,
         }
+    }
+
+    /// Adds a sequence's recurrent state (hybrid models such as Nemotron-H).
+    pub fn with_recurrent_state(mut self, bytes: u64) -> Self {
+        self.recurrent_state = bytes;
+        self
     }
 
     pub fn total(&self) -> u64 {
         self.weights
             .saturating_add(self.kv_cache)
+            .saturating_add(self.recurrent_state)
             .saturating_add(self.activations)
     }
 }
@@ -213,12 +223,13 @@ pub fn activation_bytes(s: &ActivationShape) -> u64 {
 /// The model does not fit in the device's free memory.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "not enough memory on {device}: the model needs about {} (weights {} + KV cache {} for {} tokens + activations {}) but only {} is free. \
+    "not enough memory on {device}: the model needs about {} (weights {} + KV cache {} for {} tokens{} + activations {}) but only {} is free. \
      Try a smaller --ctx (the KV cache costs {} per token), a quantized KV cache (:kv_int8 or :kv_fp8), a smaller quantization, or another --device",
     human_bytes(estimate.total()),
     human_bytes(estimate.weights),
     human_bytes(estimate.kv_cache),
     estimate.context,
+    recurrent_note(estimate),
     human_bytes(estimate.activations),
     human_bytes(*available),
     human_bytes(estimate.kv_bytes_per_token)
@@ -227,6 +238,13 @@ pub struct InsufficientMemory {
     pub device: String,
     pub estimate: MemoryEstimate,
     pub available: u64,
+}
+
+fn recurrent_note(estimate: &MemoryEstimate) -> String {
+    match estimate.recurrent_state {
+        0 => String::new(),
+        b => format!(" + recurrent state {}", human_bytes(b)),
+    }
 }
 
 /// Refuses when `estimate` exceeds `available` bytes.

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod quantize;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -142,8 +142,8 @@ fn alone(session: &Arc<ModelSession>, prompt: &[u32], max_tokens: usize) -> Coll
         .submit(greedy_request(prompt.to_vec(), max_tokens), sink)
         .unwrap();
     scheduler.run_to_completion().unwrap();
-    let out = out.lock().unwrap().clone();
-    out
+    let guard = out.lock().unwrap();
+    guard.clone()
 }
 
 /// Greedy tokens of sequences joining a running batch at different steps equal their tokens
@@ -247,8 +247,8 @@ fn reused_prefixes_give_the_same_tokens_and_are_reported() {
             .submit(greedy_request(prompt.to_vec(), 10), sink)
             .unwrap();
         scheduler.run_to_completion().unwrap();
-        let out = out.lock().unwrap().clone();
-        out
+        let guard = out.lock().unwrap();
+        guard.clone()
     };
     let first = run(&mut scheduler, &shared);
     assert_eq!(first.cached_tokens, 0);
@@ -283,8 +283,8 @@ fn concurrent_sequences_share_cached_prefix_blocks() {
         p.push(5);
         scheduler.submit(greedy_request(p, 4), sink).unwrap();
         scheduler.run_to_completion().unwrap();
-        let x = out.lock().unwrap().cached_tokens;
-        x
+        let guard = out.lock().unwrap();
+        guard.cached_tokens
     };
     assert_eq!(warm, 0);
     let mut outs = Vec::new();
@@ -351,8 +351,8 @@ fn a_cancelled_sequence_frees_its_blocks_at_the_next_step_and_the_others_go_on()
         outs[2].lock().unwrap().finish,
         Some(xllm::engine::generate::FinishReason::Cancelled)
     );
-    for i in 0..2 {
-        assert_eq!(outs[i].lock().unwrap().tokens, expected[i], "sequence {i}");
+    for (i, (out, want)) in outs.iter().zip(&expected).take(2).enumerate() {
+        assert_eq!(&out.lock().unwrap().tokens, want, "sequence {i}");
     }
     assert_eq!(scheduler.stats().kv_blocks_used, 0);
 }

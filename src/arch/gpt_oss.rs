@@ -562,6 +562,7 @@ impl GptOss {
             vocab_size: c.vocab_size,
             context_length: c.max_position_embeddings,
             cache_layers: c.num_hidden_layers,
+            state_slots: vec![super::StateSlot::Kv; c.num_hidden_layers],
             kv_heads: nkv,
             head_dim: hd,
             cache_dtype: dtype,

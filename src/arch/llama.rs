@@ -239,7 +239,7 @@ impl Linear {
 }
 
 /// Token embedding table, dense or quantized (looked up row by row without dequantizing all).
-fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+pub(crate) fn embed(weight: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
     match weight {
         Weight::Dense(w) => w.index_select(ids, 0)?.to_dtype(dtype),
         Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
@@ -602,6 +602,7 @@ impl Llama {
             vocab_size: cfg.vocab_size,
             context_length: cfg.max_position_embeddings,
             cache_layers: cfg.num_layers,
+            state_slots: vec![super::StateSlot::Kv; cfg.num_layers],
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             cache_dtype: options.dtype,

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::SafetensorsWeights;
 use crate::quant::KvProfile;
-use crate::state::{BlockPool, LayerState, PagedKv, SequenceState};
+use crate::state::{BlockPool, LayerState, PagedKv, RecurrentState, SequenceState};
 
 pub mod bert;
 pub mod bf16_linear;
@@ -17,6 +17,7 @@ mod cpu_matmul;
 pub mod encoder;
 pub mod llama;
 mod mask;
+pub mod nemotron_h;
 pub mod qlinear;
 pub mod rope;
 
@@ -177,6 +178,15 @@ impl BatchPlan {
     }
 }
 
+/// What one stateful layer keeps per sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateSlot {
+    /// Keys and values of every token (attention).
+    Kv,
+    /// f32 buffers of these lengths (a recurrent mixer's state).
+    Recurrent(Vec<usize>),
+}
+
 /// What the engine needs to know about a built model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -187,6 +197,8 @@ pub struct ModelInfo {
     pub context_length: usize,
     /// Attention layers that keep a KV cache.
     pub cache_layers: usize,
+    /// What a sequence keeps, one slot per stateful layer in layer order.
+    pub state_slots: Vec<StateSlot>,
     pub kv_heads: usize,
     pub head_dim: usize,
     /// Dtype keys/values are handed to attention in.
@@ -204,15 +216,20 @@ impl ModelInfo {
         pool: &Arc<BlockPool>,
         max_tokens: usize,
     ) -> SequenceState {
-        let layers = (0..self.cache_layers)
-            .map(|_| {
-                LayerState::Kv(PagedKv::new(
+        let layers = self
+            .state_slots
+            .iter()
+            .map(|slot| match slot {
+                StateSlot::Kv => LayerState::Kv(PagedKv::new(
                     profile,
                     self.kv_heads,
                     self.head_dim,
                     self.cache_dtype,
                     &self.device,
-                ))
+                )),
+                StateSlot::Recurrent(lengths) => {
+                    LayerState::Recurrent(RecurrentState::zeros(lengths))
+                }
             })
             .collect();
         SequenceState::new(layers, pool.clone(), max_tokens)
@@ -325,6 +342,17 @@ pub const ARCHITECTURES: &[Architecture] = &[
             kv_quantization: true,
         },
         tensor_names: gpt_oss::TENSOR_NAMES_DOC,
+    },
+    Architecture {
+        model_type: "nemotron_h",
+        gguf_names: &[],
+        build: nemotron_h::build,
+        capabilities: Capabilities {
+            safetensors: true,
+            gguf: false,
+            kv_quantization: true,
+        },
+        tensor_names: nemotron_h::TENSOR_NAMES_DOC,
     },
 ];
 

@@ -13,6 +13,7 @@ pub mod list;
 pub mod output;
 pub mod perplexity;
 pub mod pull;
+pub mod quantize;
 pub mod rm;
 pub mod run;
 pub mod serve;
@@ -46,6 +47,8 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Measure prefill and decode speed (tokens/s).
     Bench(BenchArgs),
+    /// Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time.
+    Quantize(QuantizeArgs),
     /// Embedding vectors for texts (arguments, --file lines or stdin lines).
     Embed(EmbedArgs),
     /// Print shell completions.
@@ -303,6 +306,31 @@ pub struct EmbedArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// Model to quantize: a store model, a safetensors folder, a .gguf file or an Ollama blob.
+    pub source: String,
+    /// Target type: F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M,
+    /// Q6_K, TQ1_0, TQ2_0 (Q3_K, Q4_K, Q5_K mean their _M mix).
+    #[arg(long = "type", short = 't')]
+    pub ty: String,
+    /// Output file (default: `<source>-<TYPE>.gguf` in the current folder).
+    #[arg(long, short, conflicts_with = "name")]
+    pub output: Option<PathBuf>,
+    /// Add the result to the store under this name instead of writing a file.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print the plan (tensor, role, shape, types, bytes) and the output size; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: print the plan as JSON.
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
 pub struct CompletionsArgs {
     /// Shell to generate completions for.
     #[arg(value_enum)]
@@ -321,6 +349,7 @@ pub fn main() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Perplexity(a) => run::with_thread_pool(a.runtime.threads, || perplexity::run(a)),
         Command::Bench(a) => run::with_thread_pool(a.runtime.threads, || bench::run(a)),
+        Command::Quantize(a) => run::with_thread_pool(a.threads, || quantize::run(a)),
         Command::Embed(a) => run::with_thread_pool(a.threads, || embed::run(a)),
         Command::Completions(a) => completions::run(a),
     };

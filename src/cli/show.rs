@@ -140,6 +140,23 @@ fn files_of(model: &OpenedModel) -> anyhow::Result<Vec<FileEntry>> {
     Ok(out)
 }
 
+/// `23 Mamba (M), 23 MoE (E), 6 attention (*)` for a Nemotron-H pattern (kinds that occur).
+fn pattern_counts(pattern: &str) -> String {
+    [
+        ('M', "Mamba"),
+        ('E', "MoE"),
+        ('*', "attention"),
+        ('-', "MLP"),
+    ]
+    .iter()
+    .filter_map(|&(c, name)| {
+        let n = pattern.chars().filter(|x| *x == c).count();
+        (n > 0).then(|| format!("{n} {name} ({c})"))
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
 fn render_text(
     model: &OpenedModel,
     files: &[FileEntry],
@@ -174,6 +191,9 @@ fn render_text(
         None => opt(m.layers),
     };
     row(&mut s, "layers", layers);
+    if let Some(pattern) = &m.layer_pattern {
+        row(&mut s, "layer pattern", pattern_counts(pattern));
+    }
     row(
         &mut s,
         "heads / KV heads",
@@ -185,6 +205,16 @@ fn render_text(
     }
     if let (Some(total), Some(active)) = (m.experts, m.experts_active) {
         row(&mut s, "experts", format!("{active} active of {total}"));
+    }
+    if let Some(bytes) = m.recurrent_state_bytes {
+        row(
+            &mut s,
+            "recurrent state",
+            format!(
+                "{} per sequence (Mamba conv + SSM, f32)",
+                human_bytes(bytes)
+            ),
+        );
     }
     if !capabilities.is_empty() {
         let _ = writeln!(s, "\nCapabilities");

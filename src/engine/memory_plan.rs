@@ -2,7 +2,8 @@
 //! so a model that cannot fit is refused with the numbers instead of failing half-loaded (or
 //! pushing the machine into swap). Weights count as their file bytes (the loader keeps MXFP4,
 //! GGUF blocks and bf16 as stored), the KV cache as bytes per token of the selected profile at
-//! the context that will be allocated, activations by [`crate::device::activation_bytes`].
+//! the context that will be allocated, a hybrid model's recurrent state (fixed per sequence),
+//! activations by [`crate::device::activation_bytes`].
 
 use std::path::Path;
 
@@ -143,12 +144,10 @@ fn estimate_from_shape(
         context,
         dtype_bytes: COMPUTE_DTYPE_BYTES,
     });
-    Ok(MemoryEstimate::new(
-        weight_bytes(resolved)?,
-        kv_per_token,
-        context,
-        activations,
-    ))
+    Ok(
+        MemoryEstimate::new(weight_bytes(resolved)?, kv_per_token, context, activations)
+            .with_recurrent_state(meta.recurrent_state_bytes.unwrap_or(0)),
+    )
 }
 
 /// [`ensure_fits`] with the metadata the resolver already read (not read again).

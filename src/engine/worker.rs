@@ -14,7 +14,8 @@ use super::session::ModelSession;
 use super::threads::in_thread_pool;
 
 enum Command {
-    Submit(RequestId, GenerationRequest, EventSink),
+    /// Boxed: a request is far larger than the other commands.
+    Submit(RequestId, Box<GenerationRequest>, EventSink),
     Cancel(RequestId),
     /// Stop: finish running work first (`drain`) or cancel it.
     Shutdown {
@@ -91,7 +92,11 @@ impl EngineHandle {
             return Err(SubmitError::Overloaded { waiting });
         }
         let id = RequestId(self.next_id.fetch_add(1, Ordering::SeqCst));
-        if self.tx.send(Command::Submit(id, request, sink)).is_err() {
+        if self
+            .tx
+            .send(Command::Submit(id, Box::new(request), sink))
+            .is_err()
+        {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::Stopped);
         }
@@ -147,10 +152,8 @@ fn engine_loop(
                         sink(SeqEvent::Failed("the server is shutting down".into()));
                         continue;
                     }
-                    if let Err(e) = scheduler.submit_with_id(id, request, sink) {
-                        // The sink was consumed; the error was already reported through it.
-                        let _ = e;
-                    }
+                    // A refused request was already told so through its sink.
+                    let _ = scheduler.submit_with_id(id, *request, sink);
                 }
                 Command::Cancel(id) => scheduler.cancel(id),
                 Command::Shutdown { drain } => {

@@ -204,6 +204,10 @@ fn exp(x: f32) -> f32 {
 /// values side by side per row), `lens` the sequence lengths in order (summing to `tokens`).
 /// Every query attends to all keys of its own sequence (bidirectional). Returns `[tokens,
 /// heads · head_dim]`.
+///
+/// Per sequence and head: `S = Q·Kᵀ·scale` and `O = softmax(S)·V` as two small gemm calls on
+/// strided views of `qkv` (no copies), one sequence per parallel task; each task owns its
+/// sequence's output rows.
 pub fn packed_attention(
     qkv: &[f32],
     lens: &[usize],
@@ -220,123 +224,130 @@ pub fn packed_attention(
     );
     out.clear();
     out.resize(tokens * hidden, 0.0);
-    // Which sequence each row belongs to: its start and length.
-    let mut spans = Vec::with_capacity(tokens);
+    // (first row, output rows) of each sequence.
+    let mut pieces = Vec::with_capacity(lens.len());
+    let mut rest: &mut [f32] = out;
     let mut start = 0;
     for &len in lens {
-        spans.extend(std::iter::repeat_n((start, len), len));
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len * hidden);
+        pieces.push((start, piece));
+        rest = tail;
         start += len;
     }
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let stride = 3 * hidden;
-    let per_task = rows_per_task(tokens) * hidden;
-    out.par_chunks_mut(per_task)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let first_row = task * (per_task / hidden);
-            let mut scores = Vec::new();
-            for (r, out_row) in chunk.chunks_exact_mut(hidden).enumerate() {
-                let row = first_row + r;
-                let (s0, len) = spans[row];
-                scores.resize(len, 0.0);
-                for h in 0..heads {
-                    let q = &qkv[row * stride + h * head_dim..][..head_dim];
-                    attend_one(
-                        q,
-                        &qkv[s0 * stride + hidden + h * head_dim..],
-                        &qkv[s0 * stride + 2 * hidden + h * head_dim..],
-                        stride,
-                        scale,
-                        &mut scores,
-                        &mut out_row[h * head_dim..(h + 1) * head_dim],
-                    );
-                }
+    pieces
+        .into_par_iter()
+        .for_each_init(Vec::new, |scores, (s0, o)| {
+            let len = o.len() / hidden;
+            scores.resize(len * len, 0.0);
+            for h in 0..heads {
+                sequence_head(qkv, s0, len, h, head_dim, hidden, scale, scores, o);
             }
         });
 }
 
-/// One query head over one sequence's keys/values (rows `stride` apart, starting at the slices'
-/// beginnings): softmax(q·kᵀ·scale)·v into `out`.
-fn attend_one(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    stride: usize,
+/// One head of one sequence (rows `s0..s0 + len` of `qkv`) into that sequence's output rows `o`.
+#[allow(clippy::too_many_arguments)]
+fn sequence_head(
+    qkv: &[f32],
+    s0: usize,
+    len: usize,
+    h: usize,
+    d: usize,
+    hidden: usize,
     scale: f32,
     scores: &mut [f32],
-    out: &mut [f32],
+    o: &mut [f32],
 ) {
+    let stride = 3 * hidden as isize;
+    let q = &qkv[s0 * 3 * hidden + h * d..];
+    let k = &qkv[s0 * 3 * hidden + hidden + h * d..];
+    let v = &qkv[s0 * 3 * hidden + 2 * hidden + h * d..];
+    // The last row read is (len - 1) · stride + d ≤ what the slices hold, so all reads below
+    // stay inside `qkv`, and writes stay inside `scores` ([len, len]) and `o` ([len, hidden]).
+    debug_assert!(v.len() >= (len - 1) * 3 * hidden + d);
+    // SAFETY: bounds as argued above; `scores` and `o` are exclusively borrowed.
+    unsafe {
+        gemm::gemm(
+            len,
+            len,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            len as isize,
+            false,
+            q.as_ptr(),
+            1,
+            stride,
+            k.as_ptr(),
+            stride,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    softmax_rows(scores, len);
+    // SAFETY: as above; the output columns h·d..(h+1)·d of rows 0..len of `o`.
+    unsafe {
+        gemm::gemm(
+            len,
+            d,
+            len,
+            o.as_mut_ptr().add(h * d),
+            1,
+            hidden as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            len as isize,
+            v.as_ptr(),
+            1,
+            stride,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Softmax of each row of `x` (`[rows, width]`) in place.
+fn softmax_rows(x: &mut [f32], width: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the features were just detected.
-            unsafe { attend_one_avx2(q, keys, values, stride, scale, scores, out) };
+            unsafe { softmax_rows_avx2(x, width) };
             return;
         }
     }
-    attend_one_portable(q, keys, values, stride, scale, scores, out);
+    softmax_rows_portable(x, width);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_one_avx2(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    stride: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    attend_one_portable(q, keys, values, stride, scale, scores, out)
+unsafe fn softmax_rows_avx2(x: &mut [f32], width: usize) {
+    softmax_rows_portable(x, width)
 }
 
 #[inline(always)]
-fn attend_one_portable(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    stride: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let d = q.len();
-    let mut max = f32::NEG_INFINITY;
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = dot(q, &keys[j * stride..j * stride + d]) * scale;
-        max = max.max(*s);
-    }
-    let mut sum = 0.0;
-    for s in scores.iter_mut() {
-        *s = exp(*s - max);
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
-    out.fill(0.0);
-    for (j, &p) in scores.iter().enumerate() {
-        let w = p * inv;
-        for (o, v) in out.iter_mut().zip(&values[j * stride..j * stride + d]) {
-            *o += w * v;
+fn softmax_rows_portable(x: &mut [f32], width: usize) {
+    for row in x.chunks_exact_mut(width) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = exp(*v - max);
+            sum += *v;
         }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
     }
-}
-
-/// Dot product with eight partial sums (so the compiler can keep them in one vector register).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for i in 0..8 {
-            acc[i] += a[c * 8 + i] * b[c * 8 + i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }
 
 #[cfg(test)]

@@ -1,8 +1,17 @@
-//! Mixture-of-experts dispatch with MXFP4 experts (gpt-oss semantics).
+//! Mixture-of-experts: routing and the dispatch that runs only the experts tokens were routed to.
 //!
-//! For every token: router logits `[experts]` → the `top_k` largest (ties: lower index first) →
-//! softmax over those `top_k` logits only → routing weights. Tokens are grouped by expert; each
-//! active expert runs on its tokens only:
+//! The dispatch ([`dispatch`]) is shared by every MoE architecture: tokens are grouped by expert,
+//! each active expert runs once on its tokens ([`ExpertFfn`], implemented per weight format and
+//! activation), and its outputs are added to each token's row times the routing weight. A decode
+//! step (one token) therefore reads exactly `top_k` experts' bytes. Routers:
+//!
+//! - [`route_top_k`] (gpt-oss): the `top_k` largest logits (ties: lower index first), softmax over
+//!   those `top_k` logits only.
+//! - [`route_sigmoid_biased`] (Nemotron-H, DeepSeek-V3 style): `σ(logits)`; the choice uses
+//!   `σ + correction_bias`, the weights are `σ` of the chosen experts (no bias), optionally
+//!   renormalised to sum to 1, then times a scaling factor.
+//!
+//! gpt-oss's experts ([`MoeExperts`], MXFP4) compute
 //!
 //! ```text
 //! gu   = x · gate_upᵀ + gate_up_bias          // [n, 2·I], gate = gu[.., 0::2], up = gu[.., 1::2]
@@ -12,9 +21,8 @@
 //! out[token] += routing_weight · y             // experts visited in increasing index order
 //! ```
 //!
-//! A decode step (one token) therefore reads exactly `top_k` experts' bytes. Weight layouts are
-//! those of [`super::mxfp4`] stacked over experts: `gate_up_blocks [E, 2I, H/32, 16]`,
-//! `gate_up_scales [E, 2I, H/32]`, `down_blocks [E, H, I/32, 16]`, `down_scales [E, H, I/32]`;
+//! Weight layouts are those of [`super::mxfp4`] stacked over experts: `gate_up_blocks [E, 2I, H/32,
+//! 16]`, `gate_up_scales [E, 2I, H/32]`, `down_blocks [E, H, I/32, 16]`, `down_scales [E, H, I/32]`;
 //! biases are f32 `[E, 2I]` and `[E, H]`.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -40,35 +48,19 @@ pub struct Routing {
 
 /// Top-k of each row of `logits [tokens, experts]`, softmax over the selected logits.
 pub fn route_top_k(logits: &[f32], tokens: usize, experts: usize, top_k: usize) -> Result<Routing> {
-    if top_k == 0 || top_k > experts {
-        candle_core::bail!("moe: top_k {top_k} must be between 1 and the expert count {experts}");
-    }
-    if logits.len() != tokens * experts {
-        candle_core::bail!(
-            "moe: router logits hold {} values, expected {tokens}×{experts}",
-            logits.len()
-        );
-    }
+    check_router(logits, tokens, experts, top_k)?;
     let mut indices = Vec::with_capacity(tokens * top_k);
     let mut weights = Vec::with_capacity(tokens * top_k);
     let mut order: Vec<u32> = Vec::with_capacity(experts);
     for row in logits.chunks_exact(experts) {
-        order.clear();
-        order.extend(0..experts as u32);
-        // Stable sort keeps the lower index first among equal logits; NaN sorts last.
-        order.sort_by(|&a, &b| {
-            let (la, lb) = (row[a as usize], row[b as usize]);
-            lb.partial_cmp(&la)
-                .unwrap_or_else(|| la.is_nan().cmp(&lb.is_nan()))
-        });
-        let chosen = &order[..top_k];
-        let max = row[chosen[0] as usize];
-        let exps: Vec<f32> = chosen
+        top_k_of(row, top_k, &mut order);
+        let max = row[order[0] as usize];
+        let exps: Vec<f32> = order
             .iter()
             .map(|&e| (row[e as usize] - max).exp())
             .collect();
         let sum: f32 = exps.iter().sum();
-        indices.extend_from_slice(chosen);
+        indices.extend_from_slice(&order);
         weights.extend(exps.iter().map(|e| e / sum));
     }
     Ok(Routing {
@@ -89,6 +81,148 @@ pub fn group_by_expert(routing: &Routing, experts: usize) -> Vec<(usize, Vec<(us
         .enumerate()
         .filter(|(_, g)| !g.is_empty())
         .collect()
+}
+
+/// The `top_k` highest entries of `row` (ties: lower index first; NaN last), in descending order.
+fn top_k_of(row: &[f32], top_k: usize, order: &mut Vec<u32>) {
+    order.clear();
+    order.extend(0..row.len() as u32);
+    // Stable sort keeps the lower index first among equal values.
+    order.sort_by(|&a, &b| {
+        let (la, lb) = (row[a as usize], row[b as usize]);
+        lb.partial_cmp(&la)
+            .unwrap_or_else(|| la.is_nan().cmp(&lb.is_nan()))
+    });
+    order.truncate(top_k);
+}
+
+fn check_router(logits: &[f32], tokens: usize, experts: usize, top_k: usize) -> Result<()> {
+    if top_k == 0 || top_k > experts {
+        candle_core::bail!("moe: top_k {top_k} must be between 1 and the expert count {experts}");
+    }
+    if logits.len() != tokens * experts {
+        candle_core::bail!(
+            "moe: router logits hold {} values, expected {tokens}×{experts}",
+            logits.len()
+        );
+    }
+    Ok(())
+}
+
+/// How a sigmoid router turns scores into weights (Nemotron-H: `norm_topk_prob`,
+/// `routed_scaling_factor`, `e_score_correction_bias`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigmoidRouter {
+    pub top_k: usize,
+    /// Added to `σ(logits)` for the choice only; `[experts]`.
+    pub correction_bias: Vec<f32>,
+    /// Divide the chosen weights by their sum (+1e-20).
+    pub normalize: bool,
+    pub scale: f32,
+}
+
+/// Top-k of each row of `logits [tokens, experts]` (f32) by `σ(logit) + bias`, weighted by
+/// `σ(logit)` (renormalised and scaled as `router` says).
+pub fn route_sigmoid_biased(
+    logits: &[f32],
+    tokens: usize,
+    router: &SigmoidRouter,
+) -> Result<Routing> {
+    let experts = router.correction_bias.len();
+    let top_k = router.top_k;
+    check_router(logits, tokens, experts, top_k)?;
+    let mut indices = Vec::with_capacity(tokens * top_k);
+    let mut weights = Vec::with_capacity(tokens * top_k);
+    let mut order = Vec::with_capacity(experts);
+    let mut scores = vec![0f32; experts];
+    let mut choice = vec![0f32; experts];
+    for row in logits.chunks_exact(experts) {
+        for ((s, c), (&l, &b)) in scores
+            .iter_mut()
+            .zip(choice.iter_mut())
+            .zip(row.iter().zip(&router.correction_bias))
+        {
+            *s = 1.0 / (1.0 + (-l).exp());
+            *c = *s + b;
+        }
+        top_k_of(&choice, top_k, &mut order);
+        let chosen: Vec<f32> = order.iter().map(|&e| scores[e as usize]).collect();
+        let denom = if router.normalize {
+            chosen.iter().sum::<f32>() + 1e-20
+        } else {
+            1.0
+        };
+        indices.extend_from_slice(&order);
+        weights.extend(chosen.iter().map(|w| w / denom * router.scale));
+    }
+    Ok(Routing {
+        top_k,
+        indices,
+        weights,
+    })
+}
+
+/// One layer's routed experts as the dispatch sees them: `run(e, xs, n, out)` computes expert
+/// `e` on `xs [n, hidden]` into `out [n, hidden]` (overwritten).
+pub trait ExpertFfn: Sync {
+    fn experts(&self) -> usize;
+    fn hidden(&self) -> usize;
+    fn run(&self, expert: usize, xs: &[f32], n: usize, out: &mut [f32]) -> Result<()>;
+}
+
+/// Runs the routed experts on `x [tokens, hidden]` and writes `Σ_k weight_k · expert_k(x)` to
+/// `out [tokens, hidden]` (overwritten). Only experts named in `routing` run, each once.
+pub fn dispatch(
+    x: &[f32],
+    routing: &Routing,
+    tokens: usize,
+    ffn: &dyn ExpertFfn,
+    out: &mut [f32],
+) -> Result<()> {
+    let h = ffn.hidden();
+    if x.len() != tokens * h
+        || out.len() != tokens * h
+        || routing.indices.len() != tokens * routing.top_k
+    {
+        candle_core::bail!(
+            "moe: activations, output or routing do not match {tokens} tokens of {h} features"
+        );
+    }
+    if let Some(&bad) = routing
+        .indices
+        .iter()
+        .find(|&&e| e as usize >= ffn.experts())
+    {
+        candle_core::bail!(
+            "moe: routing names expert {bad}, the layer has {}",
+            ffn.experts()
+        );
+    }
+    out.fill(0.0);
+    for (e, members) in group_by_expert(routing, ffn.experts()) {
+        let n = members.len();
+        let mut xs = Vec::with_capacity(n * h);
+        for &(t, _) in &members {
+            xs.extend_from_slice(&x[t * h..(t + 1) * h]);
+        }
+        let mut y = vec![0f32; n * h];
+        ffn.run(e, &xs, n, &mut y)?;
+        for (row, &(t, weight)) in y.chunks_exact(h).zip(&members) {
+            let dst = &mut out[t * h..(t + 1) * h];
+            for (d, v) in dst.iter_mut().zip(row) {
+                *d += weight * v;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `relu(x)²` in place (Nemotron-H's ungated experts, transformers' `relu2`).
+pub fn relu_squared(values: &mut [f32]) {
+    for v in values {
+        let r = v.max(0.0);
+        *v = r * r;
+    }
 }
 
 /// gpt-oss's clamped SwiGLU on interleaved `gate_up [n, 2I]` → `[n, I]`.
@@ -163,67 +297,56 @@ pub fn moe_cpu(
     out: &mut [f32],
 ) -> Result<()> {
     w.check()?;
-    let (h, i) = (w.hidden, w.intermediate);
-    if x.len() != tokens * h
-        || out.len() != tokens * h
-        || routing.indices.len() != tokens * routing.top_k
-    {
-        candle_core::bail!(
-            "moe: activations, output or routing do not match {tokens} tokens of {h} features"
-        );
+    dispatch(x, routing, tokens, w, out)
+}
+
+/// gpt-oss's MXFP4 SwiGLU experts (biases included in each expert's output).
+impl ExpertFfn for MoeWeightsRef<'_> {
+    fn experts(&self) -> usize {
+        self.experts
     }
-    if let Some(&bad) = routing.indices.iter().find(|&&e| e as usize >= w.experts) {
-        candle_core::bail!(
-            "moe: routing names expert {bad}, the layer has {}",
-            w.experts
-        );
+
+    fn hidden(&self) -> usize {
+        self.hidden
     }
-    out.fill(0.0);
-    let gu_block_bytes = 2 * i * h / BLOCK_VALUES * BLOCK_BYTES;
-    let gu_scale_bytes = 2 * i * h / BLOCK_VALUES;
-    let dn_block_bytes = h * i / BLOCK_VALUES * BLOCK_BYTES;
-    let dn_scale_bytes = h * i / BLOCK_VALUES;
-    for (e, members) in group_by_expert(routing, w.experts) {
-        let n = members.len();
-        let mut xs = Vec::with_capacity(n * h);
-        for &(t, _) in &members {
-            xs.extend_from_slice(&x[t * h..(t + 1) * h]);
-        }
+
+    fn run(&self, e: usize, xs: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        let (h, i) = (self.hidden, self.intermediate);
+        let gu_block_bytes = 2 * i * h / BLOCK_VALUES * BLOCK_BYTES;
+        let gu_scale_bytes = 2 * i * h / BLOCK_VALUES;
+        let dn_block_bytes = h * i / BLOCK_VALUES * BLOCK_BYTES;
+        let dn_scale_bytes = h * i / BLOCK_VALUES;
         let mut gate_up = vec![0f32; n * 2 * i];
         mxfp4::mxfp4_matmul_cpu(
-            &xs,
-            &w.gate_up_blocks[e * gu_block_bytes..(e + 1) * gu_block_bytes],
-            &w.gate_up_scales[e * gu_scale_bytes..(e + 1) * gu_scale_bytes],
+            xs,
+            &self.gate_up_blocks[e * gu_block_bytes..(e + 1) * gu_block_bytes],
+            &self.gate_up_scales[e * gu_scale_bytes..(e + 1) * gu_scale_bytes],
             n,
             h,
             2 * i,
             &mut gate_up,
         )?;
-        let gu_bias = &w.gate_up_bias[e * 2 * i..(e + 1) * 2 * i];
+        let gu_bias = &self.gate_up_bias[e * 2 * i..(e + 1) * 2 * i];
         for row in gate_up.chunks_exact_mut(2 * i) {
             row.iter_mut().zip(gu_bias).for_each(|(v, b)| *v += b);
         }
         let mut act = vec![0f32; n * i];
-        clamped_swiglu(&gate_up, w.swiglu, &mut act);
-        let mut y = vec![0f32; n * h];
+        clamped_swiglu(&gate_up, self.swiglu, &mut act);
         mxfp4::mxfp4_matmul_cpu(
             &act,
-            &w.down_blocks[e * dn_block_bytes..(e + 1) * dn_block_bytes],
-            &w.down_scales[e * dn_scale_bytes..(e + 1) * dn_scale_bytes],
+            &self.down_blocks[e * dn_block_bytes..(e + 1) * dn_block_bytes],
+            &self.down_scales[e * dn_scale_bytes..(e + 1) * dn_scale_bytes],
             n,
             i,
             h,
-            &mut y,
+            y,
         )?;
-        let dn_bias = &w.down_bias[e * h..(e + 1) * h];
-        for (row, &(t, weight)) in y.chunks_exact(h).zip(&members) {
-            let dst = &mut out[t * h..(t + 1) * h];
-            for ((d, v), b) in dst.iter_mut().zip(row).zip(dn_bias) {
-                *d += weight * (v + b);
-            }
+        let dn_bias = &self.down_bias[e * h..(e + 1) * h];
+        for row in y.chunks_exact_mut(h) {
+            row.iter_mut().zip(dn_bias).for_each(|(v, b)| *v += b);
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// One MoE layer's experts, owned: packed bytes stay in the checkpoint mapping, biases as f32.
@@ -343,6 +466,84 @@ mod tests {
         for (g, w) in r.weights.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{g} vs {w}");
         }
+    }
+
+    #[test]
+    fn sigmoid_router_chooses_with_bias_and_weighs_without() {
+        // Scores σ(l): expert 0 is best by score, but the bias makes 2 and 3 the choice.
+        let logits = [2.0f32, 0.0, -1.0, 0.5];
+        let router = SigmoidRouter {
+            top_k: 2,
+            correction_bias: vec![0.0, 0.0, 1.0, 0.5],
+            normalize: true,
+            scale: 2.5,
+        };
+        let r = route_sigmoid_biased(&logits, 1, &router).unwrap();
+        assert_eq!(r.indices, vec![2, 3]);
+        let s = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let (a, b) = (s(-1.0), s(0.5));
+        assert!((r.weights[0] - 2.5 * a / (a + b)).abs() < 1e-6);
+        assert!((r.weights[1] - 2.5 * b / (a + b)).abs() < 1e-6);
+        let plain = SigmoidRouter {
+            normalize: false,
+            scale: 1.0,
+            ..router
+        };
+        let r = route_sigmoid_biased(&logits, 1, &plain).unwrap();
+        assert!((r.weights[0] - a).abs() < 1e-7 && (r.weights[1] - b).abs() < 1e-7);
+    }
+
+    /// An expert `e` that scales its input by `e + 1` and counts how often it ran.
+    struct Scaling {
+        runs: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl ExpertFfn for Scaling {
+        fn experts(&self) -> usize {
+            4
+        }
+        fn hidden(&self) -> usize {
+            2
+        }
+        fn run(&self, e: usize, xs: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+            assert_eq!(xs.len(), n * 2);
+            self.runs.lock().unwrap().push(e);
+            for (o, x) in out.iter_mut().zip(xs) {
+                *o = x * (e + 1) as f32;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn dispatch_runs_each_active_expert_once_and_weighs_outputs() {
+        let ffn = Scaling {
+            runs: Default::default(),
+        };
+        let x = [1.0, 2.0, -1.0, 0.5];
+        let routing = Routing {
+            top_k: 2,
+            indices: vec![1, 3, 3, 0],
+            weights: vec![0.5, 0.25, 1.0, 2.0],
+        };
+        let mut out = [9f32; 4];
+        dispatch(&x, &routing, 2, &ffn, &mut out).unwrap();
+        assert_eq!(
+            *ffn.runs.lock().unwrap(),
+            vec![0, 1, 3],
+            "expert 2 never runs"
+        );
+        // Token 0: 0.5·2x + 0.25·4x = 2x; token 1: 1.0·4x + 2.0·1x = 6x.
+        assert_eq!(out, [2.0, 4.0, -6.0, 3.0]);
+        let bad = Routing {
+            top_k: 1,
+            indices: vec![7, 0],
+            weights: vec![1.0, 1.0],
+        };
+        assert!(dispatch(&x, &bad, 2, &ffn, &mut out).is_err());
+        let mut v = [-2.0, 0.0, 3.0];
+        relu_squared(&mut v);
+        assert_eq!(v, [0.0, 0.0, 9.0]);
     }
 
     #[test]

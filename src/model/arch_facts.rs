@@ -1,12 +1,14 @@
 //! Facts `show` reports that a family defines its own way and the generic header walk in
 //! [`super::inspect`] cannot know: gpt-oss counts its parameters as OpenAI does (active = what one
 //! token touches: attention, router, top-k experts and the unembedding, not the embedding table),
-//! and models with sliding-window attention report the window.
+//! models with sliding-window attention report the window, and Nemotron-H its layer pattern and
+//! per-sequence recurrent state.
 
 use serde_json::Value;
 
 use super::inspect::ModelMetadata;
 use crate::arch::gpt_oss::GptOssConfig;
+use crate::arch::nemotron_h::NemotronHConfig;
 
 /// Refines `meta` (already filled from config.json and tensor headers) with family facts.
 pub fn apply(config: &Value, meta: &mut ModelMetadata) {
@@ -25,6 +27,16 @@ pub fn apply(config: &Value, meta: &mut ModelMetadata) {
             let (total, active) = c.parameter_counts();
             meta.parameters = Some(total);
             meta.active_parameters = Some(active);
+        }
+    }
+    if meta.architecture.as_deref() == Some("nemotron_h") {
+        if let Ok(c) = NemotronHConfig::from_value(config) {
+            let (total, active) = c.parameter_counts();
+            meta.parameters = Some(total);
+            meta.active_parameters = Some(active);
+            meta.layers = Some(c.layers.len() as u64);
+            meta.layer_pattern = Some(c.pattern());
+            meta.recurrent_state_bytes = Some(c.state_bytes_per_sequence());
         }
     }
 }
@@ -79,6 +91,25 @@ mod tests {
         assert!((20.85e9..20.95e9).contains(&(total as f64)), "{total}");
         assert!((3.58e9..3.64e9).contains(&(active as f64)), "{active}");
         assert_eq!(meta.sliding_window, Some(128));
+    }
+
+    #[test]
+    fn nemotron_3_nano_is_31_6b_total_3_2b_active_with_its_pattern_and_state() {
+        let mut meta = ModelMetadata {
+            architecture: Some("nemotron_h".into()),
+            ..Default::default()
+        };
+        apply(&crate::arch::nemotron_h::tests::nano_30b(), &mut meta);
+        let (total, active) = (meta.parameters.unwrap(), meta.active_parameters.unwrap());
+        assert!((31.5e9..31.7e9).contains(&(total as f64)), "{total}");
+        assert!((3.1e9..3.3e9).contains(&(active as f64)), "{active}");
+        let pattern = meta.layer_pattern.unwrap();
+        assert_eq!(pattern.len(), 52);
+        assert_eq!(pattern.matches('M').count(), 23);
+        assert_eq!(
+            meta.recurrent_state_bytes,
+            Some(23 * (3 * 6144 + 4096 * 128) * 4)
+        );
     }
 
     #[test]

@@ -36,6 +36,13 @@ pub struct ModelMetadata {
     /// Attention window of the sliding-window layers, when the model has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<u64>,
+    /// Block kinds in order for hybrid models (Nemotron-H: `M` Mamba2, `E` MoE, `*` attention,
+    /// `-` MLP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_pattern: Option<String>,
+    /// Recurrent (Mamba conv + SSM) state bytes one sequence holds, whatever its length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recurrent_state_bytes: Option<u64>,
     /// Weight storage, e.g. `bf16`, `mxfp4+bf16`, `Q4_K_M`.
     pub quantization: String,
     /// KV-cache profiles this model can run with.

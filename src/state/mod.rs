@@ -90,7 +90,7 @@ pub fn blocks_for(tokens: usize) -> usize {
 }
 
 /// One block of one layer's keys/values: a store of capacity [`BLOCK_TOKENS`].
-pub type KvBlock = Arc<Box<dyn KvStore>>;
+pub type KvBlock = Arc<dyn KvStore>;
 
 /// Keys and values of one attention layer for one sequence, in blocks.
 pub struct PagedKv {
@@ -140,7 +140,7 @@ impl PagedKv {
             let offset = self.len % BLOCK_TOKENS;
             if offset == 0 {
                 let store = new_store(self.profile, self.layout, self.dtype, &self.device)?;
-                self.blocks.push(Arc::new(store));
+                self.blocks.push(Arc::from(store));
             }
             let n = (BLOCK_TOKENS - offset).min(t - done);
             let block = self.blocks.last_mut().expect("a block was just ensured");
@@ -220,21 +220,48 @@ impl PagedKv {
     }
 }
 
-/// State a recurrent layer (e.g. a Mamba mixer) keeps per sequence instead of keys/values.
-pub trait RecurrentState: Send {
+/// State a recurrent layer (a Mamba mixer: conv window and SSM state) keeps per sequence instead
+/// of keys/values: f32 buffers whose sizes and meaning the model gives. It summarises every token
+/// read, so without a snapshot it can only be rewound to the start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecurrentState {
+    pub buffers: Vec<Vec<f32>>,
+}
+
+impl RecurrentState {
+    /// Zeroed buffers of the given lengths.
+    pub fn zeros(lengths: &[usize]) -> Self {
+        Self {
+            buffers: lengths.iter().map(|&n| vec![0.0; n]).collect(),
+        }
+    }
+
     /// Bytes held.
-    fn allocated_bytes(&self) -> usize;
-    /// Rewinds to at most `len` tokens and returns the length actually kept: a recurrent state
-    /// summarises every token it has seen, so without a snapshot it can only go back to 0.
-    fn rewind(&mut self, len: usize, current: usize) -> usize;
+    pub fn allocated_bytes(&self) -> usize {
+        self.buffers.iter().map(|b| 4 * b.len()).sum()
+    }
+
+    /// Rewinds to at most `len` of `current` tokens and returns the length kept: all of them,
+    /// or none (the state is reset and the caller re-reads what it wanted kept).
+    pub fn rewind(&mut self, len: usize, current: usize) -> usize {
+        if len >= current {
+            current
+        } else {
+            self.reset();
+            0
+        }
+    }
+
     /// Forgets everything.
-    fn reset(&mut self);
+    pub fn reset(&mut self) {
+        self.buffers.iter_mut().for_each(|b| b.fill(0.0));
+    }
 }
 
 /// One layer's state.
 pub enum LayerState {
     Kv(PagedKv),
-    Recurrent(Box<dyn RecurrentState>),
+    Recurrent(RecurrentState),
 }
 
 /// The state of one sequence across all layers, and its share of the block pool.
@@ -343,6 +370,17 @@ impl SequenceState {
             Some(LayerState::Kv(kv)) => Ok(kv),
             Some(LayerState::Recurrent(_)) => {
                 candle_core::bail!("layer {i} keeps recurrent state, not keys/values")
+            }
+            None => candle_core::bail!("the sequence state has no layer {i}"),
+        }
+    }
+
+    /// The recurrent state of layer `i`, if that layer keeps one.
+    pub fn recurrent_mut(&mut self, i: usize) -> Result<&mut RecurrentState> {
+        match self.layers.get_mut(i) {
+            Some(LayerState::Recurrent(r)) => Ok(r),
+            Some(LayerState::Kv(_)) => {
+                candle_core::bail!("layer {i} keeps keys/values, not a recurrent state")
             }
             None => candle_core::bail!("the sequence state has no layer {i}"),
         }

@@ -1,0 +1,232 @@
+//! `xllm quantize SOURCE --type TYPE [--output FILE | --name NAME] [--dry-run]`: renders the plan,
+//! checks disk space, drives [`crate::quantize::execute`] with a progress bar, and registers the
+//! result in the store for `--name`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+
+use super::QuantizeArgs;
+use crate::quantize::{self, FileType, Prepared};
+use crate::store::manifest::{
+    FileEntry, GgufVariant, Manifest, Source as ManifestSource, SCHEMA_VERSION,
+};
+use crate::store::{human_bytes, ModelFormat, Store};
+
+/// The file or folder a SOURCE argument names: a path on disk, else a model in the store.
+fn source_path(source: &str) -> anyhow::Result<PathBuf> {
+    let p = Path::new(source);
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    let opened = crate::store::resolve::open_model(source)?;
+    Ok(opened.gguf_file.unwrap_or(opened.dir))
+}
+
+fn shape_text(ne: &[u64]) -> String {
+    ne.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(" x ")
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn print_plan(p: &Prepared, json: bool) -> anyhow::Result<()> {
+    if json {
+        let tensors: Vec<serde_json::Value> = p
+            .tensors
+            .iter()
+            .map(|(_, t)| {
+                serde_json::json!({
+                    "name": t.name,
+                    "role": t.role.name(),
+                    "shape": t.ne,
+                    "source_type": t.source_type.name(),
+                    "target_type": t.target_type.name(),
+                    "bytes": t.bytes,
+                    "fallback": t.note,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "type": p.ftype.name(),
+            "tensors": tensors,
+            "output_bytes": p.total_bytes,
+            "source_bytes": p.source_bytes,
+            "fallbacks": p.fallbacks(),
+        });
+        return emit(&format!("{}\n", serde_json::to_string_pretty(&doc)?));
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(["TENSOR", "ROLE", "SHAPE (ne0 x ne1 ...)", "TYPE", "BYTES"]);
+    for (_, t) in &p.tensors {
+        let mark = if t.note.is_some() { " *" } else { "" };
+        table.add_row([
+            t.name.clone(),
+            t.role.name().to_string(),
+            shape_text(&t.ne),
+            format!("{} -> {}{mark}", t.source_type, t.target_type),
+            human_bytes(t.bytes),
+        ]);
+    }
+    let mut text = format!("{table}\n");
+    for (_, t) in &p.tensors {
+        if let Some(n) = &t.note {
+            text.push_str(&format!("* {}: {n}\n", t.name));
+        }
+    }
+    text.push_str(&format!(
+        "{} tensors, {} -> {} ({}), output size {} ({} bytes){}\n",
+        p.tensors.len(),
+        human_bytes(p.source_bytes),
+        human_bytes(p.total_bytes),
+        p.ftype,
+        human_bytes(p.total_bytes),
+        p.total_bytes,
+        match p.fallbacks() {
+            0 => String::new(),
+            n => format!("; {n} tensors fall back to another type (row sizes)"),
+        }
+    ));
+    emit(&text)
+}
+
+fn default_output(source: &Path, ftype: FileType) -> PathBuf {
+    let stem = source
+        .file_stem()
+        .or_else(|| source.file_name())
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    PathBuf::from(format!("{stem}-{}.gguf", ftype.name()))
+}
+
+pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
+    let ftype = FileType::parse(&a.ty)?;
+    let path = source_path(&a.source)?;
+    let source = quantize::open_source(&path)?;
+    let prepared = quantize::prepare(source.as_ref(), ftype)?;
+    if a.dry_run {
+        return print_plan(&prepared, a.json);
+    }
+    let store = if a.name.is_some() {
+        Some(Store::open_default()?)
+    } else {
+        None
+    };
+    let (dest, model_dir) = match (&a.output, &a.name, &store) {
+        (Some(o), _, _) => (o.clone(), None),
+        (None, Some(name), Some(store)) => {
+            if name.is_empty()
+                || name.contains("..")
+                || name.starts_with('/')
+                || name.split('/').count() > 2
+            {
+                bail!("--name '{name}' is not a valid model name (use `name` or `org/name`)");
+            }
+            if store.find(name)?.is_some() {
+                bail!("model '{name}' is already in the store; remove it first (`xllm rm {name}`) or pick another --name");
+            }
+            let dir = store.model_dir(name);
+            let file = format!(
+                "{}-{}.gguf",
+                name.rsplit('/').next().unwrap_or(name),
+                ftype.name()
+            );
+            (dir.join(file), Some(dir))
+        }
+        _ => (default_output(&path, ftype), None),
+    };
+    let out_dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    if let Err(e) = quantize::ensure_disk_space(&out_dir, prepared.total_bytes) {
+        if let Some(d) = &model_dir {
+            let _ = std::fs::remove_dir(d);
+        }
+        return Err(e);
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let c = cancel.clone();
+        // Ctrl-C stops at the next chunk; the temp file is removed as the writer drops.
+        let _ = ctrlc::set_handler(move || c.store(true, Ordering::SeqCst));
+    }
+    let bar = indicatif::ProgressBar::new(prepared.total_bytes);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "quantizing {msg} ▕{bar:30}▏ {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let start = std::time::Instant::now();
+    let result = quantize::execute(source.as_ref(), &prepared, &dest, None, &cancel, &mut |p| {
+        bar.set_position(p.bytes_done);
+        bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
+    });
+    bar.finish_and_clear();
+    let written = match result {
+        Ok(w) => w,
+        Err(e) => {
+            if let Some(d) = &model_dir {
+                let _ = std::fs::remove_dir(d);
+            }
+            return Err(e);
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "wrote {} ({}, {} tensors, {}) in {secs:.1} s",
+        dest.display(),
+        ftype,
+        prepared.tensors.len(),
+        human_bytes(written.size)
+    );
+    if let (Some(dir), Some(name)) = (&model_dir, &a.name) {
+        let file = dest
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let mut metadata = crate::model::inspect::inspect_gguf(&dest).unwrap_or_default();
+        metadata.quantization = ftype.name().to_string();
+        let manifest = Manifest {
+            schema_version: SCHEMA_VERSION,
+            name: name.clone(),
+            source: ManifestSource {
+                repo: format!("quantized from {}", a.source),
+                revision: ftype.name().to_string(),
+                commit: String::new(),
+                endpoint: "local".into(),
+            },
+            format: ModelFormat::Gguf,
+            metadata,
+            gguf_variants: vec![GgufVariant {
+                quantization: ftype.name().to_string(),
+                file: file.clone(),
+            }],
+            files: vec![FileEntry {
+                path: file,
+                size: written.size,
+                sha256: written.sha256,
+            }],
+            pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        manifest.write(dir)?;
+        eprintln!("added '{name}' to the store ({})", dir.display());
+    }
+    Ok(())
+}

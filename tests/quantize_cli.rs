@@ -1,0 +1,196 @@
+//! `xllm quantize` end to end on the tiny llama fixture (safetensors): the plan, the file it
+//! writes (which xllm loads with the same perplexity as the safetensors model for F32, close for
+//! Q8_0), the store entry for `--name`, and the errors.
+
+mod common;
+
+use common::*;
+
+const TINY: &str = "tests/fixtures/tiny-llama";
+const TEXT: &str = "tests/fixtures/tiny-llama/text.txt";
+
+fn ppl(env: &Env, model: &str) -> f64 {
+    env.run(&["perplexity", model, "-f", TEXT, "--json"])
+        .ok()
+        .json()["perplexity"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let env = Env::new("http://127.0.0.1:9");
+    let out = env.dir.path().join("never.gguf");
+    let run = env
+        .run(&[
+            "quantize",
+            TINY,
+            "--type",
+            "Q4_K_M",
+            "--dry-run",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .ok();
+    assert!(
+        run.stdout.contains("blk.0.attn_q.weight") && run.stdout.contains("F32 -> Q5_0 *"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("falls back"), "{}", run.stdout);
+    assert!(run.stdout.contains("output size"), "{}", run.stdout);
+    assert!(!out.exists());
+    let plan = env
+        .run(&["quantize", TINY, "--type", "Q8_0", "--dry-run", "--json"])
+        .ok()
+        .json();
+    let tensors = plan["tensors"].as_array().unwrap();
+    let q = tensors
+        .iter()
+        .find(|t| t["name"] == "blk.1.ffn_up.weight")
+        .unwrap();
+    assert_eq!(
+        (q["role"].as_str(), q["target_type"].as_str()),
+        (Some("ffn"), Some("Q8_0"))
+    );
+    let norm = tensors
+        .iter()
+        .find(|t| t["name"] == "output_norm.weight")
+        .unwrap();
+    assert_eq!(norm["target_type"], "F32");
+    // The planned size is the file size.
+    let real = env.dir.path().join("q8.gguf");
+    env.run(&[
+        "quantize",
+        TINY,
+        "--type",
+        "Q8_0",
+        "-o",
+        real.to_str().unwrap(),
+    ])
+    .ok();
+    assert_eq!(
+        std::fs::metadata(&real).unwrap().len(),
+        plan["output_bytes"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn written_files_load_in_xllm_with_the_source_perplexity() {
+    let env = Env::new("http://127.0.0.1:9");
+    let base = ppl(&env, TINY);
+    for (ty, tol) in [
+        ("F32", 1e-6),
+        ("F16", 1e-3),
+        ("Q8_0", 1e-3),
+        ("Q4_K_M", 0.05),
+        ("Q2_K", 0.5),
+    ] {
+        let f = env.dir.path().join(format!("{ty}.gguf"));
+        env.run(&["quantize", TINY, "--type", ty, "-o", f.to_str().unwrap()])
+            .ok();
+        let p = ppl(&env, f.to_str().unwrap());
+        assert!(
+            (p / base - 1.0).abs() < tol,
+            "{ty}: perplexity {p} vs safetensors {base}"
+        );
+        // Re-quantizing our own GGUF works too (GGUF source).
+        if ty == "Q8_0" {
+            let g = env.dir.path().join("requant.gguf");
+            env.run(&[
+                "quantize",
+                f.to_str().unwrap(),
+                "--type",
+                "Q4_0",
+                "-o",
+                g.to_str().unwrap(),
+            ])
+            .ok();
+            assert!(ppl(&env, g.to_str().unwrap()).is_finite());
+        }
+    }
+}
+
+#[test]
+fn name_adds_a_store_model_with_its_quantization() {
+    let env = Env::new("http://127.0.0.1:9");
+    env.run(&["quantize", TINY, "--type", "Q8_0", "--name", "me/tiny-q8"])
+        .ok();
+    let list = env.run(&["list", "--json"]).ok().json();
+    let entry = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "me/tiny-q8")
+        .expect("listed");
+    assert_eq!(entry["quantization"], "Q8_0", "{entry}");
+    let show = env.run(&["show", "me/tiny-q8", "--json"]).ok().json();
+    assert_eq!(show["quantization"], "Q8_0", "{show}");
+    assert!(ppl(&env, "me/tiny-q8").is_finite());
+    // The store model is itself a quantize source; the name cannot be taken twice.
+    let out = env.dir.path().join("from-store.gguf");
+    env.run(&[
+        "quantize",
+        "me/tiny-q8",
+        "--type",
+        "Q4_0",
+        "-o",
+        out.to_str().unwrap(),
+    ])
+    .ok();
+    env.run(&["quantize", TINY, "--type", "Q8_0", "--name", "me/tiny-q8"])
+        .fails_with(1, "already in the store");
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_leave_no_file() {
+    let env = Env::new("http://127.0.0.1:9");
+    let out = env.dir.path().join("x.gguf");
+    let o = out.to_str().unwrap();
+    env.run(&["quantize", TINY, "--type", "Q7_K", "-o", o])
+        .fails_with(1, "valid types: F32, F16, BF16, Q8_0");
+    // An architecture without tensor roles.
+    let odd = env.dir.path().join("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    let cfg = serde_json::json!({"model_type": "rwkv7", "hidden_size": 48, "num_attention_heads": 4, "num_hidden_layers": 1});
+    std::fs::write(odd.join("config.json"), cfg.to_string()).unwrap();
+    env.run(&["quantize", odd.to_str().unwrap(), "--type", "Q8_0", "-o", o])
+        .fails_with(1, "no tensor roles for architecture 'rwkv7'");
+    // A corrupt source: a truncated GGUF.
+    let good = env.dir.path().join("good.gguf");
+    env.run(&[
+        "quantize",
+        TINY,
+        "--type",
+        "F16",
+        "-o",
+        good.to_str().unwrap(),
+    ])
+    .ok();
+    let bytes = std::fs::read(&good).unwrap();
+    let bad = env.dir.path().join("bad.gguf");
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    env.run(&["quantize", bad.to_str().unwrap(), "--type", "Q8_0", "-o", o])
+        .fails_with(1, "truncated");
+    // An extensionless blob (Ollama's store) is read by its magic.
+    let blob = env.dir.path().join("sha256-0123abcd");
+    std::fs::copy(&good, &blob).unwrap();
+    env.run(&[
+        "quantize",
+        blob.to_str().unwrap(),
+        "--type",
+        "Q8_0",
+        "-o",
+        o,
+    ])
+    .ok();
+    std::fs::remove_file(&out).unwrap();
+    // (Not enough disk space: `quantize::ensure_disk_space`'s unit test.)
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
