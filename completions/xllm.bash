@@ -49,6 +49,9 @@ _xllm() {
             xllm,show)
                 cmd="xllm__subcmd__show"
                 ;;
+            xllm,tokenize)
+                cmd="xllm__subcmd__tokenize"
+                ;;
             xllm__subcmd__help,bench)
                 cmd="xllm__subcmd__help__subcmd__bench"
                 ;;
@@ -82,6 +85,9 @@ _xllm() {
             xllm__subcmd__help,show)
                 cmd="xllm__subcmd__help__subcmd__show"
                 ;;
+            xllm__subcmd__help,tokenize)
+                cmd="xllm__subcmd__help__subcmd__tokenize"
+                ;;
             *)
                 ;;
         esac
@@ -89,7 +95,7 @@ _xllm() {
 
     case "${cmd}" in
         xllm)
-            opts="-h -V --help --version pull list show rm run perplexity bench quantize embed completions help"
+            opts="-h -V --help --version pull list show rm run perplexity bench quantize embed tokenize completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -103,7 +109,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__bench)
-            opts="-p -n -r -h -V --prompt-tokens --gen-tokens --repeats --json --device --threads --ctx --help --version"
+            opts="-p -n -r -h -V --prompt-tokens --gen-tokens --repeats --parallel --json --device --threads --ctx --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -130,6 +136,10 @@ _xllm() {
                     return 0
                     ;;
                 -r)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -205,7 +215,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help)
-            opts="pull list show rm run perplexity bench quantize embed completions help"
+            opts="pull list show rm run perplexity bench quantize embed tokenize completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -359,6 +369,20 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__help__subcmd__tokenize)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -578,6 +602,20 @@ _xllm() {
             ;;
         xllm__subcmd__show)
             opts="-h -V --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__tokenize)
+            opts="-h -V --no-bos --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

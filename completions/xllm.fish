@@ -35,6 +35,7 @@ complete -c xllm -n "__fish_xllm_needs_command" -f -a "perplexity" -d 'Measure p
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "quantize" -d 'Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "embed" -d 'Embedding vectors for texts (arguments, --file lines or stdin lines)'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "tokenize" -d 'Print the token ids and pieces of a text (like llama-tokenize)'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "completions" -d 'Print shell completions'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c xllm -n "__fish_xllm_using_subcommand pull" -l revision -d 'Branch, tag or commit to download' -r
@@ -84,6 +85,7 @@ complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -s V -l version -d
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s p -l prompt-tokens -d 'Prompt tokens to prefill' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s n -l gen-tokens -d 'Tokens to decode' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s r -l repeats -d 'Repetitions (the median is reported)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l parallel -d 'Run N sequences at once through the continuous-batching scheduler and report aggregate and per-sequence decode speed and time to first token' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l device -d 'Device: `cpu`, `cuda`, `cuda:N` or `metal` (default: the best available)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l threads -d 'CPU threads (default: all cores)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l ctx -d 'Context length to allocate (default: the model\'s, capped for memory)' -r
@@ -110,16 +112,21 @@ complete -c xllm -n "__fish_xllm_using_subcommand embed" -l no-truncate -d 'Refu
 complete -c xllm -n "__fish_xllm_using_subcommand embed" -s v -l verbose -d 'Print load and embed durations, token count and rate to stderr'
 complete -c xllm -n "__fish_xllm_using_subcommand embed" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c xllm -n "__fish_xllm_using_subcommand embed" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand tokenize" -l no-bos -d 'Do not add what the model adds to a raw prompt (BOS)'
+complete -c xllm -n "__fish_xllm_using_subcommand tokenize" -l json -d 'Print JSON (`ids` and `pieces`)'
+complete -c xllm -n "__fish_xllm_using_subcommand tokenize" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand tokenize" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "pull" -d 'Download a model from the Hugging Face Hub into the store (resumable, verified)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "list" -d 'List the models in the store'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "show" -d 'Show a model\'s architecture, parameters, quantization and files'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "rm" -d 'Remove models from the store (partial downloads included)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "run" -d 'Chat with a model (REPL), or answer one prompt and exit'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "perplexity" -d 'Measure perplexity of a model on a text file'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "quantize" -d 'Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "embed" -d 'Embedding vectors for texts (arguments, --file lines or stdin lines)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "completions" -d 'Print shell completions'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "pull" -d 'Download a model from the Hugging Face Hub into the store (resumable, verified)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "list" -d 'List the models in the store'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "show" -d 'Show a model\'s architecture, parameters, quantization and files'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "rm" -d 'Remove models from the store (partial downloads included)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "run" -d 'Chat with a model (REPL), or answer one prompt and exit'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "perplexity" -d 'Measure perplexity of a model on a text file'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "quantize" -d 'Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "embed" -d 'Embedding vectors for texts (arguments, --file lines or stdin lines)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "tokenize" -d 'Print the token ids and pieces of a text (like llama-tokenize)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "completions" -d 'Print shell completions'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

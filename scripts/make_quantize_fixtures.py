@@ -117,14 +117,25 @@ def quantize_all(src, tmp, tag):
 
 
 def convert_tiny_llama(dst):
-    """convert_hf_to_gguf.py on the fixture, with the unknown pre-tokenizer hash forced to gpt-2."""
+    """convert_hf_to_gguf.py on the fixture, with the unknown pre-tokenizer hash forced to gpt-2.
+
+    The fixture's config.json has no "architectures" (transformers wrote none), so the converter
+    gets a copy that names LlamaForCausalLM."""
+    import shutil
+    src = os.path.join(os.path.dirname(dst), "tiny-llama-hf")
+    shutil.copytree(os.path.join(ROOT, "tests/fixtures/tiny-llama"), src)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.setdefault("architectures", ["LlamaForCausalLM"])
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(cfg, f)
     code = (
         "import sys; sys.argv = ['convert_hf_to_gguf.py', %r, '--outtype', 'f32', '--outfile', %r]\n"
         "sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
         "import conversion.base as b\n"
         "b.TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2'\n"
         "import runpy; runpy.run_path(%r, run_name='__main__')\n"
-    ) % (os.path.join(ROOT, "tests/fixtures/tiny-llama"), dst, os.path.join(LCPP, "src", "gguf-py"),
+    ) % (src, dst, os.path.join(LCPP, "src", "gguf-py"),
          os.path.join(LCPP, "src"), os.path.join(LCPP, "src", "convert_hf_to_gguf.py"))
     subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
 

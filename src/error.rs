@@ -7,7 +7,8 @@ use crate::quant::QuantError;
 pub const EXIT_FAILURE: u8 = 1;
 /// Command-line usage error (clap uses 2 as well).
 pub const EXIT_USAGE: u8 = 2;
-/// `invalid quantization` or `unsupported quantization`: distinct so scripts can tell them apart.
+/// `invalid quantization` or `unsupported quantization` (also `xllm quantize --type` naming an
+/// unknown type, or one that cannot hold a tensor): distinct so scripts can tell them apart.
 pub const EXIT_QUANTIZATION: u8 = 3;
 /// The model is not in the store (or not complete) and nothing was asked to fetch it.
 pub const EXIT_NOT_FOUND: u8 = 4;
@@ -22,7 +23,14 @@ pub struct NotFound {
 /// The exit code for an error: the first typed error found in its chain decides.
 pub fn exit_code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
-        if cause.downcast_ref::<QuantError>().is_some() {
+        if cause.downcast_ref::<QuantError>().is_some()
+            || cause
+                .downcast_ref::<crate::quantize::types::UnknownType>()
+                .is_some()
+            || cause
+                .downcast_ref::<crate::quantize::plan::CannotHold>()
+                .is_some()
+        {
             return EXIT_QUANTIZATION;
         }
         if cause.downcast_ref::<NotFound>().is_some() {

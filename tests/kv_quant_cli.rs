@@ -256,7 +256,7 @@ fn bench_reports_quantized_kv_bytes_at_most_055_of_f16_and_03_of_f32() {
     assert!(
         text.stdout.contains(&format!(
             "kv cache: {} bytes allocated (ctx 4096)",
-            512 * 3 * 66 * 2
+            302usize.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS * 3 * 66 * 2
         )),
         "{}",
         text.stdout

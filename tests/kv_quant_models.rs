@@ -82,8 +82,8 @@ fn check(name: &str, profile: KvProfile, logit_tol: f64, ppl_tol: f64) {
     );
     let expected_bytes =
         profile.kv_bytes_per_token(info.cache_layers, info.kv_heads, info.head_dim, 4)
-            * f.ids.len().div_ceil(256)
-            * 256;
+            * f.ids.len().div_ceil(xllm::state::BLOCK_TOKENS)
+            * xllm::state::BLOCK_TOKENS;
     assert_eq!(cache.allocated_bytes(), expected_bytes);
 
     // Prefill, then one token at a time: every step's logits agree as well.
@@ -186,15 +186,25 @@ mod gpt_oss {
             model.forward(&tokens, &mut cache, false).unwrap()
         };
         let base = perplexity(&one_shot(KvProfile::Default), &tokens);
-        let (_, base_bytes) = chunked_logits(&model, KvProfile::Default, &tokens);
-        for (profile, drift) in [(KvProfile::KvInt8, 0.08), (KvProfile::KvFp8, 0.12)] {
+        let (base_chunked, base_bytes) = chunked_logits(&model, KvProfile::Default, &tokens);
+        // Unquantized, chunking changes only float rounding (f32 GEMMs over other row counts).
+        let noise = relative_error(&base_chunked, &one_shot(KvProfile::Default));
+        assert!(
+            noise < 1e-4,
+            "default: chunked vs one-shot logits differ by {noise}"
+        );
+        // Per-token scales: the same codes whatever the chunking, but for the odd code that flips
+        // on that float noise; one fp8 step (3 mantissa bits) is 1/8 of a value, an int8 step
+        // 1/127, hence the wider bound for fp8.
+        for (profile, drift, chunk_tol) in [
+            (KvProfile::KvInt8, 0.08, 5e-3),
+            (KvProfile::KvFp8, 0.12, 3e-2),
+        ] {
             let whole = one_shot(profile);
             let (chunked, bytes) = chunked_logits(&model, profile, &tokens);
-            // Per-token scales: the same codes whatever the chunking (but for the odd code that
-            // flips on float noise in K/V), so the same logits.
             let err = relative_error(&chunked, &whole);
             assert!(
-                err < 5e-3,
+                err < chunk_tol,
                 "{profile}: chunked vs one-shot logits differ by {err}"
             );
             let ppl = perplexity(&whole, &tokens);

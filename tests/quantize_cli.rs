@@ -142,13 +142,59 @@ fn name_adds_a_store_model_with_its_quantization() {
         .fails_with(1, "already in the store");
 }
 
+/// A llama-shaped F32 GGUF with rows of 48 elements, which Q8_0's 32-element blocks cannot hold.
+fn write_narrow_gguf(path: &std::path::Path) {
+    use xllm::quantize::gguf::{GgufWriter, Metadata, OutTensor, Value};
+    use xllm::quantize::GgmlType;
+    let mut md = Metadata::default();
+    md.set("general.architecture", Value::Str("llama".into()));
+    md.set("llama.block_count", Value::U32(1));
+    md.set("llama.embedding_length", Value::U32(48));
+    md.set("llama.attention.head_count", Value::U32(4));
+    let shapes: [(&str, Vec<u64>); 3] = [
+        ("token_embd.weight", vec![48, 8]),
+        ("output_norm.weight", vec![48]),
+        ("blk.0.attn_q.weight", vec![48, 48]),
+    ];
+    let outs: Vec<OutTensor> = shapes
+        .iter()
+        .map(|(n, ne)| OutTensor {
+            name: n.to_string(),
+            ne: ne.clone(),
+            ty: GgmlType::F32,
+            size: ne.iter().product::<u64>() * 4,
+        })
+        .collect();
+    let mut w = GgufWriter::create(path, &md, &outs, 32).unwrap();
+    for (_, ne) in &shapes {
+        let n = ne.iter().product::<u64>() as usize;
+        let bytes: Vec<u8> = (0..n)
+            .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+            .collect();
+        w.write(&bytes).unwrap();
+    }
+    w.finish().unwrap();
+}
+
 #[test]
 fn bad_requests_get_clear_errors_and_leave_no_file() {
     let env = Env::new("http://127.0.0.1:9");
     let out = env.dir.path().join("x.gguf");
     let o = out.to_str().unwrap();
+    // Quantization errors exit 3, like `xllm run model:Q7_K` (docs/quantization.md).
     env.run(&["quantize", TINY, "--type", "Q7_K", "-o", o])
-        .fails_with(1, "valid types: F32, F16, BF16, Q8_0");
+        .fails_with(3, "valid types: F32, F16, BF16, Q8_0");
+    let narrow = env.dir.path().join("narrow.gguf");
+    write_narrow_gguf(&narrow);
+    env.run(&[
+        "quantize",
+        narrow.to_str().unwrap(),
+        "--type",
+        "Q8_0",
+        "-o",
+        o,
+    ])
+    .fails_with(3, "Q8_0 cannot hold tensor 'token_embd.weight'");
     // An architecture without tensor roles.
     let odd = env.dir.path().join("odd");
     std::fs::create_dir_all(&odd).unwrap();

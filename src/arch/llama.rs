@@ -12,9 +12,10 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use super::bf16_linear::Bf16Matrix;
 use super::cpu_attention::cpu_attention;
 use super::mask::causal_mask;
-use super::qlinear::{BlockFormat, QuantMatrix};
 use super::rope::{Rope, RopeLayout};
 use super::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, Span, WeightSource};
+use crate::kernels::ggml_types::GgmlType;
+use crate::kernels::quant_blocks::QuantMatrix;
 use crate::model::config::{LlamaConfig, RopeConfig, RopeScaling};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::SafetensorsWeights;
@@ -93,8 +94,9 @@ pub enum Weight {
     Dense(Tensor),
     /// GGUF blocks through candle's quantized matmul (f32 activations).
     Quantized(Arc<QTensor>),
-    /// GGUF Q4_1 / Q8_0 through our own CPU kernels (candle's Q4_1 is scalar on x86, its Q8_0
-    /// slower); also serves embedding lookups, so a tied LM head shares the table.
+    /// GGUF blocks (every type but IQ/ternary) through our own CPU kernels (candle's are scalar
+    /// in a baseline x86-64 build); also serves embedding lookups, so a tied LM head shares the
+    /// table.
     OwnQuant(Arc<QuantMatrix>),
     /// bf16 safetensors weights kept as stored, through our own kernel (CPU).
     Bf16(Arc<Bf16Matrix>),
@@ -369,14 +371,12 @@ impl Loader for GgufLoader<'_> {
                 q.dequantize(&self.options.device)?
                     .to_dtype(self.options.dtype)?,
             ),
-            dtype if self.options.device.is_cpu() && BlockFormat::of(dtype).is_some() => {
+            dtype if self.options.device.is_cpu() => {
                 let (rows, cols) = q.shape().dims2()?;
-                Weight::OwnQuant(Arc::new(QuantMatrix::new(
-                    BlockFormat::of(dtype).unwrap(),
-                    q.data()?.into_owned(),
-                    rows,
-                    cols,
-                )?))
+                let ty = GgmlType::from_candle(dtype);
+                let m = QuantMatrix::new(ty, q.data()?.into_owned(), rows, cols)
+                    .with_context(|| format!("tensor '{name}' in {}", self.file.path.display()))?;
+                Weight::OwnQuant(Arc::new(m))
             }
             _ => Weight::Quantized(Arc::new(q)),
         })
@@ -396,12 +396,20 @@ impl Loader for GgufLoader<'_> {
     }
 
     fn format(&self) -> String {
-        // The type of most matrices (the embedding is often kept at a higher precision).
+        // The file type (`Q4_K_M`) when stored: a k-quant file mixes several block types.
+        if let Some(name) = self
+            .file
+            .get_usize("general.file_type")
+            .and_then(|id| crate::kernels::ggml_types::file_type_name(id as u32))
+        {
+            return name.to_string();
+        }
+        // Else the type of most matrices (the embedding is often kept at a higher precision).
         let mut counts = std::collections::HashMap::new();
         for info in self.file.content.tensor_infos.values() {
             if info.shape.rank() == 2 {
                 *counts
-                    .entry(format!("{:?}", info.ggml_dtype))
+                    .entry(GgmlType::from_candle(info.ggml_dtype).name.to_string())
                     .or_insert(0usize) += 1;
             }
         }

@@ -18,7 +18,6 @@ pub mod encoder;
 pub mod llama;
 mod mask;
 pub mod nemotron_h;
-pub mod qlinear;
 pub mod rope;
 
 /// Which logits one sequence of a batch wants back.

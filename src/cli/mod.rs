@@ -18,6 +18,7 @@ pub mod rm;
 pub mod run;
 pub mod serve;
 pub mod show;
+pub mod tokenize;
 pub mod turn_view;
 
 /// Run open-weight LLMs from the Hugging Face Hub, straight from safetensors or GGUF.
@@ -51,6 +52,8 @@ pub enum Command {
     Quantize(QuantizeArgs),
     /// Embedding vectors for texts (arguments, --file lines or stdin lines).
     Embed(EmbedArgs),
+    /// Print the token ids and pieces of a text (like llama-tokenize).
+    Tokenize(TokenizeArgs),
     /// Print shell completions.
     Completions(CompletionsArgs),
 }
@@ -240,6 +243,20 @@ pub struct PerplexityArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// Model name (with optional `:quantization`), local directory or .gguf file.
+    pub model: String,
+    /// Text to tokenize.
+    pub text: String,
+    /// Do not add what the model adds to a raw prompt (BOS).
+    #[arg(long)]
+    pub no_bos: bool,
+    /// Print JSON (`ids` and `pieces`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Model name, local directory or .gguf file.
     pub model: String,
@@ -351,6 +368,7 @@ pub fn main() -> ExitCode {
         Command::Bench(a) => run::with_thread_pool(a.runtime.threads, || bench::run(a)),
         Command::Quantize(a) => run::with_thread_pool(a.threads, || quantize::run(a)),
         Command::Embed(a) => run::with_thread_pool(a.threads, || embed::run(a)),
+        Command::Tokenize(a) => tokenize::run(a),
         Command::Completions(a) => completions::run(a),
     };
     match result {

@@ -244,6 +244,14 @@ fn render_text(
             .clone()
             .unwrap_or_else(|| m.quantization.clone()),
     );
+    if !m.tensor_types.is_empty() {
+        let types: Vec<String> = m
+            .tensor_types
+            .iter()
+            .map(|(t, n)| format!("{t} ×{n}"))
+            .collect();
+        row(&mut s, "tensor types", types.join(", "));
+    }
     if let Some(man) = model
         .manifest
         .as_ref()

@@ -82,6 +82,24 @@ fn sampling_from_generation_config(gen: Option<&Value>) -> SamplingParams {
     p
 }
 
+/// The tokenizer of `resolved` alone (no weights read): `xllm tokenize`.
+pub fn load_tokenizer(resolved: &ResolvedModel) -> anyhow::Result<TextTokenizer> {
+    match resolved.format {
+        ModelFormat::Safetensors => {
+            let dir = &resolved.dir;
+            let config = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
+            TextTokenizer::from_dir(dir, &token_ids(config.get("eos_token_id")))
+        }
+        ModelFormat::Gguf => {
+            let path = resolved
+                .gguf_file
+                .as_ref()
+                .context("GGUF model without a .gguf file")?;
+            TextTokenizer::from_gguf(&GgufFile::open(path)?)
+        }
+    }
+}
+
 /// Loads weights, tokenizer and template of `resolved`.
 pub fn load(resolved: &ResolvedModel, options: &LoadOptions) -> anyhow::Result<LoadedModel> {
     let t0 = Instant::now();

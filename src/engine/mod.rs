@@ -6,6 +6,7 @@
 pub mod chat_template;
 pub mod embed;
 pub mod generate;
+mod gguf_tokenizer;
 pub mod harmony;
 pub mod load;
 pub mod memory_plan;

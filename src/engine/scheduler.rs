@@ -555,6 +555,14 @@ fn sample_and_emit(
     };
     a.stats.eval_duration += t0.elapsed();
     if eos_allowed && tokenizer.is_eos(token) {
+        // The stop token is generated output (counted, reported with its log-probability, as
+        // llama.cpp, Ollama and vLLM count it) but shows no text and is never fed back.
+        a.stats.eval_count += 1;
+        a.emit(SeqEvent::Output {
+            outputs: Vec::new(),
+            tokens: vec![token],
+            logprobs,
+        });
         return Ok(Some(FinishReason::Stop));
     }
     a.tokens.push(token);

@@ -1,18 +1,14 @@
 //! Tokenizer from a model folder (`tokenizer.json` + `tokenizer_config.json`) or built from GGUF
-//! metadata (`tokenizer.ggml.*`, gpt2-style byte-level BPE), with the special tokens and chat
-//! template the engine needs, and a streaming decoder that never emits half a UTF-8 character.
+//! metadata (`tokenizer.ggml.*`: byte-level BPE or SentencePiece, see `gguf_tokenizer`), with the
+//! special tokens and chat template the engine needs, and a streaming decoder that never emits
+//! half a UTF-8 character.
 
 use std::path::Path;
 use std::str::FromStr;
 
 use anyhow::{bail, Context};
 use serde_json::Value;
-use tokenizers::models::bpe::BPE;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::Tokenizer;
 
 use crate::model::gguf::GgufFile;
 
@@ -139,94 +135,25 @@ impl TextTokenizer {
         })
     }
 
-    /// Builds the tokenizer a GGUF file describes.
+    /// Builds the tokenizer a GGUF file describes (`engine::gguf_tokenizer`).
     pub fn from_gguf(file: &GgufFile) -> anyhow::Result<Self> {
-        let kind = file.get_str("tokenizer.ggml.model").unwrap_or("");
-        if kind != "gpt2" {
-            bail!(
-                "{}: tokenizer type '{kind}' is not supported yet (supported: gpt2 byte-level BPE); use the safetensors model with its tokenizer.json",
-                file.path.display()
-            );
-        }
-        let strings = |key: &str| -> anyhow::Result<Vec<String>> {
-            file.get(key)
-                .with_context(|| format!("{} lacks '{key}'", file.path.display()))?
-                .to_vec()?
-                .iter()
-                .map(|v| Ok(v.to_string()?.clone()))
-                .collect()
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .filter_map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-            })
-            .collect();
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        // The `tokenizers` BPE builder panics when a merged pair is longer than every token:
-        // check each merge against the vocabulary first.
-        for (i, (a, b)) in merges.iter().enumerate() {
-            let merged = format!("{a}{b}");
-            let missing = [a, b, &merged]
-                .into_iter()
-                .find(|t| !vocab.contains_key(*t))
-                .cloned();
-            if let Some(missing) = missing {
-                bail!(
-                    "{}: merge {i} of 'tokenizer.ggml.merges' ({a:?} + {b:?}) needs the token {missing:?}, which 'tokenizer.ggml.tokens' lacks",
-                    file.path.display()
-                );
-            }
-        }
-        let bpe = crate::guard::catch_panic("building the GGUF tokenizer", || {
-            BPE::builder()
-                .vocab_and_merges(vocab, merges)
-                .build()
-                .map_err(|e| anyhow::anyhow!("cannot build the BPE tokenizer from GGUF: {e}"))
-        })?;
-        let mut inner = Tokenizer::new(bpe);
-        let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("default");
-        inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
-        inner.with_decoder(Some(ByteLevel::default()));
-        // Control (3) and user-defined (4) tokens are matched whole in the text, like llama.cpp.
-        let types: Vec<i64> = file
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.to_vec().ok())
-            .map(|v| {
-                v.iter()
-                    .map(|t| t.to_i32().map(i64::from).unwrap_or(1))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !types.is_empty() && types.len() != tokens.len() {
-            bail!(
-                "{}: metadata 'tokenizer.ggml.token_type' has {} entries for {} tokens in 'tokenizer.ggml.tokens'",
-                file.path.display(),
-                types.len(),
-                tokens.len()
-            );
-        }
-        let specials: Vec<AddedToken> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(i, &t)| AddedToken::from(tokens[i].clone(), t == 3))
-            .collect();
-        inner
-            .add_special_tokens(specials)
-            .map_err(|e| anyhow::anyhow!("cannot add GGUF special tokens: {e}"))?;
+        let (inner, vocab) = super::gguf_tokenizer::build(file)?;
+        let tokens = &vocab.tokens;
         let id = |key: &str| file.get_usize(key).and_then(|v| u32::try_from(v).ok());
         let bos_id = id("tokenizer.ggml.bos_token_id");
         let eos_id = id("tokenizer.ggml.eos_token_id");
         let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
         eos_ids.extend(id("tokenizer.ggml.eot_token_id"));
         eos_ids.extend(id("tokenizer.ggml.eom_token_id"));
+        // End-of-turn tokens llama.cpp also stops at (its end-of-generation heuristics) when the
+        // file names none: Gemma's `<end_of_turn>` is not its `eos_token_id`.
+        for text in ["<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>"] {
+            if let Some(i) = inner.token_to_id(text) {
+                if vocab.types.get(i as usize) == Some(&3) {
+                    eos_ids.push(i);
+                }
+            }
+        }
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
@@ -235,10 +162,11 @@ impl TextTokenizer {
             eos_token: name(eos_id),
             bos_id,
             eos_ids,
+            // llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones do not.
             add_bos: file
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false),
+                .unwrap_or(file.get_str("tokenizer.ggml.model") == Some("llama")),
             chat_template: file.get_str("tokenizer.chat_template").map(str::to_string),
             inner,
             growth: 1.0,
@@ -344,6 +272,13 @@ impl TextTokenizer {
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
     }
 
+    /// The text one token stands for, special tokens included (`xllm tokenize`).
+    pub fn piece(&self, id: u32) -> anyhow::Result<String> {
+        self.inner
+            .decode(&[id], false)
+            .map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -355,36 +290,6 @@ impl TextTokenizer {
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos_ids.contains(&id)
     }
-}
-
-/// Pre-tokenizer for llama.cpp's `tokenizer.ggml.pre` names.
-fn pre_tokenizer(pre: &str) -> anyhow::Result<PreTokenizerWrapper> {
-    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    let split = |regex: &str| -> anyhow::Result<PreTokenizerWrapper> {
-        let split = Split::new(
-            SplitPattern::Regex(regex.into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| anyhow::anyhow!("bad pre-tokenizer regex: {e}"))?;
-        Ok(Sequence::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, false).into(),
-        ])
-        .into())
-    };
-    Ok(match pre {
-        "llama3" | "llama-bpe" | "smaug-bpe" | "falcon3" => split(LLAMA3)?,
-        "qwen2" | "deepseek-r1-qwen" => split(QWEN2)?,
-        // StarCoder-style vocabularies (SmolLM): single digits, then GPT-2 byte-level.
-        "smollm" | "starcoder" | "refact" => Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into(),
-        _ => ByteLevel::new(false, true, true).into(),
-    })
 }
 
 /// Turns a growing list of token ids into text pieces, holding back incomplete characters.

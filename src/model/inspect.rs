@@ -45,6 +45,10 @@ pub struct ModelMetadata {
     pub recurrent_state_bytes: Option<u64>,
     /// Weight storage, e.g. `bf16`, `mxfp4+bf16`, `Q4_K_M`.
     pub quantization: String,
+    /// GGUF: how many tensors each block type holds (`Q4_K` → 97); a file type like `Q4_K_M`
+    /// mixes several.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tensor_types: BTreeMap<String, u64>,
     /// KV-cache profiles this model can run with.
     pub kv_profiles: Vec<KvProfile>,
 }
@@ -146,9 +150,9 @@ pub fn inspect_gguf(path: &Path) -> anyhow::Result<ModelMetadata> {
     for (name, info) in &content.tensor_infos {
         let n = info.shape.elem_count() as u64;
         counts.add(name, n, name.contains("_exps"));
-        *dtype_elems
-            .entry(format!("{:?}", info.ggml_dtype))
-            .or_default() += n;
+        let ty = crate::kernels::ggml_types::GgmlType::from_candle(info.ggml_dtype).name;
+        *dtype_elems.entry(ty.to_string()).or_default() += n;
+        *meta.tensor_types.entry(ty.to_string()).or_default() += 1;
     }
     meta.parameters = Some(counts.total);
     meta.active_parameters = counts.active(meta.experts, meta.experts_active);
@@ -166,7 +170,7 @@ pub fn inspect_gguf(path: &Path) -> anyhow::Result<ModelMetadata> {
             dtype_elems
                 .iter()
                 .max_by_key(|(_, n)| **n)
-                .map(|(d, _)| d.to_ascii_uppercase())
+                .map(|(d, _)| d.clone())
         })
         .unwrap_or_else(|| "unknown".to_string());
     Ok(meta)
@@ -183,42 +187,7 @@ fn gguf_u64(v: &candle_core::quantized::gguf_file::Value) -> Option<u64> {
 
 /// llama.cpp's `llama_ftype` numbering (`general.file_type`) to its user-facing name.
 pub fn gguf_file_type_name(ftype: u64) -> Option<&'static str> {
-    Some(match ftype {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K_S",
-        12 => "Q3_K_M",
-        13 => "Q3_K_L",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        19 => "IQ2_XXS",
-        20 => "IQ2_XS",
-        21 => "Q2_K_S",
-        22 => "IQ3_XS",
-        23 => "IQ3_XXS",
-        24 => "IQ1_S",
-        25 => "IQ4_NL",
-        26 => "IQ3_S",
-        27 => "IQ3_M",
-        28 => "IQ2_S",
-        29 => "IQ2_M",
-        30 => "IQ4_XS",
-        31 => "IQ1_M",
-        32 => "BF16",
-        36 => "TQ1_0",
-        37 => "TQ2_0",
-        38 => "MXFP4",
-        _ => return None,
-    })
+    crate::kernels::ggml_types::file_type_name(u32::try_from(ftype).ok()?)
 }
 
 /// config.json fields, with the usual aliases and a nested `text_config` for multimodal models.
@@ -536,6 +505,7 @@ mod tests {
         assert_eq!(m.context_length, Some(2048));
         assert_eq!(m.parameters, Some(128));
         assert_eq!(m.quantization, "Q8_0");
+        assert_eq!(m.tensor_types, BTreeMap::from([("Q8_0".to_string(), 1)]));
         assert_eq!(m.kv_heads, Some(4));
         assert_eq!(m.head_dim, Some(8));
         assert_eq!(m.kv_profiles, vec![KvProfile::Default]);

@@ -220,6 +220,32 @@ fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 
+/// The requested type cannot store a tensor whose rows do not divide by its block (legacy types
+/// have no fallback in llama.cpp either). Typed so the CLI exits with the quantization status (3),
+/// like an unknown `--type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CannotHold {
+    pub ty: GgmlType,
+    pub tensor: String,
+    pub row: usize,
+}
+
+impl std::fmt::Display for CannotHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{ty} cannot hold tensor '{}': its rows have {} elements, not a multiple of {ty}'s block of {}; \
+             choose a K-quant mix (which falls back per tensor) or F16/BF16",
+            self.tensor,
+            self.row,
+            self.ty.block_size(),
+            ty = self.ty
+        )
+    }
+}
+
+impl std::error::Error for CannotHold {}
+
 /// Plans every tensor (inputs must already be in llama.cpp order, see [`sort_like_llama_cpp`]).
 pub fn plan(
     shape: &ModelShape,
@@ -359,16 +385,20 @@ pub fn plan(
             // Rows that do not divide by the block size (llama.cpp's tensor_type_fallback).
             if ne0 % ty.block_size() != 0 {
                 let fallback = match ty {
-                    GgmlType::Q2K | GgmlType::Q3K | GgmlType::TQ1_0 | GgmlType::TQ2_0 => GgmlType::Q4_0,
+                    GgmlType::Q2K | GgmlType::Q3K | GgmlType::TQ1_0 | GgmlType::TQ2_0 => {
+                        GgmlType::Q4_0
+                    }
                     GgmlType::Q4K => GgmlType::Q5_0,
                     GgmlType::Q5K => GgmlType::Q5_1,
                     GgmlType::Q6K => GgmlType::Q8_0,
-                    other => bail!(
-                        "{other} cannot hold tensor '{}': its rows have {ne0} elements, not a multiple of {other}'s block of {}; \
-                         choose a K-quant mix (which falls back per tensor) or F16/BF16",
-                        t.name,
-                        other.block_size()
-                    ),
+                    other => {
+                        return Err(CannotHold {
+                            ty: other,
+                            tensor: t.name.clone(),
+                            row: ne0,
+                        }
+                        .into())
+                    }
                 };
                 let chosen = if ne0 % fallback.block_size() != 0 {
                     GgmlType::F16

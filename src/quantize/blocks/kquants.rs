@@ -77,7 +77,7 @@ fn make_qx_quants(
         l_out[i] = (l + nmax) as i8;
         let w = weight(i);
         sumlx += w * x[i] * l as f32;
-        suml2 += w * (l * l) as f32;
+        suml2 += w * l as f32 * l as f32;
     }
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     let mut best = scale * sumlx;
@@ -91,7 +91,7 @@ fn make_qx_quants(
             let l = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
             let w = weight(i);
             slx += w * x[i] * l as f32;
-            sl2 += w * (l * l) as f32;
+            sl2 += w * l as f32 * l as f32;
         }
         if sl2 > 0.0 && slx * slx > best * sl2 {
             for i in 0..n {
@@ -128,7 +128,7 @@ fn make_q3_quants(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
         l_i[i] = l;
         let w = x[i] * x[i];
         sumlx += w * x[i] * l as f32;
-        suml2 += w * (l * l) as f32;
+        suml2 += w * l as f32 * l as f32;
     }
     for _ in 0..5 {
         let mut n_changed = 0;
@@ -136,11 +136,11 @@ fn make_q3_quants(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
             let w = x[i] * x[i];
             let mut slx = sumlx - w * x[i] * l_i[i] as f32;
             if slx > 0.0 {
-                let mut sl2 = suml2 - w * (l_i[i] * l_i[i]) as f32;
+                let mut sl2 = suml2 - w * l_i[i] as f32 * l_i[i] as f32;
                 let new_l = nearest_int(x[i] * sl2 / slx).clamp(-nmax, nmax - 1);
                 if new_l != l_i[i] {
                     slx += w * x[i] * new_l as f32;
-                    sl2 += w * (new_l * new_l) as f32;
+                    sl2 += w * new_l as f32 * new_l as f32;
                     if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
                         l_i[i] = new_l;
                         sumlx = slx;

@@ -1,0 +1,129 @@
+//! Plumbing shared by our CPU matmul kernels (`quant_blocks` for GGUF blocks, `arch::bf16_linear`
+//! for bf16): the input shape check, spreading weight rows over rayon threads, and turning the
+//! transposed `[rows, m]` result back into `[.., rows]`. Kept in one place so every kernel splits
+//! work and reports shape errors the same way.
+
+use candle_core::{Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// Checks that `x` is `[.., cols]`; returns its dims and the number of activation rows.
+/// `kernel` names the weight format in the error ("Q4_1", "bf16").
+pub(crate) fn input_rows(x: &Tensor, cols: usize, kernel: &str) -> Result<(Vec<usize>, usize)> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap();
+    if k != cols {
+        candle_core::bail!("{kernel} matmul: input has {k} columns, weight has {cols}");
+    }
+    let m = x.elem_count() / k;
+    Ok((dims, m))
+}
+
+/// Output rows per parallel task: about four tasks per thread, at least `min` rows.
+pub(crate) fn rows_per_task(rows: usize, min: usize) -> usize {
+    rows.div_ceil(4 * rayon::current_num_threads()).max(min)
+}
+
+/// Runs `f(chunk_index, chunk)` over `out` split in `chunk_len` pieces: on the rayon pool, or in
+/// this thread when the pool has one thread (no hand-off and wake-up per matmul).
+pub(crate) fn for_each_chunk(
+    out: &mut [f32],
+    chunk_len: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    if rayon::current_num_threads() == 1 {
+        out.chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        out.par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// The kernels write `yt` as `[n, m]` (each thread owns whole weight rows); this returns the
+/// `[.., n]` tensor for input dims `dims` (`m` activation rows).
+pub(crate) fn transposed_output(
+    yt: Vec<f32>,
+    n: usize,
+    m: usize,
+    mut dims: Vec<usize>,
+) -> Result<Tensor> {
+    let y = if m == 1 {
+        yt
+    } else {
+        // In tiles, so reads and writes both stay within a few cache lines and pages (a plain
+        // double loop strides n floats per write and was 15 % of a prefill).
+        const TILE: usize = 32;
+        let mut y = vec![0f32; n * m];
+        for r0 in (0..n).step_by(TILE) {
+            for i0 in (0..m).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(n) {
+                    for i in i0..(i0 + TILE).min(m) {
+                        y[i * n + r] = yt[r * m + i];
+                    }
+                }
+            }
+        }
+        y
+    };
+    *dims.last_mut().unwrap() = n;
+    Tensor::from_vec(y, dims, &Device::Cpu)
+}
+
+/// Whether the AVX2 kernels can run: AVX2, FMA and F16C, detected at run time (the binary itself
+/// targets baseline x86-64, so it runs everywhere).
+pub(crate) fn has_avx2_fma_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Sum of the eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[cfg(test)]
+#[test]
+fn transposed_output_restores_row_major_order() {
+    // yt is [n, m] with yt[r][i] = 1000 r + i; the result must be [m, n] with y[i][r] = yt[r][i],
+    // for sizes that are and are not multiples of the tile.
+    for (n, m) in [(3usize, 5usize), (40, 33), (64, 64), (70, 1)] {
+        let yt: Vec<f32> = (0..n * m)
+            .map(|j| (1000 * (j / m) + j % m) as f32)
+            .collect();
+        let y = transposed_output(yt, n, m, vec![m, 7]).unwrap();
+        assert_eq!(y.dims(), [m, n]);
+        let y: Vec<Vec<f32>> = y.to_vec2().unwrap();
+        for (i, row) in y.iter().enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                assert_eq!(v, (1000 * r + i) as f32);
+            }
+        }
+    }
+}
+
+/// Largest absolute element, for kernel tests that compare against a reference product.
+#[cfg(test)]
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
