@@ -411,7 +411,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__perplexity)
-            opts="-f -h -V --file --add-bos --json --device --threads --ctx --help --version"
+            opts="-f -h -V --file --add-bos --llama-cpp --json --device --threads --ctx --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

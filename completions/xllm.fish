@@ -79,6 +79,7 @@ complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l device -d 'Devi
 complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l threads -d 'CPU threads (default: all cores)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l ctx -d 'Context length to allocate (default: the model\'s, capped for memory)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l add-bos -d 'Prepend the BOS token'
+complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l llama-cpp -d 'Score as llama.cpp\'s `llama-perplexity` does, for comparable numbers: chunks of `--ctx` tokens (default 512) of the text tokenized with BOS, each chunk starting with BOS, only the second half of each chunk scored'
 complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l json -d 'Print JSON'
 complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -s V -l version -d 'Print version'

@@ -36,6 +36,11 @@ pub enum Role {
     QNorm,
     KNorm,
     FfnNorm,
+    /// Gemma 3's norms around each block's output (`post_attention_layernorm` there is the norm
+    /// of the attention output, not the MLP input) and before its MLP.
+    PostAttnNorm,
+    PreFfnNorm,
+    PostFfnNorm,
     Gate,
     Up,
     Down,
@@ -56,7 +61,9 @@ impl Role {
             Role::O => format!("{l}.self_attn.o_proj"),
             Role::QNorm => format!("{l}.self_attn.q_norm"),
             Role::KNorm => format!("{l}.self_attn.k_norm"),
-            Role::FfnNorm => format!("{l}.post_attention_layernorm"),
+            Role::FfnNorm | Role::PostAttnNorm => format!("{l}.post_attention_layernorm"),
+            Role::PreFfnNorm => format!("{l}.pre_feedforward_layernorm"),
+            Role::PostFfnNorm => format!("{l}.post_feedforward_layernorm"),
             Role::Gate => format!("{l}.mlp.gate_proj"),
             Role::Up => format!("{l}.mlp.up_proj"),
             Role::Down => format!("{l}.mlp.down_proj"),
@@ -77,7 +84,9 @@ impl Role {
             Role::O => format!("{l}.attn_output"),
             Role::QNorm => format!("{l}.attn_q_norm"),
             Role::KNorm => format!("{l}.attn_k_norm"),
-            Role::FfnNorm => format!("{l}.ffn_norm"),
+            Role::FfnNorm | Role::PreFfnNorm => format!("{l}.ffn_norm"),
+            Role::PostAttnNorm => format!("{l}.post_attention_norm"),
+            Role::PostFfnNorm => format!("{l}.post_ffw_norm"),
             Role::Gate => format!("{l}.ffn_gate"),
             Role::Up => format!("{l}.ffn_up"),
             Role::Down => format!("{l}.ffn_down"),
@@ -144,7 +153,7 @@ impl Linear {
 /// Projections of one input (q/k/v, gate/up). On the CPU their weights are stacked into one
 /// matrix when they allow it: one parallel matmul instead of several (each a rayon fork/join,
 /// which at decode costs as much as a small matmul) and the input quantized once.
-enum Projections {
+pub(crate) enum Projections {
     /// One matrix; the output is split into parts of these widths.
     Stacked {
         linear: Linear,
@@ -154,7 +163,7 @@ enum Projections {
 }
 
 impl Projections {
-    fn new(parts: Vec<Linear>) -> Self {
+    pub(crate) fn new(parts: Vec<Linear>) -> Self {
         let widths: Vec<usize> = parts.iter().map(|l| l.weight.rows()).collect();
         match Linear::stack(parts) {
             Ok(linear) => Self::Stacked { linear, widths },
@@ -163,7 +172,7 @@ impl Projections {
     }
 
     /// The outputs of every projection, in order.
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
             Self::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
             Self::Stacked { linear, widths } => {
@@ -280,7 +289,7 @@ pub struct Llama {
 }
 
 /// Reads weights by role from one file format.
-trait Loader {
+pub(crate) trait Loader {
     fn has(&self, role: Role, layer: usize, suffix: &str) -> bool;
     /// A matrix `[out, in]` checked against the config.
     fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight>;
@@ -290,9 +299,9 @@ trait Loader {
     fn format(&self) -> String;
 }
 
-struct SafetensorsLoader<'a> {
-    weights: &'a SafetensorsWeights,
-    options: &'a BuildOptions,
+pub(crate) struct SafetensorsLoader<'a> {
+    pub(crate) weights: &'a SafetensorsWeights,
+    pub(crate) options: &'a BuildOptions,
 }
 
 impl Loader for SafetensorsLoader<'_> {
@@ -345,9 +354,9 @@ impl Loader for SafetensorsLoader<'_> {
     }
 }
 
-struct GgufLoader<'a> {
-    file: &'a GgufFile,
-    options: &'a BuildOptions,
+pub(crate) struct GgufLoader<'a> {
+    pub(crate) file: &'a GgufFile,
+    pub(crate) options: &'a BuildOptions,
 }
 
 impl Loader for GgufLoader<'_> {
@@ -636,28 +645,6 @@ impl Llama {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, self.eps as f32)
     }
 
-    /// Additive mask `[t, len]` for queries at `start..start+t` over keys `0..len`, or `None` when
-    /// every query may see every key.
-    fn mask(
-        &self,
-        start: usize,
-        t: usize,
-        len: usize,
-        window: Option<usize>,
-    ) -> Result<Option<Tensor>> {
-        let windowed = window.is_some_and(|w| len > w);
-        if t == 1 && !windowed {
-            return Ok(None);
-        }
-        Ok(Some(causal_mask(
-            start..start + t,
-            0..len,
-            window,
-            &self.info.device,
-            self.dtype,
-        )?))
-    }
-
     /// Attention of one layer for every sequence of the batch: projections, q/k norms and RoPE
     /// over all rows at once, then each sequence's rows attend over its own cache.
     fn attention(
@@ -701,7 +688,15 @@ impl Llama {
                 }
             };
             let store = seq.state.kv_mut(index)?;
-            outs.push(self.attend(layer, &pick(&q)?, &pick(&k)?, &pick(&v)?, store, span)?);
+            outs.push(attend(
+                &self.shape(),
+                layer.window,
+                &pick(&q)?,
+                &pick(&k)?,
+                &pick(&v)?,
+                store,
+                span,
+            )?);
         }
         let out = if outs.len() == 1 {
             outs.pop().expect("one output")
@@ -711,46 +706,109 @@ impl Llama {
         layer.o.forward(&out)
     }
 
-    /// One sequence's attention: `q` `[1, heads, n, d]`, `k`/`v` `[1, kv_heads, n, d]` for its
-    /// `n` new tokens, written to `store` first. Returns `[1, n, heads · d]`.
-    fn attend(
-        &self,
-        layer: &Layer,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        store: &mut PagedKv,
-        span: &Span,
-    ) -> Result<Tensor> {
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let t = span.len;
-        store.write(k, v)?;
-        if let Some(out) = cpu_attention(q, &store.segments()?, layer.window, None)? {
-            return Ok(out);
+    fn shape(&self) -> AttentionShape<'_> {
+        AttentionShape {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            device: &self.info.device,
+            dtype: self.dtype,
         }
-        let (k_all, v_all) = store.gathered()?;
-        let len = k_all.dim(2)?;
-        let n_rep = h / kvh;
-        // Query heads sharing a KV head are stacked as rows: [kvh, n_rep * t, d], so grouped
-        // attention needs no copy of the keys/values.
-        let q = q.reshape((kvh, n_rep * t, d))?;
-        let k_all = k_all.squeeze(0)?;
-        let v_all = v_all.squeeze(0)?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
-        if let Some(mask) = self.mask(span.start, t, len, layer.window)? {
-            scores = scores
-                .reshape((kvh, n_rep, t, len))?
-                .broadcast_add(&mask)?
-                .reshape((kvh, n_rep * t, len))?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        probs
-            .matmul(&v_all.contiguous()?)?
-            .reshape((1, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((1, t, h * d))
     }
+}
+
+/// What per-sequence attention needs to know of its model.
+pub(super) struct AttentionShape<'a> {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub device: &'a Device,
+    pub dtype: DType,
+}
+
+/// Additive mask `[t, len]` for queries at `start..start+t` over keys `0..len`, or `None` when
+/// every query may see every key.
+fn attention_mask(
+    shape: &AttentionShape<'_>,
+    start: usize,
+    t: usize,
+    len: usize,
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let windowed = window.is_some_and(|w| len > w);
+    if t == 1 && !windowed {
+        return Ok(None);
+    }
+    Ok(Some(causal_mask(
+        start..start + t,
+        0..len,
+        window,
+        shape.device,
+        shape.dtype,
+    )?))
+}
+
+/// One sequence's attention (scaled by `head_dim^-½`): `q` `[1, heads, n, d]`, `k`/`v`
+/// `[1, kv_heads, n, d]` for its `n` new tokens, written to `store` first. Returns
+/// `[1, n, heads · d]`. Our batch-invariant CPU kernel where it applies, grouped GEMMs with an
+/// additive mask otherwise.
+pub(super) fn attend(
+    shape: &AttentionShape<'_>,
+    window: Option<usize>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    store: &mut PagedKv,
+    span: &Span,
+) -> Result<Tensor> {
+    let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let t = span.len;
+    store.write(k, v)?;
+    if let Some(out) = cpu_attention(q, &store.segments()?, window, None)? {
+        return Ok(out);
+    }
+    let (k_all, v_all) = store.gathered()?;
+    let len = k_all.dim(2)?;
+    let n_rep = h / kvh;
+    // Query heads sharing a KV head are stacked as rows: [kvh, n_rep * t, d], so grouped
+    // attention needs no copy of the keys/values.
+    let q = q.reshape((kvh, n_rep * t, d))?;
+    let k_all = k_all.squeeze(0)?;
+    let v_all = v_all.squeeze(0)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
+    if let Some(mask) = attention_mask(shape, span.start, t, len, window)? {
+        scores = scores
+            .reshape((kvh, n_rep, t, len))?
+            .broadcast_add(&mask)?
+            .reshape((kvh, n_rep * t, len))?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs
+        .matmul(&v_all.contiguous()?)?
+        .reshape((1, h, t, d))?
+        .transpose(1, 2)?
+        .reshape((1, t, h * d))
+}
+
+/// `cos`, `sin` rows for every token of the batch at its own position (each sequence's table
+/// computed for its length, as dynamic scaling needs).
+pub(super) fn rope_tables(
+    rope: &Rope,
+    plan: &BatchPlan,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut cos = Vec::with_capacity(plan.spans.len());
+    let mut sin = Vec::with_capacity(plan.spans.len());
+    for span in &plan.spans {
+        let (c, s) = rope.cos_sin(span.start, span.len, device)?;
+        cos.push(c);
+        sin.push(s);
+    }
+    if cos.len() == 1 {
+        return Ok((cos.pop().expect("one"), sin.pop().expect("one")));
+    }
+    Ok((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
 }
 
 impl CausalLm for Llama {
@@ -759,7 +817,7 @@ impl CausalLm for Llama {
         let device = &self.info.device;
         let ids = Tensor::new(plan.tokens.as_slice(), device)?;
         let mut x = embed(&self.embed, &ids, self.dtype)?.unsqueeze(0)?;
-        let cos_sin = self.rope_tables(&plan, device)?;
+        let cos_sin = rope_tables(&self.rope, &plan, device)?;
         for (index, layer) in self.layers.iter().enumerate() {
             let normed = self.rms_norm(&x, &layer.attn_norm)?;
             let attn = self.attention(layer, index, &normed, batch, &plan, &cos_sin)?;
@@ -790,24 +848,6 @@ impl CausalLm for Llama {
 
     fn info(&self) -> &ModelInfo {
         &self.info
-    }
-}
-
-impl Llama {
-    /// `cos`, `sin` rows for every token of the batch at its own position (each sequence's
-    /// table computed for its length, as dynamic scaling needs).
-    fn rope_tables(&self, plan: &BatchPlan, device: &Device) -> Result<(Tensor, Tensor)> {
-        let mut cos = Vec::with_capacity(plan.spans.len());
-        let mut sin = Vec::with_capacity(plan.spans.len());
-        for span in &plan.spans {
-            let (c, s) = self.rope.cos_sin(span.start, span.len, device)?;
-            cos.push(c);
-            sin.push(s);
-        }
-        if cos.len() == 1 {
-            return Ok((cos.pop().expect("one"), sin.pop().expect("one")));
-        }
-        Ok((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
     }
 }
 

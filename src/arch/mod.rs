@@ -15,6 +15,7 @@ pub mod bf16_linear;
 mod cpu_attention;
 mod cpu_matmul;
 pub mod encoder;
+pub mod gemma3;
 pub mod llama;
 mod mask;
 pub mod nemotron_h;
@@ -330,6 +331,13 @@ pub const ARCHITECTURES: &[Architecture] = &[
         build: llama::build,
         capabilities: LLAMA_CAPS,
         tensor_names: llama::TENSOR_NAMES_DOC,
+    },
+    Architecture {
+        model_type: "gemma3_text",
+        gguf_names: &["gemma3"],
+        build: gemma3::build,
+        capabilities: LLAMA_CAPS,
+        tensor_names: gemma3::TENSOR_NAMES_DOC,
     },
     Architecture {
         model_type: "gpt_oss",

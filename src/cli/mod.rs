@@ -235,6 +235,11 @@ pub struct PerplexityArgs {
     /// Prepend the BOS token.
     #[arg(long)]
     pub add_bos: bool,
+    /// Score as llama.cpp's `llama-perplexity` does, for comparable numbers: chunks of `--ctx`
+    /// tokens (default 512) of the text tokenized with BOS, each chunk starting with BOS, only
+    /// the second half of each chunk scored.
+    #[arg(long, conflicts_with = "add_bos")]
+    pub llama_cpp: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

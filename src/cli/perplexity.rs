@@ -3,6 +3,11 @@
 //! The text is split into windows of `--ctx` tokens (default: the whole text up to the model's
 //! context, capped at 2048); inside a window every token after the first is scored given all the
 //! tokens before it in that window. No BOS is added unless `--add-bos`.
+//!
+//! `--llama-cpp` scores as `llama-perplexity` does instead (its numbers are what users compare
+//! against): the text tokenized with BOS, cut into chunks of `--ctx` tokens (default 512, partial
+//! chunk dropped), the first token of each chunk replaced by BOS, and only positions
+//! `ctx/2 .. ctx-1` of each chunk scored (each predicting the next token of the chunk).
 
 use std::time::Instant;
 
@@ -13,6 +18,9 @@ use super::PerplexityArgs;
 
 /// Tokens run through the model at once (bounds the logits buffer to ~50 MB for a 49k vocab).
 const BATCH: usize = 256;
+
+/// `llama-perplexity`'s default context (`-c 512`).
+const LLAMA_CPP_CTX: usize = 512;
 
 /// Result of scoring a text.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -43,6 +51,9 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let session = open_session(&args.model, &args.runtime)?;
+    if args.llama_cpp {
+        return run_llama_cpp(&args, &text, &session);
+    }
     let loaded = &session.loaded;
     let mut tokens = loaded.tokenizer.encode(&text, false)?;
     if args.add_bos {
@@ -105,8 +116,79 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
         seconds,
         tokens_per_second: tokens.len() as f64 / seconds,
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    print_report(&report, args.json)
+}
+
+/// `--llama-cpp`: llama-perplexity's chunks (see the module doc).
+fn run_llama_cpp(
+    args: &PerplexityArgs,
+    text: &str,
+    session: &crate::engine::session::ModelSession,
+) -> anyhow::Result<()> {
+    let loaded = &session.loaded;
+    let tokenizer = &loaded.tokenizer;
+    let tokens = tokenizer.encode(text, true)?;
+    let ctx = args.runtime.ctx.unwrap_or(LLAMA_CPP_CTX);
+    let model_ctx = loaded.model.info().context_length;
+    if ctx < 4 || ctx > model_ctx {
+        anyhow::bail!("--ctx must be between 4 and the model's context length ({model_ctx})");
+    }
+    let chunks = tokens.len() / ctx;
+    if chunks == 0 {
+        anyhow::bail!(
+            "{} has {} tokens; --llama-cpp needs at least one chunk of --ctx {ctx}",
+            args.file.display(),
+            tokens.len()
+        );
+    }
+    // BOS starts every chunk when the model adds it to a raw prompt (as encoding just did).
+    let bos = tokenizer.bos_id.filter(|b| tokens.first() == Some(b));
+    let vocab = loaded.model.info().vocab_size;
+    let first = ctx / 2;
+    let mut state = loaded.model.info().new_cache(session.kv_profile(), ctx)?;
+    let t0 = Instant::now();
+    let (mut total, mut scored) = (0.0f64, 0usize);
+    for c in 0..chunks {
+        let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+        if let Some(bos) = bos {
+            chunk[0] = bos;
+        }
+        state.clear();
+        for (b, batch) in chunk.chunks(BATCH).enumerate() {
+            let logits = loaded
+                .model
+                .forward(batch, &mut state, false)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            // Row i is position b * BATCH + i; positions first..ctx-1 are scored.
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                let pos = b * BATCH + i;
+                if pos >= first && pos + 1 < ctx {
+                    total += nll_rows(row, vocab, &chunk[pos + 1..pos + 2]);
+                    scored += 1;
+                }
+            }
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let mean_nll = total / scored as f64;
+    let report = PerplexityReport {
+        model: session.display_name().to_string(),
+        tokens: tokens.len(),
+        scored_tokens: scored,
+        windows: chunks,
+        ctx,
+        mean_nll,
+        perplexity: mean_nll.exp(),
+        seconds,
+        tokens_per_second: (chunks * ctx) as f64 / seconds,
+    };
+    print_report(&report, args.json)
+}
+
+fn print_report(report: &PerplexityReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
         println!("model:          {}", report.model);
         println!(

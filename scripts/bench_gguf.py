@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Speed of `xllm bench` against llama.cpp's own `llama-bench` on the same GGUF files, with ratios.
+
+Runs are interleaved (one xllm run, then one llama.cpp run, R rounds) so a machine whose load
+changes affects both alike; medians over the rounds are compared. Prefill: P prompt tokens at
+depth 0 (`llama-bench -p P -n 0`). Decode: N tokens after a P-token context — what `xllm bench`
+measures after its prefill — so llama.cpp decodes at the same depth (`llama-bench -p 0 -n N -d P`).
+
+Usage: scripts/bench_gguf.py [-p 128] [-n 32] [-r 5] [--threads 2] [--xllm target/release/xllm]
+       MODEL.gguf [MODEL.gguf ...]
+llama-bench is taken from $XLLM_PEERS/llama.cpp/build/bin (default .peers/, scripts/peers.sh).
+Only the standard library is needed.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def xllm_run(exe, model, p, n, threads):
+    out = subprocess.run([exe, "bench", model, "-p", str(p), "-n", str(n), "-r", "1",
+                          "--threads", str(threads), "--json"],
+                         check=True, capture_output=True, text=True)
+    j = json.loads(out.stdout)
+    return j["prefill_tokens_per_second"], j["decode_tokens_per_second"], j.get("weights", "?")
+
+
+def llama_bench(exe, model, args, threads):
+    out = subprocess.run([exe, "-m", model, "-t", str(threads), "-r", "1", "-o", "json", *args],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)[0]["avg_ts"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("-p", type=int, default=128)
+    ap.add_argument("-n", type=int, default=32)
+    ap.add_argument("-r", type=int, default=5, help="interleaved rounds (medians are compared)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--xllm", default=os.path.join(ROOT, "target/release/xllm"))
+    a = ap.parse_args()
+    peers = os.environ.get("XLLM_PEERS", os.path.join(ROOT, ".peers"))
+    bench = os.path.join(peers, "llama.cpp/build/bin/llama-bench")
+    if not os.access(bench, os.X_OK):
+        sys.exit(f"no {bench}: run scripts/peers.sh llama.cpp (or set XLLM_PEERS)")
+    rows = []
+    for model in a.models:
+        xp, xd, lp, ld = [], [], [], []
+        weights = "?"
+        for _ in range(a.r):
+            p, d, weights = xllm_run(a.xllm, model, a.p, a.n, a.threads)
+            xp.append(p)
+            xd.append(d)
+            lp.append(llama_bench(bench, model, ["-p", str(a.p), "-n", "0"], a.threads))
+            ld.append(llama_bench(bench, model, ["-p", "0", "-n", str(a.n), "-d", str(a.p)],
+                                  a.threads))
+        m = statistics.median
+        rows.append((os.path.basename(model), weights, m(xp), m(lp), m(xd), m(ld)))
+        print(json.dumps({"model": model, "weights": weights, "xllm_prefill": xp,
+                          "llama_prefill": lp, "xllm_decode": xd, "llama_decode": ld}),
+              file=sys.stderr)
+    print(f"threads {a.threads}, prefill {a.p} tokens, decode {a.n} tokens at depth {a.p}, "
+          f"medians of {a.r} interleaved rounds (tokens/s)")
+    print(f"{'model':36} {'type':8} {'prefill xllm':>12} {'llama.cpp':>10} {'ratio':>6}"
+          f" {'decode xllm':>12} {'llama.cpp':>10} {'ratio':>6}")
+    for name, w, xp, lp, xd, ld in rows:
+        print(f"{name:36} {w:8} {xp:12.1f} {lp:10.1f} {xp / lp:6.2f} {xd:12.1f} {ld:10.1f}"
+              f" {xd / ld:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
