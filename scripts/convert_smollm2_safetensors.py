@@ -32,6 +32,9 @@ for attr in ("quantization_config",):
     if hasattr(config, attr):
         delattr(config, attr)
 config.torch_dtype = torch.bfloat16
+# Loaded from GGUF, the config names no architecture; llama.cpp's convert_hf_to_gguf.py needs one.
+if not getattr(config, "architectures", None):
+    config.architectures = ["LlamaForCausalLM"]
 config.save_pretrained(out)
 if model.generation_config is not None:
     model.generation_config.save_pretrained(out)

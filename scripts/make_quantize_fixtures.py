@@ -10,6 +10,8 @@ Two sources, each quantized by llama-quantize to every type xllm writes:
      from xorshift32 streams the Rust test regenerates bit for bit (`synthetic_values`).
   2. "tiny_llama": tests/fixtures/tiny-llama (safetensors, hidden 64: every K-quant falls back)
      converted by llama.cpp's convert_hf_to_gguf.py --outtype f32.
+  3. "gpt_oss_tiny": tests/fixtures/gpt_oss_tiny converted (bf16, MXFP4 experts repacked) into
+     tests/fixtures/quantize/gpt_oss_tiny.bf16.gguf, which is committed: a few types only.
 For each output we store every tensor's type and the sha256 of its bytes, and the file's sha256:
 tests/fixtures/quantize/llama_cpp_reference.json (small; CI compares against it without llama.cpp).
 
@@ -88,6 +90,7 @@ def write_synthetic(path):
     w.add_uint32("llama.attention.head_count", HEADS)
     w.add_uint32("llama.attention.head_count_kv", KV_HEADS)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_file_type(0)  # general.file_type = ALL_F32: llama-quantize moves it to the end
     for name, ne in synthetic_tensors():
         w.add_tensor(name, synthetic_values(name, ne).reshape(list(reversed(ne))))
     w.write_header_to_file()
@@ -104,38 +107,42 @@ def describe(path):
     return {"file_sha256": file_sha, "tensors": tensors}
 
 
-def quantize_all(src, tmp, tag):
+GPT_OSS_GGUF = os.path.join(ROOT, "tests/fixtures/quantize/gpt_oss_tiny.bf16.gguf")
+GPT_OSS_TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "F16"]
+
+
+def quantize_all(src, tmp, tag, types=TYPES, flags=()):
     out = {"source": describe(src)}
     exe = os.path.join(LCPP, "build", "bin", "llama-quantize")
-    for ty in TYPES:
+    for ty in types:
         dst = os.path.join(tmp, f"{tag}-{ty}.gguf")
-        subprocess.run([exe, src, dst, ty, "1"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([exe, *flags, src, dst, ty, "1"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out[ty] = describe(dst)
         os.remove(dst)
         print(tag, ty, "ok")
     return out
 
 
-def convert_tiny_llama(dst):
-    """convert_hf_to_gguf.py on the fixture, with the unknown pre-tokenizer hash forced to gpt-2.
+def convert_fixture(fixture, arch, dst, tmp, outtype="f32"):
+    """convert_hf_to_gguf.py on a fixture folder, with the unknown pre-tokenizer hash forced to gpt-2.
 
-    The fixture's config.json has no "architectures" (transformers wrote none), so the converter
-    gets a copy that names LlamaForCausalLM."""
+    The fixtures' config.json may name no "architectures" (transformers wrote none), so the
+    converter gets a copy that names `arch`."""
     import shutil
-    src = os.path.join(os.path.dirname(dst), "tiny-llama-hf")
-    shutil.copytree(os.path.join(ROOT, "tests/fixtures/tiny-llama"), src)
+    src = os.path.join(tmp, os.path.basename(fixture) + "-hf")
+    shutil.copytree(os.path.join(ROOT, fixture), src)
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
-    cfg.setdefault("architectures", ["LlamaForCausalLM"])
+    cfg.setdefault("architectures", [arch])
     with open(os.path.join(src, "config.json"), "w") as f:
         json.dump(cfg, f)
     code = (
-        "import sys; sys.argv = ['convert_hf_to_gguf.py', %r, '--outtype', 'f32', '--outfile', %r]\n"
+        "import sys; sys.argv = ['convert_hf_to_gguf.py', %r, '--outtype', %r, '--outfile', %r]\n"
         "sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
         "import conversion.base as b\n"
         "b.TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2'\n"
         "import runpy; runpy.run_path(%r, run_name='__main__')\n"
-    ) % (src, dst, os.path.join(LCPP, "src", "gguf-py"),
+    ) % (src, outtype, dst, os.path.join(LCPP, "src", "gguf-py"),
          os.path.join(LCPP, "src"), os.path.join(LCPP, "src", "convert_hf_to_gguf.py"))
     subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
 
@@ -169,8 +176,14 @@ def main():
         write_synthetic(src)
         ref["synthetic"] = quantize_all(src, tmp, "synthetic")
         src = os.path.join(tmp, "tiny-llama-f32.gguf")
-        convert_tiny_llama(src)
+        convert_fixture("tests/fixtures/tiny-llama", "LlamaForCausalLM", src, tmp)
         ref["tiny_llama"] = quantize_all(src, tmp, "tiny-llama")
+        # gpt-oss: the converter repacks the MXFP4 experts; the converted GGUF is committed (small)
+        # because xllm quantize reads gpt-oss from GGUF only.
+        # llama-quantize requantizes MXFP4 experts (--allow-requantize; its MXFP4_MOE type would keep
+        # them), xllm keeps them: the test compares every other tensor, and experts with the source.
+        convert_fixture("tests/fixtures/gpt_oss_tiny", "GptOssForCausalLM", GPT_OSS_GGUF, tmp, "bf16")
+        ref["gpt_oss_tiny"] = quantize_all(GPT_OSS_GGUF, tmp, "gpt-oss", GPT_OSS_TYPES, ["--allow-requantize"])
     write(ref)
 
 

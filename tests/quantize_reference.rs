@@ -95,6 +95,8 @@ fn write_synthetic(path: &Path) {
     md.set("llama.attention.head_count", Value::U32(HEADS as u32));
     md.set("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32));
     md.set("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
+    // Present in the source so the whole-file check covers where llama-quantize puts it (the end).
+    md.set("general.file_type", Value::U32(0));
     let tensors = synthetic_tensors();
     let outs: Vec<OutTensor> = tensors
         .iter()
@@ -118,6 +120,97 @@ fn write_synthetic(path: &Path) {
 
 fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+type Tensors = BTreeMap<String, (String, String)>;
+
+/// Quantizes `src` to `ty`: every output tensor's (type, sha256) and the file's sha256.
+fn quantize_to(src: &Path, ty: &str) -> (Tensors, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.gguf");
+    let source = quantize::open_source(src).unwrap();
+    let prepared = quantize::prepare(source.as_ref(), FileType::parse(ty).unwrap()).unwrap();
+    let written = quantize::execute(
+        source.as_ref(),
+        &prepared,
+        &out,
+        None,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
+    let r = GgufReader::open(&out).unwrap();
+    let tensors = r
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), (t.ty.name(), sha(r.data(t)))))
+        .collect();
+    (tensors, written.sha256)
+}
+
+fn reference_tensors(entry: &serde_json::Value) -> Tensors {
+    entry["tensors"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(n, w)| {
+            (
+                n.clone(),
+                (
+                    w[0].as_str().unwrap().to_string(),
+                    w[1].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn gpt_oss_matches_llama_quantize_and_keeps_mxfp4_experts() {
+    // llama.cpp's converter output (committed) re-quantized: every tensor but the MXFP4 experts
+    // equals llama-quantize's; the experts (which llama-quantize requantizes unless asked for its
+    // MXFP4_MOE type) stay byte for byte as in the source.
+    let refj = reference();
+    if !llama_quantize_section(&refj, "gpt_oss_tiny") {
+        return;
+    }
+    let src = Path::new("tests/fixtures/quantize/gpt_oss_tiny.bf16.gguf");
+    let section = refj["gpt_oss_tiny"].as_object().unwrap();
+    let source = reference_tensors(&section["source"]);
+    let mut problems = vec![];
+    let (mut experts, mut others) = (0, 0);
+    for (ty, want) in section.iter().filter(|(k, _)| k.as_str() != "source") {
+        let want = reference_tensors(want);
+        let (ours, _) = quantize_to(src, ty);
+        assert_eq!(ours.len(), want.len(), "{ty}: tensor count");
+        for (name, (oty, osha)) in &ours {
+            let (sty, ssha) = &source[name];
+            if sty == "MXFP4" {
+                experts += 1;
+                if (oty, osha) != (sty, ssha) {
+                    problems.push(format!("{ty} {name}: MXFP4 expert not kept ({oty})"));
+                }
+            } else {
+                others += 1;
+                let (wty, wsha) = &want[name];
+                if oty != wty {
+                    problems.push(format!("{ty} {name}: type {oty}, llama.cpp {wty}"));
+                } else if osha != wsha {
+                    problems.push(format!("{ty} {name}: bytes differ ({wty})"));
+                }
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} mismatches:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    assert!(
+        experts > 0 && others > 0,
+        "{experts} experts, {others} others"
+    );
 }
 
 /// Quantizes `src` to `ty` and compares with the reference entry; returns mismatch descriptions.

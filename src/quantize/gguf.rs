@@ -481,9 +481,17 @@ impl GgufWriter {
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".partial")
+        let prefix = format!(".{name}.");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix).suffix(".partial");
+        // Temp files are private (0600) by default; the finished model is an ordinary file
+        // (0666 less the umask, as llama-quantize's output), so other users and services can read it.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o666));
+        }
+        let tmp = builder
             .tempfile_in(&dir)
             .with_context(|| format!("cannot create a temp file in {}", dir.display()))?;
         let file = std::io::BufWriter::with_capacity(4 << 20, tmp);

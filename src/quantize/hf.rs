@@ -253,8 +253,10 @@ impl HfSource {
             &a("attention.layer_norm_rms_epsilon"),
             Value::F32(eps as f32),
         );
-        let head_dim = cfg_u64(&cfg, &["head_dim"]).unwrap_or(hidden / n_head as u64);
-        if head_dim != hidden / n_head as u64 {
+        // convert_hf_to_gguf writes key/value lengths whenever config.json names head_dim.
+        let explicit_head_dim = cfg_u64(&cfg, &["head_dim"]);
+        let head_dim = explicit_head_dim.unwrap_or(hidden / n_head as u64);
+        if explicit_head_dim.is_some() {
             metadata.set(&a("attention.key_length"), Value::U32(head_dim as u32));
             metadata.set(&a("attention.value_length"), Value::U32(head_dim as u32));
         }

@@ -147,7 +147,18 @@ pub fn prepare(source: &dyn Source, ftype: FileType) -> anyhow::Result<Prepared>
     }
     let plain: Vec<PlanInput> = inputs.iter().map(|(_, p)| p.clone()).collect();
     let planned = plan::plan(&source.shape(), ftype, &plain)?;
+    // As llama-quantize: both keys move to the end (its gguf_set_val removes, then appends), and
+    // the split keys of a sharded source go (the output is one file).
     let mut metadata = source.metadata().clone();
+    for key in [
+        "general.quantization_version",
+        "general.file_type",
+        "split.no",
+        "split.count",
+        "split.tensors.count",
+    ] {
+        metadata.remove(key);
+    }
     metadata.set("general.quantization_version", Value::U32(2));
     metadata.set("general.file_type", Value::U32(ftype.ftype_id()));
     let alignment = metadata
