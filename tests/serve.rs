@@ -622,11 +622,15 @@ fn pull_streams_progress_and_the_model_then_serves() {
 
 #[test]
 fn sigterm_lets_running_streams_finish_and_exits_zero() {
-    let mut s = Server::start(&["--model", &tiny()]);
+    // SmolLM2, long enough (a few hundred tokens) that the stream is still running when the
+    // signal comes: the tiny model finishes 60 tokens in milliseconds, before a poll sees it.
+    let Some(mut s) = smol_server(&["--shutdown-timeout", "300s"]) else {
+        return;
+    };
     let client = s.client.clone();
     let url = s.url("/v1/chat/completions");
-    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                      "max_tokens": 60, "ignore_eos": true, "stream": true});
+    let body = json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 200, "ignore_eos": true, "stream": true});
     let stream = std::thread::spawn(move || {
         let r = client.post(url).body(body.to_string()).send().unwrap();
         common::server::drain(r)
@@ -776,7 +780,15 @@ fn sixteen_concurrent_streams_equal_their_solo_answers() {
             "question {i}: batched answer differs from the solo one"
         );
     }
-    assert_eq!(s.metric("xllm_num_requests_running", "smol"), Some(0.0));
+    // The engine updates its gauges after the step that sent the last event: wait for it.
+    let t0 = Instant::now();
+    while s.metric("xllm_num_requests_running", "smol") != Some(0.0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "requests still running after every stream ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
