@@ -31,6 +31,7 @@ complete -c xllm -n "__fish_xllm_needs_command" -f -a "list" -d 'List the models
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "show" -d 'Show a model\'s architecture, parameters, quantization and files'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "rm" -d 'Remove models from the store (partial downloads included)'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "run" -d 'Chat with a model (REPL), or answer one prompt and exit'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "serve" -d 'Serve models over HTTP: OpenAI- and Ollama-compatible APIs on the batching engine'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "perplexity" -d 'Measure perplexity of a model on a text file'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "quantize" -d 'Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time'
@@ -74,6 +75,24 @@ complete -c xllm -n "__fish_xllm_using_subcommand run" -s v -l verbose -d 'Print
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l hide-thinking -d 'gpt-oss: hide the reasoning ("analysis") channel'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l host -d 'Address to listen on (`XLLM_HOST` may also give `host:port`)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l port -d 'Port to listen on (0: any free port; the address is logged)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l model -d 'A local model to serve: `PATH` (named after the file or folder) or `NAME=PATH` (repeatable). Store models are served by name without this' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l preload -d 'Load these models (names as clients use them) before reporting ready' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l api-key -d 'Require `Authorization: Bearer KEY` on every route but /health' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l keep-alive -d 'How long a model stays loaded after its last request (`5m`, `1h`, `0`, `-1` = forever)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l parallel -d 'Sequences each model runs at once (continuous batching)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l max-queue -d 'Requests that may wait per model before new ones are refused with 503' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l max-models -d 'Models loaded at once (the least recently used idle one is unloaded first)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l memory-limit -d 'Memory all loaded models may use together, e.g. `8GB` (default: what is free)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l cors-origin -d 'Allow browsers on these origins (CORS; `*` for any). Off by default' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l body-limit -d 'Largest request body, e.g. `8MB`' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l shutdown-timeout -d 'After SIGTERM, how long running requests may finish before they are cancelled' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l device -d 'Device: `cpu`, `cuda`, `cuda:N` or `metal` (default: the best available)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l threads -d 'CPU threads (default: all cores)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -l ctx -d 'Context length to allocate (default: the model\'s, capped for memory)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand serve" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -s f -l file -d 'Text file to score' -r -F
 complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l device -d 'Device: `cpu`, `cuda`, `cuda:N` or `metal` (default: the best available)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand perplexity" -l threads -d 'CPU threads (default: all cores)' -r
@@ -119,15 +138,16 @@ complete -c xllm -n "__fish_xllm_using_subcommand tokenize" -s h -l help -d 'Pri
 complete -c xllm -n "__fish_xllm_using_subcommand tokenize" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "pull" -d 'Download a model from the Hugging Face Hub into the store (resumable, verified)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "list" -d 'List the models in the store'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "show" -d 'Show a model\'s architecture, parameters, quantization and files'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "rm" -d 'Remove models from the store (partial downloads included)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "run" -d 'Chat with a model (REPL), or answer one prompt and exit'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "perplexity" -d 'Measure perplexity of a model on a text file'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "quantize" -d 'Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "embed" -d 'Embedding vectors for texts (arguments, --file lines or stdin lines)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "tokenize" -d 'Print the token ids and pieces of a text (like llama-tokenize)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "completions" -d 'Print shell completions'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run perplexity bench quantize embed tokenize completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "pull" -d 'Download a model from the Hugging Face Hub into the store (resumable, verified)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "list" -d 'List the models in the store'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "show" -d 'Show a model\'s architecture, parameters, quantization and files'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "rm" -d 'Remove models from the store (partial downloads included)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "run" -d 'Chat with a model (REPL), or answer one prompt and exit'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "serve" -d 'Serve models over HTTP: OpenAI- and Ollama-compatible APIs on the batching engine'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "perplexity" -d 'Measure perplexity of a model on a text file'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "quantize" -d 'Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "embed" -d 'Embedding vectors for texts (arguments, --file lines or stdin lines)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "tokenize" -d 'Print the token ids and pieces of a text (like llama-tokenize)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "completions" -d 'Print shell completions'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

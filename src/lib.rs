@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod model;
 pub mod quant;
 pub mod quantize;
+pub mod server;
 pub mod state;
 pub mod store;
 

@@ -16,6 +16,7 @@ pub mod pull;
 pub mod quantize;
 pub mod rm;
 pub mod run;
+pub mod serve;
 pub mod show;
 pub mod tokenize;
 pub mod turn_view;
@@ -41,6 +42,8 @@ pub enum Command {
     Rm(RmArgs),
     /// Chat with a model (REPL), or answer one prompt and exit.
     Run(RunArgs),
+    /// Serve models over HTTP: OpenAI- and Ollama-compatible APIs on the batching engine.
+    Serve(ServeArgs),
     /// Measure perplexity of a model on a text file.
     Perplexity(PerplexityArgs),
     /// Measure prefill and decode speed (tokens/s).
@@ -172,6 +175,52 @@ pub struct RunArgs {
     pub reasoning_effort: Option<ReasoningEffort>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (`XLLM_HOST` may also give `host:port`).
+    #[arg(long, env = "XLLM_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is logged).
+    #[arg(long, env = "XLLM_PORT", default_value_t = 11434)]
+    pub port: u16,
+    /// A local model to serve: `PATH` (named after the file or folder) or `NAME=PATH`
+    /// (repeatable). Store models are served by name without this.
+    #[arg(long = "model", value_name = "PATH|NAME=PATH")]
+    pub models: Vec<String>,
+    /// Load these models (names as clients use them) before reporting ready.
+    #[arg(long, value_name = "NAME")]
+    pub preload: Vec<String>,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "XLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// How long a model stays loaded after its last request (`5m`, `1h`, `0`, `-1` = forever).
+    #[arg(long, env = "XLLM_KEEP_ALIVE", default_value = "5m")]
+    pub keep_alive: String,
+    /// Sequences each model runs at once (continuous batching).
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+    /// Requests that may wait per model before new ones are refused with 503.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Models loaded at once (the least recently used idle one is unloaded first).
+    #[arg(long, default_value_t = 3)]
+    pub max_models: usize,
+    /// Memory all loaded models may use together, e.g. `8GB` (default: what is free).
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
+    /// Allow browsers on these origins (CORS; `*` for any). Off by default.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
+    /// Largest request body, e.g. `8MB`.
+    #[arg(long, default_value = "8MB")]
+    pub body_limit: String,
+    /// After SIGTERM, how long running requests may finish before they are cancelled.
+    #[arg(long, default_value = "30s")]
+    pub shutdown_timeout: String,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -319,6 +368,7 @@ pub fn main() -> ExitCode {
         Command::Show(a) => show::run(a),
         Command::Rm(a) => rm::run(a),
         Command::Run(a) => run::with_thread_pool(a.runtime.threads, || run::run(a)),
+        Command::Serve(a) => serve::run(a),
         Command::Perplexity(a) => run::with_thread_pool(a.runtime.threads, || perplexity::run(a)),
         Command::Bench(a) => run::with_thread_pool(a.runtime.threads, || bench::run(a)),
         Command::Quantize(a) => run::with_thread_pool(a.threads, || quantize::run(a)),

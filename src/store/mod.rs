@@ -112,6 +112,25 @@ impl Store {
         self.entry_at(&dir)
     }
 
+    /// Deletes the folder of `repo` (complete or partial pull) and returns it with the bytes
+    /// freed; `None` when it is not in the store. Refused while a pull of it holds the lock.
+    pub fn remove(&self, repo: &str) -> anyhow::Result<Option<(StoreEntry, u64)>> {
+        let Some(entry) = self.find(repo)? else {
+            return Ok(None);
+        };
+        let Some(lock) = lock::ModelLock::try_acquire(&entry.dir)? else {
+            anyhow::bail!(
+                "'{repo}' is being pulled right now; stop that pull first, then remove it"
+            );
+        };
+        let mut bytes = 0;
+        for_each_file(&entry.dir, &mut |_, m| bytes += m.len())?;
+        drop(lock);
+        std::fs::remove_dir_all(&entry.dir)
+            .map_err(|e| anyhow::anyhow!("cannot delete {}: {e}", entry.dir.display()))?;
+        Ok(Some((entry, bytes)))
+    }
+
     fn entry_at(&self, dir: &Path) -> anyhow::Result<Option<StoreEntry>> {
         let folder = dir
             .file_name()

@@ -33,20 +33,7 @@ impl ModelRef {
         if let Some(local) = local_ref(Path::new(text), None) {
             return Ok(local);
         }
-        // Names copied from the Hub's web page or Ollama's `hf.co/` form.
-        let text = [
-            "https://huggingface.co/",
-            "http://huggingface.co/",
-            "huggingface.co/",
-            "hf.co/",
-        ]
-        .iter()
-        .find_map(|p| text.strip_prefix(p))
-        .unwrap_or(text);
-        let (base, token) = match text.rsplit_once(':') {
-            Some((base, raw)) => (base, Some(QuantToken::parse(raw)?)),
-            None => (text, None),
-        };
+        let (base, token) = split_hub_name(text)?;
         if token.is_some() {
             if let Some(local) = local_ref(Path::new(base), token.clone()) {
                 return Ok(local);
@@ -57,6 +44,17 @@ impl ModelRef {
                 "'{base}' is not a model: a local model is a directory containing config.json or a .gguf file"
             );
         }
+        validate_repo_id(base)?;
+        Ok(ModelRef::Hub {
+            repo: base.to_string(),
+            token,
+        })
+    }
+
+    /// Parses `text` as a Hub name (`org/name[:token]`) only, never looking at the disk: what
+    /// the HTTP server accepts from clients, so that no request can make it open a path.
+    pub fn parse_hub(text: &str) -> anyhow::Result<ModelRef> {
+        let (base, token) = split_hub_name(text)?;
         validate_repo_id(base)?;
         Ok(ModelRef::Hub {
             repo: base.to_string(),
@@ -86,6 +84,24 @@ impl std::fmt::Display for ModelRef {
             None => f.write_str(&base),
         }
     }
+}
+
+/// Strips the prefixes of names copied from the Hub's web page or Ollama's `hf.co/` form and
+/// splits off the `:token`.
+fn split_hub_name(text: &str) -> anyhow::Result<(&str, Option<QuantToken>)> {
+    let text = [
+        "https://huggingface.co/",
+        "http://huggingface.co/",
+        "huggingface.co/",
+        "hf.co/",
+    ]
+    .iter()
+    .find_map(|p| text.strip_prefix(p))
+    .unwrap_or(text);
+    Ok(match text.rsplit_once(':') {
+        Some((base, raw)) => (base, Some(QuantToken::parse(raw)?)),
+        None => (text, None),
+    })
 }
 
 fn local_ref(path: &Path, token: Option<QuantToken>) -> Option<ModelRef> {

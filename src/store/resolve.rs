@@ -77,7 +77,12 @@ impl OpenedModel {
 
 /// Like [`resolve_for_run`], keeping the metadata and manifest for display.
 pub fn open_model(reference: &str) -> anyhow::Result<OpenedModel> {
-    let parsed = ModelRef::parse(reference)?;
+    open_ref(ModelRef::parse(reference)?)
+}
+
+/// Opens an already parsed reference (the server parses client names with
+/// [`ModelRef::parse_hub`], so they can only name store models).
+pub fn open_ref(parsed: ModelRef) -> anyhow::Result<OpenedModel> {
     match &parsed {
         ModelRef::LocalDir { path, token } => {
             let metadata = inspect::inspect_dir(path)?;

@@ -5,6 +5,7 @@
 
 pub mod gpt_oss;
 pub mod hub_server;
+pub mod server;
 pub mod smollm2;
 
 use std::path::{Path, PathBuf};
