@@ -739,8 +739,7 @@ pub fn config_from_gguf(file: &GgufFile) -> anyhow::Result<GptOssConfig> {
         }
         cfg["rope_scaling"] = rope;
     }
-    Ok(GptOssConfig::from_value(&cfg)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.path.display()))?)
+    GptOssConfig::from_value(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", file.path.display()))
 }
 
 impl GptOss {
