@@ -676,6 +676,83 @@ mod tests {
         Content::read(&mut std::io::Cursor::new(&b)).unwrap();
     }
 
+    /// A GGUF v3 file written by hand: no metadata, tensors `(name, dims innermost first, type
+    /// id, bytes)` laid out in order at 32-byte alignment.
+    fn raw_file(tensors: &[(&str, &[u64], u32, Vec<u8>)]) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(b"GGUF");
+        h.extend_from_slice(&3u32.to_le_bytes());
+        h.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        h.extend_from_slice(&0u64.to_le_bytes());
+        let mut offset = 0u64;
+        for (name, dims, ty, bytes) in tensors {
+            h.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            h.extend_from_slice(name.as_bytes());
+            h.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in *dims {
+                h.extend_from_slice(&d.to_le_bytes());
+            }
+            h.extend_from_slice(&ty.to_le_bytes());
+            h.extend_from_slice(&offset.to_le_bytes());
+            offset += (bytes.len() as u64).div_ceil(32) * 32;
+        }
+        h.resize(h.len().div_ceil(32) * 32, 0);
+        for (_, _, _, bytes) in tensors {
+            h.extend_from_slice(bytes);
+            h.resize(h.len().div_ceil(32) * 32, 0);
+        }
+        h
+    }
+
+    /// Tensors of types candle does not read (MXFP4, IQ*) no longer make the file unreadable:
+    /// candle's tensors load as before, the others' bytes are read here, and using one where a
+    /// candle tensor is needed names its type.
+    #[test]
+    fn types_candle_cannot_read_are_side_tensors() {
+        let q8: Vec<u8> = (0..2 * 34).map(|i| (i * 7) as u8).collect();
+        let mxfp4: Vec<u8> = (0..3 * 2 * 17).map(|i| (i * 13 + 1) as u8).collect();
+        let iq2: Vec<u8> = vec![0; 74];
+        let bytes = raw_file(&[
+            ("a.q8", &[32, 2], 8, q8.clone()),
+            ("b.experts", &[64, 3], 39, mxfp4.clone()),
+            ("c.iq", &[256], 17, iq2),
+            ("d.q8", &[32, 2], 8, q8.clone()),
+        ]);
+        let f = GgufFile::from_bytes(Path::new("side.gguf"), bytes).unwrap();
+        assert!(f.has_tensor("b.experts") && f.has_tensor("a.q8"));
+        let side = f.side_tensor("b.experts").unwrap();
+        assert_eq!((side.ty, side.dims.clone()), (GgmlType::MXFP4, vec![3, 64]));
+        assert_eq!(f.side_bytes("b.experts").unwrap(), mxfp4);
+        for name in ["a.q8", "d.q8"] {
+            let t = f.tensor(name, &Device::Cpu).unwrap();
+            assert_eq!(t.data().unwrap().as_ref(), q8.as_slice(), "{name}");
+        }
+        let e = f.tensor("c.iq", &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("IQ2_XS") && e.contains("not supported"), "{e}");
+        let mut types: Vec<_> = f
+            .tensor_summaries()
+            .iter()
+            .map(|t| (t.name.to_string(), t.ty.name))
+            .collect();
+        types.sort();
+        assert_eq!(
+            types,
+            [
+                ("a.q8".to_string(), "Q8_0"),
+                ("b.experts".to_string(), "MXFP4"),
+                ("c.iq".to_string(), "IQ2_XS"),
+                ("d.q8".to_string(), "Q8_0")
+            ]
+        );
+        // A type id outside the GGML table is refused at open, by number.
+        let bad = raw_file(&[("x", &[32], 99, vec![0; 32])]);
+        let e = GgufFile::from_bytes(Path::new("bad.gguf"), bad)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("type id 99"), "{e}");
+    }
+
     #[test]
     fn zero_alignment_is_an_error_not_a_division_by_zero() {
         let b = file_with(&[("general.alignment", gguf_file::Value::U32(0))]);
