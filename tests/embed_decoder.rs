@@ -39,10 +39,9 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
 }
 
 fn cases() -> Vec<Case> {
-    let doc: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture().join("reference.json")).unwrap(),
-    )
-    .unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap())
+            .unwrap();
     doc["cases"]
         .as_array()
         .unwrap()
@@ -117,7 +116,11 @@ fn last_token_pooling_matches_sentence_transformers() {
     );
     // Packing does not change a vector.
     for (a, b) in alone.iter().zip(&batch.vectors) {
-        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-5, "alone vs batch differ by {diff}");
     }
     let from_ids = model
@@ -183,7 +186,10 @@ fn limits_dimensions_and_capabilities() {
 
     let (caps, spec) = describe(&fixture(), Some("qwen3"));
     assert_eq!(caps, vec!["embedding"]);
-    assert_eq!(spec.unwrap().pooling.name(), "lasttoken");
+    let spec = spec.unwrap();
+    assert_eq!(spec.pooling.name(), "lasttoken");
+    // sentence-transformers 6.3 writes the limit to tokenizer_config.json only.
+    assert_eq!(spec.max_tokens, Some(600));
     // The same architecture without declared pooling is a text-generation model.
     let plain = root().join("tests/fixtures/tiny-qwen3");
     assert_eq!(describe(&plain, Some("qwen3")).0, vec!["completion"]);
@@ -243,6 +249,9 @@ fn hidden_states_are_what_the_lm_head_reads() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(diff < 1e-4, "{modes:?}: hidden × table differs from logits by {diff}");
+        assert!(
+            diff < 1e-4,
+            "{modes:?}: hidden × table differs from logits by {diff}"
+        );
     }
 }

@@ -178,7 +178,10 @@ fn endpoints_return_the_reference_vectors() {
     let r = s.post("/api/embed", &json!({"model": "qe", "input": texts[2]}));
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json()["embeddings"].as_array().unwrap().len(), 1);
-    let r = s.post("/api/embeddings", &json!({"model": "qe", "prompt": texts[3]}));
+    let r = s.post(
+        "/api/embeddings",
+        &json!({"model": "qe", "prompt": texts[3]}),
+    );
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(cosine(&floats(&r.json()["embedding"]), &vectors[3]) > 0.99999);
     // An empty input only loads the model.
@@ -269,7 +272,11 @@ fn wrong_model_kinds_and_bad_fields_are_clear_400s() {
         ),
         (json!({"model": "qe", "input": []}), "input", "empty"),
         (json!({"model": "qe", "input": [""]}), "input", "empty"),
-        (json!({"model": "qe", "input": [[1, 2], "x"]}), "input", "list"),
+        (
+            json!({"model": "qe", "input": [[1, 2], "x"]}),
+            "input",
+            "list",
+        ),
         (
             json!({"model": "qe", "input": [[5, 99999]]}),
             "input",
@@ -305,7 +312,10 @@ fn wrong_model_kinds_and_bad_fields_are_clear_400s() {
         &json!({"model": "qe", "input": "x", "keep_alive": "soon"}),
     );
     assert_eq!(r.status, 400);
-    let r = s.post("/v1/embeddings", &json!({"model": "nope/nothing", "input": "x"}));
+    let r = s.post(
+        "/v1/embeddings",
+        &json!({"model": "nope/nothing", "input": "x"}),
+    );
     assert_eq!(r.status, 404, "{}", r.text);
 }
 
@@ -322,14 +332,21 @@ fn registry_keeps_embedding_models_like_causal_ones() {
     };
     let r = s.post("/api/embed", &json!({"model": "qe", "input": "hello"}));
     assert_eq!(r.status, 200, "{}", r.text);
-    assert!(r.json()["load_duration"].as_u64().unwrap() > 0, "loaded now");
+    assert!(
+        r.json()["load_duration"].as_u64().unwrap() > 0,
+        "loaded now"
+    );
     assert_eq!(loaded(&s), vec!["qe"]);
     let r = s.post(
         "/api/generate",
         &json!({"model": "tiny", "prompt": "hi", "stream": false, "options": {"num_predict": 2}}),
     );
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(loaded(&s), vec!["tiny"], "the idle embedding model made room");
+    assert_eq!(
+        loaded(&s),
+        vec!["tiny"],
+        "the idle embedding model made room"
+    );
     let r = s.post(
         "/api/embed",
         &json!({"model": "qe", "input": "hello", "keep_alive": 0}),
@@ -374,7 +391,10 @@ fn concurrent_requests_share_packed_passes() {
     let solo: Vec<Vec<f32>> = texts
         .iter()
         .map(|t| {
-            let r = s.post("/v1/embeddings", &json!({"model": "minilm", "input": [t, t]}));
+            let r = s.post(
+                "/v1/embeddings",
+                &json!({"model": "minilm", "input": [t, t]}),
+            );
             assert_eq!(r.status, 200, "{}", r.text);
             floats(&r.json()["data"][0]["embedding"])
         })
@@ -389,7 +409,10 @@ fn concurrent_requests_share_packed_passes() {
                 scope.spawn(move || {
                     // Eight copies: each request is a few passes' worth of work.
                     let input = vec![t.clone(); 8];
-                    let r = s.post("/v1/embeddings", &json!({"model": "minilm", "input": input}));
+                    let r = s.post(
+                        "/v1/embeddings",
+                        &json!({"model": "minilm", "input": input}),
+                    );
                     assert_eq!(r.status, 200, "{}", r.text);
                     r.json()["data"]
                         .as_array()
@@ -410,7 +433,10 @@ fn concurrent_requests_share_packed_passes() {
                 .zip(&solo[i])
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(diff < 1e-5, "request {i}: differs from its solo answer by {diff}");
+            assert!(
+                diff < 1e-5,
+                "request {i}: differs from its solo answer by {diff}"
+            );
         }
     }
     let requests = s.metric("xllm_embedding_requests", "minilm").unwrap() - before_requests;

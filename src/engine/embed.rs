@@ -120,7 +120,9 @@ impl Pooling {
             *slot = true;
             let rank = ORDER.iter().position(|o| *o == name);
             if rank <= last {
-                bail!("pooling modes listed out of the order {ORDER:?} (or twice) are not supported");
+                bail!(
+                    "pooling modes listed out of the order {ORDER:?} (or twice) are not supported"
+                );
             }
             last = rank;
         }
@@ -249,8 +251,10 @@ impl EmbeddingSpec {
                 ),
             }
         }
+        // sentence-transformers 6.3 keeps the limit in tokenizer_config.json instead.
         let max_tokens = read_json(&dir.join("sentence_bert_config.json"))?
             .and_then(|c| c.get("max_seq_length").and_then(Value::as_u64))
+            .or(tokenizer_limit(dir)?.map(|n| n as u64))
             .map(|v| v as usize);
         Ok(Some(EmbeddingSpec {
             pooling: pooling.unwrap_or(Pooling::MEAN),
@@ -258,6 +262,14 @@ impl EmbeddingSpec {
             max_tokens,
         }))
     }
+}
+
+/// `model_max_length` of tokenizer_config.json, unless it is transformers' "no limit" sentinel.
+fn tokenizer_limit(dir: &Path) -> anyhow::Result<Option<usize>> {
+    Ok(read_json(&dir.join("tokenizer_config.json"))?
+        .and_then(|c| c.get("model_max_length").and_then(Value::as_u64))
+        .filter(|&n| n > 0 && n < 1 << 20)
+        .map(|n| n as usize))
 }
 
 /// What to do with inputs longer than the model's limit.
@@ -382,7 +394,14 @@ impl Backbone {
                             (true, false) => Logits::None,
                         };
                         if logits != Logits::None {
-                            owners.push((i, if logits == Logits::All { end - start } else { 1 }));
+                            owners.push((
+                                i,
+                                if logits == Logits::All {
+                                    end - start
+                                } else {
+                                    1
+                                },
+                            ));
                         }
                         batch.push(BatchSeq {
                             tokens: &seq[start..end],
@@ -444,8 +463,7 @@ fn declares_pooling(dir: &Path) -> bool {
 /// embedding model only (Ollama lists `qwen3-embedding` the same way): its checkpoint is the
 /// base model, without a trained LM head.
 pub fn embeds(dir: &Path, model_type: &str) -> bool {
-    is_encoder(model_type)
-        || (DECODER_EMBEDDERS.contains(&model_type) && declares_pooling(dir))
+    is_encoder(model_type) || (DECODER_EMBEDDERS.contains(&model_type) && declares_pooling(dir))
 }
 
 /// What an embedding model will need in memory, from its files (before any weight is read):
@@ -467,7 +485,11 @@ pub fn memory_estimate(
     let hidden = metadata.embedding_length.unwrap_or(0) as usize;
     let model_type = metadata.architecture.as_deref().unwrap_or("");
     let encoder = is_encoder(model_type);
-    let weights = if encoder { stored.saturating_mul(2) } else { stored };
+    let weights = if encoder {
+        stored.saturating_mul(2)
+    } else {
+        stored
+    };
     let kv_per_token = if encoder {
         0
     } else {
@@ -546,7 +568,10 @@ impl EmbeddingModel {
         if !embeds(dir, &model_type) {
             let names: Vec<&str> = encoder::ENCODERS.iter().map(|a| a.model_type).collect();
             let why = if DECODER_EMBEDDERS.contains(&model_type.as_str()) {
-                format!("its folder declares no pooling (a sentence-transformers modules.json with a Pooling module makes a {model_type} model an embedder)")
+                format!(
+                    "it is a text-generation model: its folder declares no pooling (a sentence-transformers modules.json with a Pooling module makes a {model_type} model an embedder; embedding encoders: {})",
+                    names.join(", ")
+                )
             } else {
                 format!(
                     "its architecture '{model_type}' is not an embedding model (encoders: {}; decoders with declared pooling: {})",
@@ -559,8 +584,9 @@ impl EmbeddingModel {
         let weights = SafetensorsWeights::open_dir(dir)?;
         let backbone = if is_encoder(&model_type) {
             Backbone::Encoder(
-                encoder::build(&config, &weights)
-                    .with_context(|| format!("cannot load the embedding model in {}", dir.display()))?,
+                encoder::build(&config, &weights).with_context(|| {
+                    format!("cannot load the embedding model in {}", dir.display())
+                })?,
             )
         } else {
             // The LM head is never read when embedding: a base-model checkpoint without one
@@ -602,13 +628,9 @@ impl EmbeddingModel {
             .with_truncation(None)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let positions = backbone.max_positions();
-        let tokenizer_limit = read_json(&dir.join("tokenizer_config.json"))?
-            .and_then(|c| c.get("model_max_length").and_then(Value::as_u64))
-            .filter(|&n| n > 0 && n < 1 << 20)
-            .map(|n| n as usize);
         let max_tokens = spec
             .max_tokens
-            .or(tokenizer_limit)
+            .or(tokenizer_limit(dir)?)
             .unwrap_or(positions)
             .min(positions);
         let mut truncating = tokenizer.clone();
@@ -801,17 +823,28 @@ mod tests {
 
     #[test]
     fn pooling_reads_sentence_transformers_6_3_names() {
-        let p = |v: Value| Pooling::from_config(&serde_json::json!({"embedding_dimension": 8, "pooling_mode": v}));
+        let p = |v: Value| {
+            Pooling::from_config(&serde_json::json!({"embedding_dimension": 8, "pooling_mode": v}))
+        };
         assert_eq!(p("lasttoken".into()).unwrap(), Pooling::LAST_TOKEN);
         assert_eq!(p("mean".into()).unwrap(), Pooling::MEAN);
         assert_eq!(
             p(serde_json::json!(["cls", "mean"])).unwrap().name(),
             "cls+mean"
         );
-        assert!(p(serde_json::json!(["mean", "cls"])).is_err(), "listed order must be canonical");
+        assert!(
+            p(serde_json::json!(["mean", "cls"])).is_err(),
+            "listed order must be canonical"
+        );
         assert!(p(serde_json::json!(["mean", "mean"])).is_err());
-        assert!(p("weightedmean".into()).unwrap_err().to_string().contains("weighted"));
-        assert!(p("median".into()).unwrap_err().to_string().contains("median"));
+        assert!(p("weightedmean".into())
+            .unwrap_err()
+            .to_string()
+            .contains("weighted"));
+        assert!(p("median".into())
+            .unwrap_err()
+            .to_string()
+            .contains("median"));
         assert!(p(serde_json::json!([])).is_err());
     }
 

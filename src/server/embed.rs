@@ -171,7 +171,10 @@ fn openai_inputs(input: &Value) -> Result<Inputs, ApiError> {
     let inputs = match input {
         Value::String(s) => Inputs::Texts(vec![s.clone()]),
         Value::Array(items) if items.is_empty() => {
-            return Err(ApiError::bad_param("input", "input must not be an empty list"))
+            return Err(ApiError::bad_param(
+                "input",
+                "input must not be an empty list",
+            ))
         }
         Value::Array(items) if items.iter().all(Value::is_string) => Inputs::Texts(
             items
@@ -179,7 +182,9 @@ fn openai_inputs(input: &Value) -> Result<Inputs, ApiError> {
                 .map(|s| s.as_str().unwrap_or_default().to_string())
                 .collect(),
         ),
-        Value::Array(items) if items.iter().all(Value::is_number) => Inputs::Tokens(vec![ids(input)?]),
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            Inputs::Tokens(vec![ids(input)?])
+        }
         Value::Array(items) if items.iter().all(Value::is_array) => {
             Inputs::Tokens(items.iter().map(ids).collect::<Result<_, _>>()?)
         }
@@ -196,7 +201,10 @@ fn openai_inputs(input: &Value) -> Result<Inputs, ApiError> {
     if inputs.len() > MAX_INPUTS {
         return Err(ApiError::bad_param(
             "input",
-            format!("at most {MAX_INPUTS} inputs per request, got {}", inputs.len()),
+            format!(
+                "at most {MAX_INPUTS} inputs per request, got {}",
+                inputs.len()
+            ),
         ));
     }
     Ok(inputs)
@@ -326,7 +334,10 @@ fn ollama_inputs(input: Option<&Value>) -> Result<Vec<String>, ApiError> {
     if texts.len() > MAX_INPUTS {
         return Err(ApiError::bad_param(
             "input",
-            format!("at most {MAX_INPUTS} inputs per request, got {}", texts.len()),
+            format!(
+                "at most {MAX_INPUTS} inputs per request, got {}",
+                texts.len()
+            ),
         ));
     }
     Ok(texts)
@@ -448,7 +459,9 @@ mod tests {
             json!({"text": "a"}),
             json!(null),
         ] {
-            let e = openai_inputs(&bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            let e = openai_inputs(&bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
             assert_eq!(e.param.as_deref(), Some("input"), "{bad}");
         }
@@ -461,7 +474,10 @@ mod tests {
         assert!(ollama_inputs(None).unwrap().is_empty());
         assert!(ollama_inputs(Some(&json!(""))).unwrap().is_empty());
         assert!(ollama_inputs(Some(&json!([]))).unwrap().is_empty());
-        assert_eq!(ollama_inputs(Some(&json!(["a", "b"]))).unwrap(), vec!["a", "b"]);
+        assert_eq!(
+            ollama_inputs(Some(&json!(["a", "b"]))).unwrap(),
+            vec!["a", "b"]
+        );
         assert!(ollama_inputs(Some(&json!(["a", ""]))).is_err());
         assert!(ollama_inputs(Some(&json!([1]))).is_err());
     }
@@ -470,6 +486,9 @@ mod tests {
     fn base64_is_little_endian_f32() {
         let s = base64_f32(&[1.0, -2.5]);
         let bytes = base64::engine::general_purpose::STANDARD.decode(s).unwrap();
-        assert_eq!(bytes, [1f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat());
+        assert_eq!(
+            bytes,
+            [1f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat()
+        );
     }
 }

@@ -289,7 +289,11 @@ async fn chat_inner(
     stop_strings(req.common.stop.clone())?;
     let lease = state
         .registry
-        .acquire(&req.common.model, None, Purpose::Generate("chat completions"))
+        .acquire(
+            &req.common.model,
+            None,
+            Purpose::Generate("chat completions"),
+        )
         .await?;
     let session = lease.model.session()?.clone();
     let prompt = chat_prompt(

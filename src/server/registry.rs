@@ -467,9 +467,7 @@ impl Registry {
             let opened = open_target(&target).map_err(|e| open_error(&name_owned, e))?;
             let embeds = opened_embeds(&opened);
             match (purpose, embeds) {
-                (Purpose::Generate(what), true) => {
-                    return Err(not_generative(&name_owned, what))
-                }
+                (Purpose::Generate(what), true) => return Err(not_generative(&name_owned, what)),
                 (Purpose::Embed, false) => return Err(cannot_embed(&name_owned, Some(&opened))),
                 _ => {}
             }
@@ -499,11 +497,12 @@ impl Registry {
             .await
             .map_err(|e| ApiError::internal(format!("model loading task failed: {e}")))?
             .map_err(|e| load_error(&name_owned, e))?;
-            let worker =
-                EmbedHandle::start(Arc::new(model), self.options.threads, self.options.max_waiting)
-                    .map_err(|e| {
-                        ApiError::internal(format!("cannot start the embedding worker: {e:#}"))
-                    })?;
+            let worker = EmbedHandle::start(
+                Arc::new(model),
+                self.options.threads,
+                self.options.max_waiting,
+            )
+            .map_err(|e| ApiError::internal(format!("cannot start the embedding worker: {e:#}")))?;
             Runtime::Embed(worker)
         } else {
             let options = OpenOptions {
