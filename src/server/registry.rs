@@ -480,7 +480,13 @@ impl Registry {
         })
         .await
         .map_err(|e| ApiError::internal(format!("model loading task failed: {e}")))??;
-        self.make_room(name, estimate.as_ref()).await?;
+        // Embedding models run on the CPU whatever the server's device: their room is RAM.
+        let device = if embeds {
+            Device::Cpu
+        } else {
+            self.device.clone()
+        };
+        self.make_room(name, estimate.as_ref(), &device).await?;
 
         let facts = ModelFacts::of(&opened);
         let resolved = opened.resolved();
@@ -575,7 +581,7 @@ impl Registry {
 
     /// Memory the next model may use: the operator's limit less what loaded models take, or
     /// the device's free memory less KV blocks loaded models reserved but have not used yet.
-    fn budget(&self) -> Option<u64> {
+    fn budget(&self, device: &Device) -> Option<u64> {
         let loaded = self.loaded();
         match self.options.memory_limit {
             Some(limit) => {
@@ -586,7 +592,7 @@ impl Registry {
                 Some(limit.saturating_sub(used))
             }
             None => {
-                let free = crate::device::free_memory(&self.device)?;
+                let free = crate::device::free_memory(device)?;
                 let reserved: u64 = loaded.iter().map(|m| m.unused_kv_reservation()).sum();
                 Some(free.saturating_sub(reserved))
             }
@@ -600,12 +606,13 @@ impl Registry {
         &self,
         name: &str,
         estimate: Option<&MemoryEstimate>,
+        device: &Device,
     ) -> Result<(), ApiError> {
         loop {
             let count = self.map().len();
-            let fits_memory = match (estimate, self.budget()) {
+            let fits_memory = match (estimate, self.budget(device)) {
                 (Some(e), Some(budget)) => {
-                    crate::device::check_fits(&crate::device::device_label(&self.device), e, budget)
+                    crate::device::check_fits(&crate::device::device_label(device), e, budget)
                 }
                 _ => Ok(()),
             };
