@@ -304,25 +304,39 @@ pub(crate) struct SafetensorsLoader<'a> {
     pub(crate) options: &'a BuildOptions,
 }
 
+impl SafetensorsLoader<'_> {
+    /// The checkpoint's name for a role. Sentence-transformers saves a decoder embedder's base
+    /// model alone (Qwen3-Embedding): the transformers names without their `model.` prefix.
+    fn hf_name(&self, role: Role, layer: usize) -> String {
+        let name = role.hf_name(layer);
+        let bare = !self.weights.contains("model.embed_tokens.weight")
+            && self.weights.contains("embed_tokens.weight");
+        match name.strip_prefix("model.") {
+            Some(short) if bare => short.to_string(),
+            _ => name,
+        }
+    }
+}
+
 impl Loader for SafetensorsLoader<'_> {
     fn has(&self, role: Role, layer: usize, suffix: &str) -> bool {
         self.weights
-            .contains(&format!("{}.{suffix}", role.hf_name(layer)))
+            .contains(&format!("{}.{suffix}", self.hf_name(role, layer)))
     }
 
     fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight> {
-        let name = format!("{}.weight", role.hf_name(layer));
+        let name = format!("{}.weight", self.hf_name(role, layer));
         safetensors_matrix(self.weights, &name, shape, self.options)
     }
 
     fn vector(&self, role: Role, layer: usize, suffix: &str, len: usize) -> anyhow::Result<Tensor> {
-        let name = format!("{}.{suffix}", role.hf_name(layer));
+        let name = format!("{}.{suffix}", self.hf_name(role, layer));
         self.weights
             .load_shaped(&name, &[len], self.options.dtype, &self.options.device)
     }
 
     fn format(&self) -> String {
-        let name = Role::Embed.hf_name(0) + ".weight";
+        let name = self.hf_name(Role::Embed, 0) + ".weight";
         self.weights
             .stored_dtype(&name)
             .map(|d| d.as_str().to_string())
@@ -646,6 +660,10 @@ impl Llama {
         })
     }
 
+    fn hidden_size(&self) -> usize {
+        self.norm.dims()[0]
+    }
+
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, self.eps as f32)
     }
@@ -816,8 +834,11 @@ pub(super) fn rope_tables(
     Ok((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
 }
 
-impl CausalLm for Llama {
-    fn forward_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor> {
+impl Llama {
+    /// Every layer over the batch, then the final norm of the rows the sequences asked for:
+    /// `[1, rows, hidden]`, or `None` when no row is asked for. What the LM head reads
+    /// ([`CausalLm::forward_batch`]) and what embedders pool ([`CausalLm::hidden_batch`]).
+    fn final_hidden(&self, batch: &mut [BatchSeq<'_>]) -> Result<Option<Tensor>> {
         let plan = BatchPlan::new(batch, self.info.vocab_size, self.layers.len())?;
         let device = &self.info.device;
         let ids = Tensor::new(plan.tokens.as_slice(), device)?;
@@ -838,7 +859,7 @@ impl CausalLm for Llama {
         }
         plan.commit(batch);
         if plan.logit_rows.is_empty() {
-            return Tensor::zeros((0, self.info.vocab_size), DType::F32, device);
+            return Ok(None);
         }
         let x = if plan.returns_every_row() {
             x
@@ -846,9 +867,26 @@ impl CausalLm for Llama {
             let rows = Tensor::new(plan.logit_rows.as_slice(), device)?;
             x.index_select(&rows, 1)?
         };
-        let x = self.rms_norm(&x, &self.norm)?;
-        let logits = self.lm_head.forward(&x)?.squeeze(0)?;
-        logits.to_dtype(DType::F32)?.contiguous()
+        self.rms_norm(&x, &self.norm).map(Some)
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor> {
+        match self.final_hidden(batch)? {
+            None => Tensor::zeros((0, self.info.vocab_size), DType::F32, &self.info.device),
+            Some(x) => {
+                let logits = self.lm_head.forward(&x)?.squeeze(0)?;
+                logits.to_dtype(DType::F32)?.contiguous()
+            }
+        }
+    }
+
+    fn hidden_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor> {
+        match self.final_hidden(batch)? {
+            None => Tensor::zeros((0, self.hidden_size()), DType::F32, &self.info.device),
+            Some(x) => x.squeeze(0)?.to_dtype(DType::F32)?.contiguous(),
+        }
     }
 
     fn info(&self) -> &ModelInfo {

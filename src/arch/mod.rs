@@ -52,6 +52,18 @@ pub trait CausalLm: Send + Sync {
     /// Shapes and limits the engine needs around the model.
     fn info(&self) -> &ModelInfo;
 
+    /// The same step as [`Self::forward_batch`], returning the final hidden states instead of
+    /// logits: f32 `[rows, hidden]`, after the final norm (what the LM head would read), the
+    /// rows each sequence asked for with its [`Logits`], in batch order. Decoder models used as
+    /// embedders pool these. Architectures that do not expose them say so.
+    fn hidden_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor> {
+        let _ = batch;
+        candle_core::bail!(
+            "the '{}' architecture does not expose its hidden states, so it cannot embed",
+            self.info().architecture
+        )
+    }
+
     /// One sequence: `tokens` continue the sequence whose state is `state`. Returns logits
     /// `[tokens.len(), vocab]`, or `[1, vocab]` for the last token only when `last_only`. Long
     /// inputs run in passes of [`PROMPT_CHUNK`] tokens.

@@ -1,5 +1,10 @@
-//! Text embeddings: tokenizer → packed batch → encoder hidden states → pooling → normalisation
-//! → optional Matryoshka truncation. Nothing here prints; the CLI and the server drive it.
+//! Text embeddings: tokenizer → packed batch → hidden states → pooling → normalisation →
+//! optional Matryoshka truncation. Nothing here prints; the CLI and the server drive it.
+//!
+//! Two kinds of models embed: encoders (the [`encoder`] table: BERT and its relatives) and
+//! decoders of the causal table whose folder declares sentence-transformers pooling (the
+//! Qwen3-Embedding layout: a Qwen3 base model, `modules.json`, `1_Pooling` with `lasttoken`,
+//! `Normalize`), pooled from the final hidden state ([`CausalLm::hidden_batch`]).
 //!
 //! The model folder says how to pool, in sentence-transformers' layout: `modules.json` lists the
 //! modules (Transformer, Pooling, Normalize), `1_Pooling/config.json` (or whatever path the
@@ -18,12 +23,23 @@ use serde_json::Value;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::arch::encoder::{self, Encoder, PackedBatch};
+use crate::arch::{BatchSeq, BuildOptions, CausalLm, Logits, WeightSource};
 use crate::model::safetensors::SafetensorsWeights;
+use crate::quant::KvProfile;
 use crate::store::{ModelFormat, ResolvedModel};
 
 /// Tokens per packed forward pass: bounds the activations (`tokens × intermediate` floats, about
 /// 50 MB for MiniLM) while keeping the matmuls large enough to run at full speed.
-const TOKENS_PER_PASS: usize = 8192;
+pub const TOKENS_PER_PASS: usize = 8192;
+
+/// Tokens per sequence per pass of a decoder embedder: its attention builds `[heads · t, len]`
+/// scores per sequence, so long inputs run in pieces through their own KV cache (the same
+/// chunking generation uses, [`crate::arch::PROMPT_CHUNK`]); the result does not change.
+const DECODER_CHUNK: usize = crate::arch::PROMPT_CHUNK;
+
+/// Architectures of the causal table that expose their final hidden states
+/// ([`CausalLm::hidden_batch`]) and so can embed when their folder declares pooling.
+pub const DECODER_EMBEDDERS: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 /// How token states become one vector (sentence-transformers' pooling modes). Several modes may
 /// be on at once; their vectors are concatenated in sentence-transformers' order.
@@ -45,8 +61,20 @@ impl Pooling {
         last_token: false,
     };
 
-    /// Reads `1_Pooling/config.json`.
+    pub const LAST_TOKEN: Pooling = Pooling {
+        cls: false,
+        max: false,
+        mean: false,
+        mean_sqrt_len: false,
+        last_token: true,
+    };
+
+    /// Reads `1_Pooling/config.json`: sentence-transformers 6.3's `pooling_mode` (a name or a
+    /// list of names), or the older `pooling_mode_*_tokens: true` flags.
     pub fn from_config(c: &Value) -> anyhow::Result<Self> {
+        if let Some(mode) = c.get("pooling_mode") {
+            return Self::from_names(mode);
+        }
         let on = |k: &str| c.get(k).and_then(Value::as_bool).unwrap_or(false);
         if on("pooling_mode_weightedmean_tokens") {
             bail!("weighted-mean pooling is not supported (supported: mean, cls, max, lasttoken, mean_sqrt_len)");
@@ -58,6 +86,46 @@ impl Pooling {
             mean_sqrt_len: on("pooling_mode_mean_sqrt_len_tokens"),
             last_token: on("pooling_mode_lasttoken"),
         };
+        if p.modes() == 0 {
+            bail!("the pooling config turns on no pooling mode");
+        }
+        Ok(p)
+    }
+
+    /// `pooling_mode`: `"lasttoken"` or `["cls", "mean"]`. Several modes concatenate in the
+    /// listed order; only sentence-transformers' canonical order (the one [`Self::pool`]
+    /// writes) is accepted.
+    fn from_names(mode: &Value) -> anyhow::Result<Self> {
+        let names: Vec<&str> = match mode {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_str().context("pooling_mode lists a non-string"))
+                .collect::<anyhow::Result<_>>()?,
+            _ => bail!("pooling_mode must be a mode name or a list of them"),
+        };
+        const ORDER: [&str; 5] = ["cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken"];
+        let mut p = Pooling::default();
+        let mut last = None;
+        for name in names {
+            let slot = match name {
+                "cls" => &mut p.cls,
+                "max" => &mut p.max,
+                "mean" => &mut p.mean,
+                "mean_sqrt_len_tokens" => &mut p.mean_sqrt_len,
+                "lasttoken" => &mut p.last_token,
+                "weightedmean" => bail!("weighted-mean pooling is not supported (supported: mean, cls, max, lasttoken, mean_sqrt_len_tokens)"),
+                other => bail!("unknown pooling mode '{other}' (supported: mean, cls, max, lasttoken, mean_sqrt_len_tokens)"),
+            };
+            *slot = true;
+            let rank = ORDER.iter().position(|o| *o == name);
+            if rank <= last {
+                bail!(
+                    "pooling modes listed out of the order {ORDER:?} (or twice) are not supported"
+                );
+            }
+            last = rank;
+        }
         if p.modes() == 0 {
             bail!("the pooling config turns on no pooling mode");
         }
@@ -183,8 +251,10 @@ impl EmbeddingSpec {
                 ),
             }
         }
+        // sentence-transformers 6.3 keeps the limit in tokenizer_config.json instead.
         let max_tokens = read_json(&dir.join("sentence_bert_config.json"))?
             .and_then(|c| c.get("max_seq_length").and_then(Value::as_u64))
+            .or(tokenizer_limit(dir)?.map(|n| n as u64))
             .map(|v| v as usize);
         Ok(Some(EmbeddingSpec {
             pooling: pooling.unwrap_or(Pooling::MEAN),
@@ -192,6 +262,14 @@ impl EmbeddingSpec {
             max_tokens,
         }))
     }
+}
+
+/// `model_max_length` of tokenizer_config.json, unless it is transformers' "no limit" sentinel.
+fn tokenizer_limit(dir: &Path) -> anyhow::Result<Option<usize>> {
+    Ok(read_json(&dir.join("tokenizer_config.json"))?
+        .and_then(|c| c.get("model_max_length").and_then(Value::as_u64))
+        .filter(|&n| n > 0 && n < 1 << 20)
+        .map(|n| n as usize))
 }
 
 /// What to do with inputs longer than the model's limit.
@@ -225,10 +303,131 @@ impl Embeddings {
     }
 }
 
+/// What turns token ids into per-token hidden states.
+enum Backbone {
+    /// An encoder: every sequence of a pass packed side by side, attending both ways.
+    Encoder(Box<dyn Encoder>),
+    /// A causal model's final hidden states; each sequence in a fresh KV cache of its own.
+    Decoder {
+        model: Box<dyn CausalLm>,
+        hidden_size: usize,
+    },
+}
+
+impl Backbone {
+    fn hidden_size(&self) -> usize {
+        match self {
+            Backbone::Encoder(e) => e.info().hidden_size,
+            Backbone::Decoder { hidden_size, .. } => *hidden_size,
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Backbone::Encoder(e) => e.info().vocab_size,
+            Backbone::Decoder { model, .. } => model.info().vocab_size,
+        }
+    }
+
+    fn max_positions(&self) -> usize {
+        match self {
+            Backbone::Encoder(e) => e.info().max_positions,
+            Backbone::Decoder { model, .. } => model.info().context_length,
+        }
+    }
+
+    fn architecture(&self) -> &str {
+        match self {
+            Backbone::Encoder(e) => &e.info().architecture,
+            Backbone::Decoder { model, .. } => &model.info().architecture,
+        }
+    }
+
+    /// Hidden states of `group` in one pass: per sequence, all its rows (`last_only`: just the
+    /// last one, all that last-token pooling reads), `[rows, hidden]` row-major.
+    fn run(&self, group: &[Vec<u32>], last_only: bool) -> anyhow::Result<Vec<Vec<f32>>> {
+        let width = self.hidden_size();
+        match self {
+            Backbone::Encoder(encoder) => {
+                let flat: Vec<u32> = group.iter().flatten().copied().collect();
+                let types = vec![0u32; flat.len()];
+                let lens: Vec<usize> = group.iter().map(Vec::len).collect();
+                let hidden = encoder.hidden_states(&PackedBatch {
+                    tokens: &flat,
+                    type_ids: &types,
+                    lens: &lens,
+                })?;
+                let mut out = Vec::with_capacity(group.len());
+                let mut offset = 0;
+                for &len in &lens {
+                    let rows = if last_only {
+                        &hidden[(offset + len - 1) * width..(offset + len) * width]
+                    } else {
+                        &hidden[offset * width..(offset + len) * width]
+                    };
+                    out.push(rows.to_vec());
+                    offset += len;
+                }
+                Ok(out)
+            }
+            Backbone::Decoder { model, .. } => {
+                let info = model.info();
+                let mut states = group
+                    .iter()
+                    .map(|seq| info.new_cache(KvProfile::Default, seq.len()))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let mut out: Vec<Vec<f32>> = vec![Vec::new(); group.len()];
+                // Step k runs piece k of every sequence that still has one, all in one batch.
+                let longest = group.iter().map(Vec::len).max().unwrap_or(0);
+                let mut start = 0;
+                while start < longest {
+                    let mut batch = Vec::new();
+                    let mut owners = Vec::new();
+                    for (i, (seq, state)) in group.iter().zip(states.iter_mut()).enumerate() {
+                        if start >= seq.len() {
+                            continue;
+                        }
+                        let end = (start + DECODER_CHUNK).min(seq.len());
+                        let logits = match (last_only, end == seq.len()) {
+                            (false, _) => Logits::All,
+                            (true, true) => Logits::Last,
+                            (true, false) => Logits::None,
+                        };
+                        if logits != Logits::None {
+                            owners.push((
+                                i,
+                                if logits == Logits::All {
+                                    end - start
+                                } else {
+                                    1
+                                },
+                            ));
+                        }
+                        batch.push(BatchSeq {
+                            tokens: &seq[start..end],
+                            state,
+                            logits,
+                        });
+                    }
+                    let hidden = model.hidden_batch(&mut batch)?;
+                    let hidden: Vec<f32> = hidden.flatten_all()?.to_vec1()?;
+                    let mut offset = 0;
+                    for (i, rows) in owners {
+                        out[i].extend_from_slice(&hidden[offset * width..(offset + rows) * width]);
+                        offset += rows;
+                    }
+                    start += DECODER_CHUNK;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 /// An embedding model ready to run.
 pub struct EmbeddingModel {
     pub name: String,
-    encoder: Box<dyn Encoder>,
+    backbone: Backbone,
     /// The tokenizer without padding or truncation (for `Overflow::Refuse`) and the same one
     /// truncating to `max_tokens` (kept apart because cloning a vocabulary per call is slow).
     tokenizer: Tokenizer,
@@ -238,9 +437,86 @@ pub struct EmbeddingModel {
     pub max_tokens: usize,
 }
 
-/// Whether a model of this `model_type` can embed, without loading it.
-pub fn can_embed(model_type: &str) -> bool {
+/// Whether `model_type` is an encoder architecture (the [`encoder`] table).
+pub fn is_encoder(model_type: &str) -> bool {
     encoder::lookup(model_type).is_some()
+}
+
+/// Whether the folder declares sentence-transformers pooling (a `modules.json` naming a
+/// Pooling module): what makes a decoder folder an embedding model.
+fn declares_pooling(dir: &Path) -> bool {
+    read_json(&dir.join("modules.json"))
+        .ok()
+        .flatten()
+        .and_then(|m| m.as_array().cloned())
+        .is_some_and(|list| {
+            list.iter().any(|m| {
+                m.get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t.rsplit('.').next() == Some("Pooling"))
+            })
+        })
+}
+
+/// Whether the model folder `dir` (of architecture `model_type`) embeds: an encoder, or a
+/// decoder that exposes hidden states and whose folder declares pooling. Such a decoder is an
+/// embedding model only (Ollama lists `qwen3-embedding` the same way): its checkpoint is the
+/// base model, without a trained LM head.
+pub fn embeds(dir: &Path, model_type: &str) -> bool {
+    is_encoder(model_type) || (DECODER_EMBEDDERS.contains(&model_type) && declares_pooling(dir))
+}
+
+/// What an embedding model will need in memory, from its files (before any weight is read):
+/// its weights as stored (encoders convert to f32: at most twice a bf16 file), the largest
+/// pass's activations and, for decoders, the KV cache of one pass's tokens.
+pub fn memory_estimate(
+    resolved: &ResolvedModel,
+    metadata: &crate::model::inspect::ModelMetadata,
+) -> anyhow::Result<crate::device::MemoryEstimate> {
+    let dir = &resolved.dir;
+    let mut stored = 0u64;
+    for file in crate::model::safetensors::shard_files(dir)? {
+        stored += std::fs::metadata(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?
+            .len();
+    }
+    let config = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
+    let get = |k: &str| config.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
+    let hidden = metadata.embedding_length.unwrap_or(0) as usize;
+    let model_type = metadata.architecture.as_deref().unwrap_or("");
+    let encoder = is_encoder(model_type);
+    let weights = if encoder {
+        stored.saturating_mul(2)
+    } else {
+        stored
+    };
+    let kv_per_token = if encoder {
+        0
+    } else {
+        metadata
+            .kv_bytes_per_token(4)
+            .into_iter()
+            .find(|(p, _)| *p == KvProfile::Default)
+            .map_or(0, |(_, b)| b)
+    };
+    let activations = crate::device::activation_bytes(&crate::device::ActivationShape {
+        hidden,
+        intermediate: match get("intermediate_size") {
+            0 => 4 * hidden,
+            n => n,
+        },
+        vocab: 0,
+        heads: metadata.attention_heads.unwrap_or(0) as usize,
+        batch_tokens: TOKENS_PER_PASS,
+        context: DECODER_CHUNK,
+        dtype_bytes: 4,
+    });
+    Ok(crate::device::MemoryEstimate::new(
+        weights,
+        kv_per_token,
+        TOKENS_PER_PASS,
+        activations,
+    ))
 }
 
 /// What `show` reports for a model folder: its capabilities (Ollama's words: `completion`,
@@ -249,7 +525,11 @@ pub fn describe(
     dir: &Path,
     model_type: Option<&str>,
 ) -> (Vec<&'static str>, Option<EmbeddingSpec>) {
-    let caps = model_type.map(encoder::capabilities).unwrap_or_default();
+    let caps = match model_type {
+        Some(t) if embeds(dir, t) => vec!["embedding"],
+        Some(t) => encoder::capabilities(t),
+        None => Vec::new(),
+    };
     let spec = if caps.contains(&"embedding") {
         EmbeddingSpec::from_dir(dir)
             .ok()
@@ -278,22 +558,63 @@ impl EmbeddingModel {
     }
 
     pub fn load_dir(dir: &Path, name: &str) -> anyhow::Result<Self> {
-        let config = read_json(&dir.join("config.json"))?
+        let mut config = read_json(&dir.join("config.json"))?
             .with_context(|| format!("{} has no config.json", dir.display()))?;
         let model_type = config
             .get("model_type")
             .and_then(Value::as_str)
-            .unwrap_or("");
-        if !can_embed(model_type) {
+            .unwrap_or("")
+            .to_string();
+        if !embeds(dir, &model_type) {
             let names: Vec<&str> = encoder::ENCODERS.iter().map(|a| a.model_type).collect();
-            bail!(
-                "model '{name}' cannot embed: its architecture '{model_type}' is not an embedding model (embedding architectures: {})",
-                names.join(", ")
-            );
+            let why = if DECODER_EMBEDDERS.contains(&model_type.as_str()) {
+                format!(
+                    "it is a text-generation model: its folder declares no pooling (a sentence-transformers modules.json with a Pooling module makes a {model_type} model an embedder; embedding encoders: {})",
+                    names.join(", ")
+                )
+            } else {
+                format!(
+                    "its architecture '{model_type}' is not an embedding model (encoders: {}; decoders with declared pooling: {})",
+                    names.join(", "),
+                    DECODER_EMBEDDERS.join(", ")
+                )
+            };
+            bail!("model '{name}' cannot embed: {why}");
         }
         let weights = SafetensorsWeights::open_dir(dir)?;
-        let encoder = encoder::build(&config, &weights)
+        let backbone = if is_encoder(&model_type) {
+            Backbone::Encoder(
+                encoder::build(&config, &weights).with_context(|| {
+                    format!("cannot load the embedding model in {}", dir.display())
+                })?,
+            )
+        } else {
+            // The LM head is never read when embedding: a base-model checkpoint without one
+            // (Qwen3-Embedding-4B/8B) is built with the embedding table in its place.
+            let has_head = weights.contains("lm_head.weight");
+            if !has_head {
+                if let Some(o) = config.as_object_mut() {
+                    o.insert("tie_word_embeddings".into(), Value::Bool(true));
+                }
+            }
+            let hidden_size = config
+                .get("hidden_size")
+                .and_then(Value::as_u64)
+                .context("config.json has no hidden_size")? as usize;
+            let model = crate::arch::build(
+                &WeightSource::Safetensors {
+                    config: &config,
+                    weights: &weights,
+                },
+                &BuildOptions {
+                    device: candle_core::Device::Cpu,
+                    dtype: candle_core::DType::F32,
+                    keep_weight_dtype: true,
+                },
+            )
             .with_context(|| format!("cannot load the embedding model in {}", dir.display()))?;
+            Backbone::Decoder { model, hidden_size }
+        };
         let spec = EmbeddingSpec::from_dir(dir)?.unwrap_or(EmbeddingSpec {
             pooling: Pooling::MEAN,
             normalize: false,
@@ -306,14 +627,10 @@ impl EmbeddingModel {
         tokenizer
             .with_truncation(None)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let positions = encoder.info().max_positions;
-        let tokenizer_limit = read_json(&dir.join("tokenizer_config.json"))?
-            .and_then(|c| c.get("model_max_length").and_then(Value::as_u64))
-            .filter(|&n| n > 0 && n < 1 << 20)
-            .map(|n| n as usize);
+        let positions = backbone.max_positions();
         let max_tokens = spec
             .max_tokens
-            .or(tokenizer_limit)
+            .or(tokenizer_limit(dir)?)
             .unwrap_or(positions)
             .min(positions);
         let mut truncating = tokenizer.clone();
@@ -327,7 +644,7 @@ impl EmbeddingModel {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(EmbeddingModel {
             name: name.to_string(),
-            encoder,
+            backbone,
             tokenizer,
             truncating,
             spec,
@@ -337,11 +654,11 @@ impl EmbeddingModel {
 
     /// Width of the vectors [`Self::embed`] returns without `dimensions`.
     pub fn dimensions(&self) -> usize {
-        self.encoder.info().hidden_size * self.spec.pooling.modes()
+        self.backbone.hidden_size() * self.spec.pooling.modes()
     }
 
     pub fn architecture(&self) -> &str {
-        &self.encoder.info().architecture
+        self.backbone.architecture()
     }
 
     /// Token ids (with the model's special tokens) of each text, limited per `overflow`.
@@ -383,27 +700,58 @@ impl EmbeddingModel {
     /// long ones per `options`.
     pub fn embed_tokens(
         &self,
-        mut ids: Vec<Vec<u32>>,
+        ids: Vec<Vec<u32>>,
         options: &EmbedOptions,
     ) -> anyhow::Result<Embeddings> {
+        let dims = self.check_dimensions(options.dimensions)?;
+        let ids = self.prepare(ids, options.overflow)?;
+        let mut vectors = self.pooled(&ids)?;
+        for v in &mut vectors {
+            self.shorten(v, dims);
+        }
+        Ok(Embeddings {
+            vectors,
+            token_counts: ids.iter().map(Vec::len).collect(),
+        })
+    }
+
+    /// The width a request for `dimensions` gets, or why it cannot.
+    pub fn check_dimensions(&self, dimensions: Option<usize>) -> anyhow::Result<usize> {
         let full = self.dimensions();
-        let dims = match options.dimensions {
-            None => full,
+        match dimensions {
+            None => Ok(full),
             Some(0) => bail!("dimensions must be at least 1"),
             Some(n) if n > full => {
                 bail!("dimensions {n} is more than the model's {full}-dimensional embeddings")
             }
-            Some(n) => n,
-        };
-        let vocab = self.encoder.info().vocab_size;
+            Some(n) => Ok(n),
+        }
+    }
+
+    /// Checks token id sequences (not empty, inside the vocabulary) and truncates long ones
+    /// to the model's limit, or refuses them, per `overflow`.
+    pub fn prepare(
+        &self,
+        mut ids: Vec<Vec<u32>>,
+        overflow: Overflow,
+    ) -> anyhow::Result<Vec<Vec<u32>>> {
+        let vocab = self.backbone.vocab_size();
         for (i, seq) in ids.iter_mut().enumerate() {
-            self.check_length(i, seq.len(), options.overflow)?;
+            self.check_length(i, seq.len(), overflow)?;
             seq.truncate(self.max_tokens);
             if let Some(bad) = seq.iter().find(|&&t| t as usize >= vocab) {
                 bail!("input {i}: token id {bad} is outside the vocabulary ({vocab} tokens)");
             }
         }
-        let width = self.encoder.info().hidden_size;
+        Ok(ids)
+    }
+
+    /// Full-width vectors (pooled, normalised when the model normalises) of prepared sequences,
+    /// in packed passes of at most [`TOKENS_PER_PASS`] tokens. The server packs the sequences
+    /// of every waiting request into one call.
+    pub fn pooled(&self, ids: &[Vec<u32>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let width = self.backbone.hidden_size();
+        let last_only = self.spec.pooling == Pooling::LAST_TOKEN;
         let mut vectors = Vec::with_capacity(ids.len());
         let mut start = 0;
         while start < ids.len() {
@@ -414,38 +762,28 @@ impl EmbeddingModel {
                 tokens += ids[end].len();
                 end += 1;
             }
-            let group = &ids[start..end];
-            let flat: Vec<u32> = group.iter().flatten().copied().collect();
-            let types = vec![0u32; flat.len()];
-            let lens: Vec<usize> = group.iter().map(Vec::len).collect();
-            let hidden = self.encoder.hidden_states(&PackedBatch {
-                tokens: &flat,
-                type_ids: &types,
-                lens: &lens,
-            })?;
-            let mut offset = 0;
-            for &len in &lens {
-                let rows = &hidden[offset * width..(offset + len) * width];
-                let mut v = Vec::with_capacity(full);
-                self.spec.pooling.pool(rows, width, &mut v);
+            for rows in self.backbone.run(&ids[start..end], last_only)? {
+                let mut v = Vec::with_capacity(self.dimensions());
+                self.spec.pooling.pool(&rows, width, &mut v);
                 if self.spec.normalize {
                     l2_normalize(&mut v);
                 }
-                if dims < full {
-                    v.truncate(dims);
-                    if self.spec.normalize {
-                        l2_normalize(&mut v);
-                    }
-                }
                 vectors.push(v);
-                offset += len;
             }
             start = end;
         }
-        Ok(Embeddings {
-            vectors,
-            token_counts: ids.iter().map(Vec::len).collect(),
-        })
+        Ok(vectors)
+    }
+
+    /// Matryoshka: keeps the first `dims` values of a full vector (renormalised when the model
+    /// normalises).
+    pub fn shorten(&self, v: &mut Vec<f32>, dims: usize) {
+        if dims < v.len() {
+            v.truncate(dims);
+            if self.spec.normalize {
+                l2_normalize(v);
+            }
+        }
     }
 }
 
@@ -481,6 +819,33 @@ mod tests {
         let weighted =
             Pooling::from_config(&serde_json::json!({"pooling_mode_weightedmean_tokens": true}));
         assert!(weighted.unwrap_err().to_string().contains("weighted"));
+    }
+
+    #[test]
+    fn pooling_reads_sentence_transformers_6_3_names() {
+        let p = |v: Value| {
+            Pooling::from_config(&serde_json::json!({"embedding_dimension": 8, "pooling_mode": v}))
+        };
+        assert_eq!(p("lasttoken".into()).unwrap(), Pooling::LAST_TOKEN);
+        assert_eq!(p("mean".into()).unwrap(), Pooling::MEAN);
+        assert_eq!(
+            p(serde_json::json!(["cls", "mean"])).unwrap().name(),
+            "cls+mean"
+        );
+        assert!(
+            p(serde_json::json!(["mean", "cls"])).is_err(),
+            "listed order must be canonical"
+        );
+        assert!(p(serde_json::json!(["mean", "mean"])).is_err());
+        assert!(p("weightedmean".into())
+            .unwrap_err()
+            .to_string()
+            .contains("weighted"));
+        assert!(p("median".into())
+            .unwrap_err()
+            .to_string()
+            .contains("median"));
+        assert!(p(serde_json::json!([])).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod chat_template;
 pub mod embed;
+pub mod embed_worker;
 pub mod generate;
 mod gguf_tokenizer;
 pub mod harmony;

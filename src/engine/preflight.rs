@@ -77,7 +77,7 @@ pub fn check_architecture_config(config: &Value) -> anyhow::Result<()> {
         .and_then(Value::as_str)
         .context("config.json has no model_type")?;
     // Embedding encoders have their own table; their builders validate their configs.
-    if super::embed::can_embed(model_type) {
+    if super::embed::is_encoder(model_type) {
         return Ok(());
     }
     crate::arch::lookup(model_type)?;

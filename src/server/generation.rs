@@ -23,6 +23,7 @@ pub struct Generation {
     ids: Vec<Option<RequestId>>,
     open: usize,
     lease: Lease,
+    session: Arc<ModelSession>,
     metrics: Arc<Metrics>,
     pub started: Instant,
 }
@@ -35,7 +36,8 @@ impl Generation {
         metrics: &Arc<Metrics>,
     ) -> Result<Generation, ApiError> {
         let (tx, rx) = unbounded_channel();
-        let engine = lease.model.engine.clone();
+        let engine = lease.model.engine()?.clone();
+        let session = engine.session().clone();
         let mut ids = Vec::with_capacity(requests.len());
         let started = Instant::now();
         for (index, request) in requests.into_iter().enumerate() {
@@ -65,13 +67,14 @@ impl Generation {
             ids,
             open,
             lease,
+            session,
             metrics: metrics.clone(),
             started,
         })
     }
 
     pub fn session(&self) -> &Arc<ModelSession> {
-        self.lease.model.session()
+        &self.session
     }
 
     pub fn lease(&self) -> &Lease {
@@ -120,9 +123,10 @@ impl Generation {
 
 impl Drop for Generation {
     fn drop(&mut self) {
-        let engine = &self.lease.model.engine;
-        for id in self.ids.iter().flatten() {
-            engine.cancel(*id);
+        if let Ok(engine) = self.lease.model.engine() {
+            for id in self.ids.iter().flatten() {
+                engine.cancel(*id);
+            }
         }
         self.metrics.generation_closed();
     }

@@ -14,7 +14,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as PromRegistry;
 
-use super::registry::Registry;
+use std::sync::atomic::Ordering;
+
+use super::registry::{Registry, Runtime};
 use crate::engine::request::SeqEvent;
 
 type Labels = Vec<(&'static str, String)>;
@@ -34,6 +36,9 @@ pub struct Metrics {
     waiting: Family<Labels, Gauge>,
     kv_used: Family<Labels, Gauge>,
     kv_total: Family<Labels, Gauge>,
+    embed_requests: Family<Labels, Gauge>,
+    embed_batches: Family<Labels, Gauge>,
+    embed_tokens: Family<Labels, Gauge>,
     models_loaded: Gauge,
     active_generations: Gauge,
     prompt_tokens: Family<Labels, Counter>,
@@ -61,6 +66,9 @@ impl Metrics {
             waiting: Family::default(),
             kv_used: Family::default(),
             kv_total: Family::default(),
+            embed_requests: Family::default(),
+            embed_batches: Family::default(),
+            embed_tokens: Family::default(),
             models_loaded: Gauge::default(),
             active_generations: Gauge::default(),
             prompt_tokens: Family::default(),
@@ -93,6 +101,21 @@ impl Metrics {
             "xllm_kv_blocks_total",
             "KV cache blocks in the pool",
             m.kv_total.clone(),
+        );
+        registry.register(
+            "xllm_embedding_requests",
+            "Embedding requests answered since the model loaded",
+            m.embed_requests.clone(),
+        );
+        registry.register(
+            "xllm_embedding_batches",
+            "Packed embedding passes since the model loaded (each packs every request waiting at its start)",
+            m.embed_batches.clone(),
+        );
+        registry.register(
+            "xllm_embedding_tokens",
+            "Tokens embedded since the model loaded",
+            m.embed_tokens.clone(),
         );
         registry.register(
             "xllm_models_loaded",
@@ -172,14 +195,39 @@ impl Metrics {
 
     /// The exposition text, with the gauges read from the engines now.
     pub fn render(&self, models: &Registry) -> String {
-        for f in [&self.running, &self.waiting, &self.kv_used, &self.kv_total] {
+        for f in [
+            &self.running,
+            &self.waiting,
+            &self.kv_used,
+            &self.kv_total,
+            &self.embed_requests,
+            &self.embed_batches,
+            &self.embed_tokens,
+        ] {
             f.clear();
         }
         let loaded = models.loaded();
         self.models_loaded.set(loaded.len() as i64);
         for m in &loaded {
-            let stats = m.engine.stats();
             let l = model_labels(&m.key);
+            let engine = match &m.runtime {
+                Runtime::Generate(e) => e,
+                Runtime::Embed(e) => {
+                    let s = e.stats();
+                    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
+                    self.running
+                        .get_or_create(&l)
+                        .set(s.running.load(Ordering::Relaxed) as i64);
+                    self.waiting
+                        .get_or_create(&l)
+                        .set(s.waiting.load(Ordering::Relaxed) as i64);
+                    self.embed_requests.get_or_create(&l).set(get(&s.requests));
+                    self.embed_batches.get_or_create(&l).set(get(&s.batches));
+                    self.embed_tokens.get_or_create(&l).set(get(&s.tokens));
+                    continue;
+                }
+            };
+            let stats = engine.stats();
             self.running.get_or_create(&l).set(stats.running as i64);
             self.waiting.get_or_create(&l).set(stats.waiting as i64);
             self.kv_used

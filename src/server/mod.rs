@@ -4,11 +4,13 @@
 //! its channel and their events come back through one channel per request, so no handler ever
 //! waits for a step and every request of a model shares its batches.
 //!
-//! Modules: [`router`] (every route and layer), [`openai`], [`ollama`], [`pull`] (the APIs),
+//! Modules: [`router`] (every route and layer), [`openai`], [`ollama`], [`pull`], [`embed`]
+//! (the APIs; embedding models run on a packing worker instead of the engine),
 //! [`registry`] (which models are loaded), [`generation`] (one request on an engine),
 //! [`metrics`], [`error`] (the two error envelopes), [`common`] (what the APIs share).
 
 pub mod common;
+pub mod embed;
 pub mod error;
 pub mod generation;
 pub mod metrics;
@@ -266,7 +268,7 @@ async fn run(options: ServerOptions) -> anyhow::Result<()> {
     let server = tokio::spawn(async move { server.await });
 
     for name in &options.preload {
-        match registry.acquire(name, None).await {
+        match registry.acquire(name, None, registry::Purpose::Any).await {
             Ok(lease) => {
                 log_line(
                     serde_json::json!({"msg": "preloaded", "model": name, "load_ms": lease.model.load_duration.as_millis() as u64}),

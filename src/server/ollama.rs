@@ -22,7 +22,7 @@ use super::common::{
 };
 use super::error::{body_rejection, parse_body, ApiError};
 use super::generation::Generation;
-use super::registry::{KeepAlive, Lease};
+use super::registry::{KeepAlive, Lease, Purpose};
 use super::{AppState, RequestId};
 use crate::engine::chat_template::Message;
 use crate::engine::generate::{FinishReason, GenerationStats};
@@ -256,9 +256,9 @@ async fn chat_inner(
     }
     let lease = state
         .registry
-        .acquire(&req.common.model, keep_alive)
+        .acquire(&req.common.model, keep_alive, Purpose::Generate("chat"))
         .await?;
-    let session = lease.model.session().clone();
+    let session = lease.model.session()?.clone();
     let (show_thinking, effort) = req.common.think(&session)?;
     let prompt = chat_prompt(
         &session,
@@ -322,9 +322,9 @@ async fn generate_inner(
     }
     let lease = state
         .registry
-        .acquire(&req.common.model, keep_alive)
+        .acquire(&req.common.model, keep_alive, Purpose::Generate("generate"))
         .await?;
-    let session = lease.model.session().clone();
+    let session = lease.model.session()?.clone();
     let (show_thinking, effort) = req.common.think(&session)?;
     let mut prompt = if req.raw {
         text_prompt(&session, &req.prompt)?
@@ -374,7 +374,16 @@ async fn load_or_unload(
         state.registry.reap().await;
         "unload"
     } else {
-        drop(state.registry.acquire(&common.model, keep_alive).await?);
+        let purpose = match kind {
+            Kind::Chat => Purpose::Generate("chat"),
+            Kind::Generate => Purpose::Generate("generate"),
+        };
+        drop(
+            state
+                .registry
+                .acquire(&common.model, keep_alive, purpose)
+                .await?,
+        );
         "load"
     };
     let mut v = json!({
@@ -702,7 +711,7 @@ pub async fn ps(State(state): State<Arc<AppState>>) -> Response {
                 "details": details(&m.facts),
                 "expires_at": rfc3339(expires),
                 "size_vram": 0,
-                "context_length": m.session().context,
+                "context_length": m.context_length(),
             })
         })
         .collect();
@@ -766,7 +775,13 @@ pub async fn show(
             }
         }
         let harmony = arch.replace('-', "_") == "gpt_oss";
-        let mut capabilities = vec!["completion"];
+        let embeds = facts.format == crate::store::ModelFormat::Safetensors
+            && crate::engine::embed::embeds(&facts.dir, &arch);
+        let mut capabilities = if embeds {
+            vec!["embedding"]
+        } else {
+            vec!["completion"]
+        };
         if harmony {
             capabilities.extend(["tools", "thinking"]);
         }

@@ -24,6 +24,7 @@ use super::common::{
 };
 use super::error::{body_rejection, parse_body, ApiError};
 use super::generation::Generation;
+use super::registry::Purpose;
 use super::{AppState, RequestId};
 use crate::engine::chat_template::Message;
 use crate::engine::generate::FinishReason;
@@ -286,8 +287,15 @@ async fn chat_inner(
     // Parameters are checked before a model is loaded for them.
     req.common.max_tokens(None)?;
     stop_strings(req.common.stop.clone())?;
-    let lease = state.registry.acquire(&req.common.model, None).await?;
-    let session = lease.model.session().clone();
+    let lease = state
+        .registry
+        .acquire(
+            &req.common.model,
+            None,
+            Purpose::Generate("chat completions"),
+        )
+        .await?;
+    let session = lease.model.session()?.clone();
     let prompt = chat_prompt(
         &session,
         &msgs,
@@ -453,8 +461,11 @@ async fn completions_inner(
     }
     req.common.max_tokens(None)?;
     stop_strings(req.common.stop.clone())?;
-    let lease = state.registry.acquire(&req.common.model, None).await?;
-    let session = lease.model.session().clone();
+    let lease = state
+        .registry
+        .acquire(&req.common.model, None, Purpose::Generate("completions"))
+        .await?;
+    let session = lease.model.session()?.clone();
     let prompts = completion_prompts(&session, &req.prompt)?;
     if prompts.len() * n > 16 {
         return Err(ApiError::bad_param("n", "prompts × n must be at most 16"));

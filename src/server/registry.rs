@@ -14,6 +14,8 @@ use candle_core::Device;
 
 use super::error::ApiError;
 use crate::device::MemoryEstimate;
+use crate::engine::embed::EmbeddingModel;
+use crate::engine::embed_worker::EmbedHandle;
 use crate::engine::scheduler::EngineConfig;
 use crate::engine::session::{self, ModelSession, OpenOptions, DEFAULT_CTX};
 use crate::engine::worker::EngineHandle;
@@ -219,11 +221,30 @@ struct Usage {
     expires: Option<Instant>,
 }
 
+/// What a request wants of a model; a model that cannot do it is refused (400) before it is
+/// loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Chat or text generation (`what` names it in the error: `chat`, `generate`, ...).
+    Generate(&'static str),
+    Embed,
+    /// Whatever the model does (`--preload`).
+    Any,
+}
+
+/// How a loaded model runs.
+pub enum Runtime {
+    /// A causal LM on the continuous-batching engine.
+    Generate(EngineHandle),
+    /// An embedding model on its packing worker.
+    Embed(EmbedHandle),
+}
+
 /// A loaded model: its engine and what the registry knows about it.
 pub struct LoadedModel {
     /// The registry key (alias or store name, with its `:token`).
     pub key: String,
-    pub engine: EngineHandle,
+    pub runtime: Runtime,
     pub estimate: Option<MemoryEstimate>,
     pub facts: ModelFacts,
     pub load_duration: Duration,
@@ -231,8 +252,39 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    pub fn session(&self) -> &Arc<ModelSession> {
-        self.engine.session()
+    /// The generation engine; an embedding model is a 400 naming what it can do.
+    pub fn engine(&self) -> Result<&EngineHandle, ApiError> {
+        match &self.runtime {
+            Runtime::Generate(e) => Ok(e),
+            Runtime::Embed(_) => Err(not_generative(&self.key, "text generation")),
+        }
+    }
+
+    pub fn session(&self) -> Result<&Arc<ModelSession>, ApiError> {
+        self.engine().map(EngineHandle::session)
+    }
+
+    /// The embedding worker; a model that cannot embed is a 400.
+    pub fn embedder(&self) -> Result<&EmbedHandle, ApiError> {
+        match &self.runtime {
+            Runtime::Embed(e) => Ok(e),
+            Runtime::Generate(_) => Err(cannot_embed(&self.key, None)),
+        }
+    }
+
+    /// The context one sequence may hold (generation) or the input limit (embeddings).
+    pub fn context_length(&self) -> usize {
+        match &self.runtime {
+            Runtime::Generate(e) => e.session().context,
+            Runtime::Embed(e) => e.model().max_tokens,
+        }
+    }
+
+    fn shutdown(&self, drain: bool) {
+        match &self.runtime {
+            Runtime::Generate(e) => e.shutdown(drain),
+            Runtime::Embed(e) => e.shutdown(),
+        }
     }
 
     /// When the model will be unloaded if no request comes (`None`: not planned).
@@ -261,7 +313,10 @@ impl LoadedModel {
     /// not include them, since blocks are allocated as sequences grow).
     fn unused_kv_reservation(&self) -> u64 {
         let Some(e) = &self.estimate else { return 0 };
-        let stats = self.engine.stats();
+        let Runtime::Generate(engine) = &self.runtime else {
+            return 0;
+        };
+        let stats = engine.stats();
         if stats.kv_blocks_total == 0 {
             return e.kv_cache;
         }
@@ -387,57 +442,97 @@ impl Registry {
         Ok((key, opened))
     }
 
-    /// Holds `name` for one request, loading it first if needed.
+    /// Holds `name` for one request, loading it first if needed. A model that cannot serve
+    /// `purpose` is refused with a 400, before it is loaded.
     pub async fn acquire(
         self: &Arc<Self>,
         name: &str,
         keep_alive: Option<KeepAlive>,
+        purpose: Purpose,
     ) -> Result<Lease, ApiError> {
         let keep_alive = keep_alive.unwrap_or(self.options.keep_alive);
         let (key, target) = self.target(name)?;
         if let Some(lease) = self.lease_loaded(&key, keep_alive) {
+            check_purpose(name, &lease.model.runtime, purpose)?;
             return Ok(lease);
         }
         let _one_load = self.load_lock.lock().await;
         if let Some(lease) = self.lease_loaded(&key, keep_alive) {
+            check_purpose(name, &lease.model.runtime, purpose)?;
             return Ok(lease);
         }
         let this = self.clone();
         let name_owned = name.to_string();
-        let (opened, estimate) = tokio::task::spawn_blocking(move || {
+        let (opened, estimate, embeds) = tokio::task::spawn_blocking(move || {
             let opened = open_target(&target).map_err(|e| open_error(&name_owned, e))?;
-            let estimate = this.estimate(&opened);
-            Ok::<_, ApiError>((opened, estimate))
+            let embeds = opened_embeds(&opened);
+            match (purpose, embeds) {
+                (Purpose::Generate(what), true) => return Err(not_generative(&name_owned, what)),
+                (Purpose::Embed, false) => return Err(cannot_embed(&name_owned, Some(&opened))),
+                _ => {}
+            }
+            let estimate = if embeds {
+                crate::engine::embed::memory_estimate(&opened.resolved(), &opened.metadata).ok()
+            } else {
+                this.estimate(&opened)
+            };
+            Ok::<_, ApiError>((opened, estimate, embeds))
         })
         .await
         .map_err(|e| ApiError::internal(format!("model loading task failed: {e}")))??;
-        self.make_room(name, estimate.as_ref()).await?;
+        // Embedding models run on the CPU whatever the server's device: their room is RAM.
+        let device = if embeds {
+            Device::Cpu
+        } else {
+            self.device.clone()
+        };
+        self.make_room(name, estimate.as_ref(), &device).await?;
 
         let facts = ModelFacts::of(&opened);
         let resolved = opened.resolved();
-        let options = OpenOptions {
-            device: self.options.device.clone(),
-            ctx: self.options.ctx,
-        };
         let threads = self.options.threads;
         let name_owned = name.to_string();
         let t0 = Instant::now();
-        let session = tokio::task::spawn_blocking(move || {
-            crate::engine::threads::in_thread_pool(threads, || {
-                session::open_resolved(resolved, &options)
+        let runtime = if embeds {
+            let display = name.to_string();
+            let model = tokio::task::spawn_blocking(move || {
+                crate::engine::threads::in_thread_pool(threads, || {
+                    EmbeddingModel::load_dir(&resolved.dir, &display)
+                })
             })
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("model loading task failed: {e}")))?
-        .map_err(|e| load_error(&name_owned, e))?;
-        let session = Arc::new(session);
-        let mut config = EngineConfig::for_sequences(self.options.parallel, session.context);
-        config.max_waiting = self.options.max_waiting;
-        let engine = EngineHandle::start(session, config, self.options.threads)
-            .map_err(|e| ApiError::internal(format!("cannot start the engine: {e:#}")))?;
+            .await
+            .map_err(|e| ApiError::internal(format!("model loading task failed: {e}")))?
+            .map_err(|e| load_error(&name_owned, e))?;
+            let worker = EmbedHandle::start(
+                Arc::new(model),
+                self.options.threads,
+                self.options.max_waiting,
+            )
+            .map_err(|e| ApiError::internal(format!("cannot start the embedding worker: {e:#}")))?;
+            Runtime::Embed(worker)
+        } else {
+            let options = OpenOptions {
+                device: self.options.device.clone(),
+                ctx: self.options.ctx,
+            };
+            let session = tokio::task::spawn_blocking(move || {
+                crate::engine::threads::in_thread_pool(threads, || {
+                    session::open_resolved(resolved, &options)
+                })
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("model loading task failed: {e}")))?
+            .map_err(|e| load_error(&name_owned, e))?;
+            let session = Arc::new(session);
+            let mut config = EngineConfig::for_sequences(self.options.parallel, session.context);
+            config.max_waiting = self.options.max_waiting;
+            let engine = EngineHandle::start(session, config, self.options.threads)
+                .map_err(|e| ApiError::internal(format!("cannot start the engine: {e:#}")))?;
+            Runtime::Generate(engine)
+        };
         let model = Arc::new(LoadedModel {
             key: key.clone(),
-            engine,
+            runtime,
             estimate,
             facts,
             load_duration: t0.elapsed(),
@@ -486,7 +581,7 @@ impl Registry {
 
     /// Memory the next model may use: the operator's limit less what loaded models take, or
     /// the device's free memory less KV blocks loaded models reserved but have not used yet.
-    fn budget(&self) -> Option<u64> {
+    fn budget(&self, device: &Device) -> Option<u64> {
         let loaded = self.loaded();
         match self.options.memory_limit {
             Some(limit) => {
@@ -497,7 +592,7 @@ impl Registry {
                 Some(limit.saturating_sub(used))
             }
             None => {
-                let free = crate::device::free_memory(&self.device)?;
+                let free = crate::device::free_memory(device)?;
                 let reserved: u64 = loaded.iter().map(|m| m.unused_kv_reservation()).sum();
                 Some(free.saturating_sub(reserved))
             }
@@ -511,12 +606,13 @@ impl Registry {
         &self,
         name: &str,
         estimate: Option<&MemoryEstimate>,
+        device: &Device,
     ) -> Result<(), ApiError> {
         loop {
             let count = self.map().len();
-            let fits_memory = match (estimate, self.budget()) {
+            let fits_memory = match (estimate, self.budget(device)) {
                 (Some(e), Some(budget)) => {
-                    crate::device::check_fits(&crate::device::device_label(&self.device), e, budget)
+                    crate::device::check_fits(&crate::device::device_label(device), e, budget)
                 }
                 _ => Ok(()),
             };
@@ -566,7 +662,7 @@ impl Registry {
     pub async fn unload(&self, key: &str) {
         let model = self.map().remove(key);
         if let Some(model) = model {
-            let _ = tokio::task::spawn_blocking(move || model.engine.shutdown(false)).await;
+            let _ = tokio::task::spawn_blocking(move || model.shutdown(false)).await;
         }
     }
 
@@ -581,7 +677,7 @@ impl Registry {
             }
         };
         if let Some(model) = model {
-            let _ = tokio::task::spawn_blocking(move || model.engine.shutdown(false)).await;
+            let _ = tokio::task::spawn_blocking(move || model.shutdown(false)).await;
         }
     }
 
@@ -621,14 +717,14 @@ impl Registry {
     pub fn shutdown_all(&self, drain: bool) {
         let models: Vec<_> = self.map().drain().map(|(_, m)| m).collect();
         for m in models {
-            m.engine.shutdown(drain);
+            m.shutdown(drain);
         }
     }
 
     /// Cancels the running work of every engine (shutdown timeout), keeping them loaded.
     pub fn cancel_all(&self) {
         for m in self.loaded() {
-            m.engine.shutdown(false);
+            m.shutdown(false);
         }
     }
 
@@ -664,6 +760,61 @@ impl Registry {
             ))),
         }
     }
+}
+
+/// Whether an opened model is an embedding model (an encoder, or a decoder folder that
+/// declares pooling); GGUF files are causal LMs here.
+fn opened_embeds(opened: &OpenedModel) -> bool {
+    opened.format == ModelFormat::Safetensors
+        && opened
+            .metadata
+            .architecture
+            .as_deref()
+            .is_some_and(|a| crate::engine::embed::embeds(&opened.dir, a))
+}
+
+fn check_purpose(name: &str, runtime: &Runtime, purpose: Purpose) -> Result<(), ApiError> {
+    match (purpose, runtime) {
+        (Purpose::Generate(what), Runtime::Embed(_)) => Err(not_generative(name, what)),
+        (Purpose::Embed, Runtime::Generate(_)) => Err(cannot_embed(name, None)),
+        _ => Ok(()),
+    }
+}
+
+/// A chat or generation request to an embedding-only model.
+fn not_generative(name: &str, what: &str) -> ApiError {
+    let mut e = ApiError::bad_param(
+        "model",
+        format!("\"{name}\" is an embedding model and does not support {what}; use POST /v1/embeddings or /api/embed"),
+    );
+    e.code = Some("model_not_generative".into());
+    e
+}
+
+/// An embedding request to a model that cannot embed.
+fn cannot_embed(name: &str, opened: Option<&OpenedModel>) -> ApiError {
+    let why = match opened {
+        Some(o) if o.format == ModelFormat::Gguf => {
+            "GGUF models are served for generation only".to_string()
+        }
+        Some(o) => format!(
+            "its architecture '{}' is a text-generation model without declared pooling (embedding models: {} encoders, or {} folders with a sentence-transformers modules.json)",
+            o.metadata.architecture.as_deref().unwrap_or("?"),
+            crate::arch::encoder::ENCODERS
+                .iter()
+                .map(|a| a.model_type)
+                .collect::<Vec<_>>()
+                .join("/"),
+            crate::engine::embed::DECODER_EMBEDDERS.join("/"),
+        ),
+        None => "it is a text-generation model".to_string(),
+    };
+    let mut e = ApiError::bad_param(
+        "model",
+        format!("\"{name}\" does not support embeddings: {why}"),
+    );
+    e.code = Some("model_not_embedding".into());
+    e
 }
 
 fn open_target(target: &Target) -> anyhow::Result<OpenedModel> {

@@ -16,13 +16,14 @@ use subtle::ConstantTimeEq;
 
 use super::common::json_response;
 use super::error::{ApiError, Flavor};
-use super::{log_line, ollama, openai, pull, AppState, RequestId};
+use super::{embed, log_line, ollama, openai, pull, AppState, RequestId};
 
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         // OpenAI
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(embed::openai_embeddings))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{*id}", get(openai::get_model))
         // Ollama
@@ -33,6 +34,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
+        .route("/api/embed", post(embed::ollama_embed))
+        .route("/api/embeddings", post(embed::ollama_embeddings))
         .route("/api/pull", post(pull::pull))
         .route(
             "/api/delete",
