@@ -418,6 +418,7 @@ impl Registry {
         let options = OpenOptions {
             device: self.options.device.clone(),
             ctx: self.options.ctx,
+            activation_stats: None,
         };
         let threads = self.options.threads;
         let name_owned = name.to_string();
