@@ -202,8 +202,10 @@ fn text_choice_and_errors_are_explained() {
     // Too short a text, bad numbers, a bad imatrix for quantize.
     let short = env.dir.path().join("short.txt");
     std::fs::write(&short, "hi").unwrap();
-    env.run(&["imatrix", m, "--file", short.to_str().unwrap(), "-o", o])
+    env.run(&["imatrix", m, "--file", short.to_str().unwrap(), "--ctx", "16", "-o", o])
         .fails_with(1, "less than one chunk");
+    env.run(&["imatrix", m, "--ctx", "512", "-o", o])
+        .fails_with(1, "exceeds the model's context length");
     env.run(&["imatrix", m, "--ctx", "4", "-o", o])
         .fails_with(1, "--ctx must be at least 16");
     let junk = env.dir.path().join("junk.dat");
