@@ -67,7 +67,9 @@ fn statistics_match_the_checkpoint_and_are_cached() {
         out.to_str().unwrap(),
     );
     let run = env
-        .run(&["imatrix", m, "--file", t, "--ctx", "16", "--chunks", "5", "-o", o])
+        .run(&[
+            "imatrix", m, "--file", t, "--ctx", "16", "--chunks", "5", "-o", o,
+        ])
         .ok();
     assert!(run.stderr.contains("(--file)"), "{}", run.stderr);
     let im = Imatrix::read(&out).unwrap();
@@ -84,7 +86,10 @@ fn statistics_match_the_checkpoint_and_are_cached() {
     }
 
     // Independent: the tokens as xllm tokenize gives them, BOS first in every chunk.
-    let ids: Vec<u32> = env.run(&["tokenize", m, &text.repeat(3), "--json"]).ok().json()["ids"]
+    let ids: Vec<u32> = env
+        .run(&["tokenize", m, &text.repeat(3), "--json"])
+        .ok()
+        .json()["ids"]
         .as_array()
         .unwrap()
         .iter()
@@ -103,7 +108,11 @@ fn statistics_match_the_checkpoint_and_are_cached() {
         })
         .collect();
     let want = layer0_input_sums(&model, &chunks);
-    for name in ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"] {
+    for name in [
+        "blk.0.attn_q.weight",
+        "blk.0.attn_k.weight",
+        "blk.0.attn_v.weight",
+    ] {
         let got = &im.entries[name].sums;
         for (j, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
@@ -146,8 +155,15 @@ fn statistics_match_the_checkpoint_and_are_cached() {
     // the bytes differ from the unweighted file.
     let q_plain = env.dir.path().join("plain.gguf");
     let q_weighted = env.dir.path().join("weighted.gguf");
-    env.run(&["quantize", m, "--type", "Q4_0", "-o", q_plain.to_str().unwrap()])
-        .ok();
+    env.run(&[
+        "quantize",
+        m,
+        "--type",
+        "Q4_0",
+        "-o",
+        q_plain.to_str().unwrap(),
+    ])
+    .ok();
     let run = env
         .run(&[
             "quantize",
@@ -160,7 +176,11 @@ fn statistics_match_the_checkpoint_and_are_cached() {
             q_weighted.to_str().unwrap(),
         ])
         .ok();
-    assert!(run.stderr.contains("importance matrix: 14 entries"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("importance matrix: 14 entries"),
+        "{}",
+        run.stderr
+    );
     assert_ne!(
         std::fs::read(&q_plain).unwrap(),
         std::fs::read(&q_weighted).unwrap()
@@ -192,18 +212,35 @@ fn text_choice_and_errors_are_explained() {
     let run = env
         .run(&["imatrix", m, "--ctx", "16", "--chunks", "2", "-o", o])
         .ok();
-    assert!(run.stderr.contains("built-in calibration text"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("built-in calibration text"),
+        "{}",
+        run.stderr
+    );
     // A calibration.txt next to the model wins over the built-in text.
     std::fs::write(model.join("calibration.txt"), "hello world ".repeat(40)).unwrap();
     let run = env
         .run(&["imatrix", m, "--ctx", "16", "--chunks", "2", "-o", o])
         .ok();
-    assert!(run.stderr.contains("calibration.txt in the model's folder"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("calibration.txt in the model's folder"),
+        "{}",
+        run.stderr
+    );
     // Too short a text, bad numbers, a bad imatrix for quantize.
     let short = env.dir.path().join("short.txt");
     std::fs::write(&short, "hi").unwrap();
-    env.run(&["imatrix", m, "--file", short.to_str().unwrap(), "--ctx", "16", "-o", o])
-        .fails_with(1, "less than one chunk");
+    env.run(&[
+        "imatrix",
+        m,
+        "--file",
+        short.to_str().unwrap(),
+        "--ctx",
+        "16",
+        "-o",
+        o,
+    ])
+    .fails_with(1, "less than one chunk");
     env.run(&["imatrix", m, "--ctx", "512", "-o", o])
         .fails_with(1, "exceeds the model's context length");
     env.run(&["imatrix", m, "--ctx", "4", "-o", o])
@@ -232,5 +269,9 @@ fn text_choice_and_errors_are_explained() {
             env.dir.path().join("q2.gguf").to_str().unwrap(),
         ])
         .ok();
-    assert!(run.stderr.contains("without an importance matrix"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("without an importance matrix"),
+        "{}",
+        run.stderr
+    );
 }

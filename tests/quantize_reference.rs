@@ -391,7 +391,9 @@ fn every_type_matches_llama_quantize_on_tiny_llama_safetensors() {
 fn imatrix_quantization_matches_llama_quantize() {
     let path = "tests/fixtures/quantize/imatrix_reference.json";
     let Ok(text) = std::fs::read_to_string(path) else {
-        eprintln!("skipped: {path} missing; run scripts/make_imatrix_fixtures.py with llama.cpp built");
+        eprintln!(
+            "skipped: {path} missing; run scripts/make_imatrix_fixtures.py with llama.cpp built"
+        );
         return;
     };
     let refj: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -166,9 +166,11 @@ pub fn run(args: ImatrixArgs) -> anyhow::Result<()> {
     }
     let chunks = args.chunks.map_or(available, |n| n.min(available));
 
-
     // BOS starts every chunk when the model adds it to a raw prompt (as encoding just did).
-    let bos = loaded.tokenizer.bos_id.filter(|b| tokens.first() == Some(b));
+    let bos = loaded
+        .tokenizer
+        .bos_id
+        .filter(|b| tokens.first() == Some(b));
     let mut state = loaded
         .model
         .info()

@@ -11,10 +11,10 @@ use anyhow::{bail, Context};
 use super::QuantizeArgs;
 use crate::quantize::imatrix::Imatrix;
 use crate::quantize::{self, FileType, Prepared};
+use crate::store::lock::ModelLock;
 use crate::store::manifest::{
     FileEntry, GgufVariant, Manifest, Source as ManifestSource, SCHEMA_VERSION,
 };
-use crate::store::lock::ModelLock;
 use crate::store::{human_bytes, ModelFormat, Store};
 
 /// The file or folder a SOURCE argument names: a path on disk, else a model in the store.
@@ -218,10 +218,17 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let table = imatrix.as_ref().map(Imatrix::importance);
     let importance = table.as_ref().map(|t| t as &dyn quantize::Importance);
-    let result = quantize::execute(source.as_ref(), &prepared, &dest, importance, &cancel, &mut |p| {
-        bar.set_position(p.bytes_done);
-        bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
-    });
+    let result = quantize::execute(
+        source.as_ref(),
+        &prepared,
+        &dest,
+        importance,
+        &cancel,
+        &mut |p| {
+            bar.set_position(p.bytes_done);
+            bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
+        },
+    );
     bar.finish_and_clear();
     let written = match result {
         Ok(w) => w,
@@ -294,9 +301,8 @@ fn add_to_store(dir: &Path, name: &str, file: &Path, manifest: &Manifest) -> any
         bail!("model '{name}' was added to the store while quantizing; remove it first (`xllm rm {name}`) or pick another --name");
     }
     let target = dir.join(file.file_name().context("output file name")?);
-    std::fs::rename(file, &target).with_context(|| {
-        format!("cannot move {} to {}", file.display(), target.display())
-    })?;
+    std::fs::rename(file, &target)
+        .with_context(|| format!("cannot move {} to {}", file.display(), target.display()))?;
     if let Err(e) = manifest.write(dir) {
         let _ = std::fs::remove_file(&target);
         return Err(e);

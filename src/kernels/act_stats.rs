@@ -67,7 +67,10 @@ impl ActivationStats {
                 e.sums.len()
             );
         }
-        for (s, a) in e.sums[expert * cols..(expert + 1) * cols].iter_mut().zip(&acc) {
+        for (s, a) in e.sums[expert * cols..(expert + 1) * cols]
+            .iter_mut()
+            .zip(&acc)
+        {
             *s += a;
         }
         e.counts[expert] += (rows.len() / cols) as u64;
@@ -92,10 +95,7 @@ impl Tap {
     /// Records `x [.., cols]` (any float dtype) for every name.
     pub fn record(&self, x: &Tensor) -> Result<()> {
         let cols = x.dim(x.rank() - 1)?;
-        let rows = x
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let rows = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         for name in &self.names {
             self.stats.add_rows(name, 1, 0, &rows, cols)?;
         }

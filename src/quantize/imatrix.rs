@@ -78,7 +78,9 @@ impl Imatrix {
                 bail!("it has no '{key}' (not an imatrix written by llama-imatrix or xllm)");
             }
         }
-        let mut parts: BTreeMap<String, (Option<Vec<f32>>, Option<Vec<f32>>)> = BTreeMap::new();
+        // Per weight: (sums, counts) as found.
+        type Found = (Option<Vec<f32>>, Option<Vec<f32>>);
+        let mut parts: BTreeMap<String, Found> = BTreeMap::new();
         for t in &r.tensors {
             let (base, is_sum) = if let Some(b) = t.name.strip_suffix(".in_sum2") {
                 (b, true)

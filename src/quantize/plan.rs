@@ -534,7 +534,13 @@ mod tests {
     #[test]
     fn tied_embeddings_take_the_output_rule_and_odd_rows_fall_back() {
         // SmolLM2-like: hidden 576 (not a multiple of 256), tied embeddings.
-        let p = plan(&shape(4), FileType::Q4KM, &llama_inputs(4, 576, 1536, true), false).unwrap();
+        let p = plan(
+            &shape(4),
+            FileType::Q4KM,
+            &llama_inputs(4, 576, 1536, true),
+            false,
+        )
+        .unwrap();
         let embd = p.iter().find(|t| t.name == "token_embd.weight").unwrap();
         assert_eq!(embd.target_type, GgmlType::Q8_0);
         let q = p.iter().find(|t| t.name == "blk.1.attn_q.weight").unwrap();
@@ -550,9 +556,14 @@ mod tests {
 
     #[test]
     fn legacy_types_refuse_rows_they_cannot_hold_and_unknown_archs_are_named() {
-        let err = plan(&shape(1), FileType::Q8_0, &llama_inputs(1, 48, 64, false), false)
-            .unwrap_err()
-            .to_string();
+        let err = plan(
+            &shape(1),
+            FileType::Q8_0,
+            &llama_inputs(1, 48, 64, false),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("cannot hold") && err.contains("48"), "{err}");
         let mut s = shape(1);
         s.architecture = "rwkv7".into();

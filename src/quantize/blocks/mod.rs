@@ -13,6 +13,9 @@ use half::{bf16, f16};
 
 use super::types::GgmlType;
 
+/// A weighted super-block quantizer: (values, output block, importance).
+type WeightedBlock = fn(&[f32], &mut [u8], &[f32]);
+
 /// Quantizes `rows` rows of `n_per_row` f32 values into `out` (exactly `rows * row_bytes`).
 /// `weights` (importance, one per column) is the hook for `xllm imatrix`; types that ignore it
 /// in llama.cpp (Q8_0, TQ*) ignore it here too.
@@ -59,7 +62,7 @@ pub fn quantize_rows(
             );
         }
         // llama.cpp's weighted quantizers; the other types ignore importance, as there.
-        let weighted: Option<fn(&[f32], &mut [u8], &[f32])> = match ty {
+        let weighted: Option<WeightedBlock> = match ty {
             GgmlType::Q2K => Some(weighted::q2_k),
             GgmlType::Q3K => Some(weighted::q3_k),
             GgmlType::Q4K => Some(weighted::q4_k),
@@ -71,7 +74,11 @@ pub fn quantize_rows(
                 .chunks_exact(n_per_row)
                 .zip(out.chunks_exact_mut(row_bytes))
             {
-                for (i, (xb, ob)) in row.chunks_exact(bs).zip(orow.chunks_exact_mut(bb)).enumerate() {
+                for (i, (xb, ob)) in row
+                    .chunks_exact(bs)
+                    .zip(orow.chunks_exact_mut(bb))
+                    .enumerate()
+                {
                     f(xb, ob, &qw[i * bs..(i + 1) * bs]);
                 }
             }

@@ -402,7 +402,11 @@ pub fn legacy_row(ty: super::GgmlType, row: &[f32], qw: &[f32], out: &mut [u8]) 
     let sigma2 = sum_squares(row) / row.len() as f32;
     let bb = ty.block().expect("legacy type").1;
     let mut w = [0.0f32; QK];
-    for (ib, (xb, ob)) in row.chunks_exact(QK).zip(out.chunks_exact_mut(bb)).enumerate() {
+    for (ib, (xb, ob)) in row
+        .chunks_exact(QK)
+        .zip(out.chunks_exact_mut(bb))
+        .enumerate()
+    {
         let q = &qw[QK * ib..QK * (ib + 1)];
         for j in 0..QK {
             w[j] = q[j] * (sigma2 + xb[j] * xb[j]).sqrt();
