@@ -14,7 +14,8 @@ bf16 GGUF (the same file llama-quantize reads). For every type it prints one mar
     file, and `xllm run` on our file vs llama.cpp on it, for a few prompts.
 
 `--speed` instead times llama-quantize and `xllm quantize` on the same f16 GGUF (the issue's
-speed check) with the same thread count and prints tensors/s, MB/s (source bytes) and the ratio.
+speed check) with the same thread count, interleaved (A B A B), and prints the medians as
+tensors/s, MB/s (source bytes) and the ratio. Run it under `flock /tmp/bench.lock`.
 
 Needs $XLLM_PEERS (default .peers/, see scripts/peers.sh): venv with torch/transformers/gguf and
 llama.cpp built. The model defaults to models/smollm2-st (scripts/get_smollm2.sh, then
@@ -217,25 +218,30 @@ def speed(args):
     src_bytes = sum(int(t.n_bytes) for t in r.tensors)
     del r
     print(f"source {src}: {n_tensors} tensors, {src_bytes / 1e6:.1f} MB f16; threads {args.threads}; "
-          f"best of {args.repeats} (wall s)\n")
+          f"median of {args.repeats} interleaved runs (wall s); load average {os.getloadavg()[0]:.1f}\n")
     print("| type | llama-quantize s | xllm quantize s | llama tensors/s | xllm tensors/s | llama MB/s | xllm MB/s | xllm speed / llama |")
     print("|---|---|---|---|---|---|---|---|")
+    import statistics
     for ty in args.types:
         out = os.path.join(tmp, f"speed-{ty}.gguf")
 
-        def best(cmd):
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                run(cmd)
-                times.append(time.perf_counter() - t0)
-                os.remove(out)
-            return min(times)
+        def once(cmd):
+            t0 = time.perf_counter()
+            run(cmd)
+            dt = time.perf_counter() - t0
+            os.remove(out)
+            return dt
 
-        tl = best([os.path.join(BIN, "llama-quantize"), src, out, ty, str(args.threads)])
-        tx = best([XLLM, "quantize", src, "--type", ty, "-o", out, "--threads", str(args.threads)])
+        llama = [os.path.join(BIN, "llama-quantize"), src, out, ty, str(args.threads)]
+        ours = [XLLM, "quantize", src, "--type", ty, "-o", out, "--threads", str(args.threads)]
+        tl, tx = [], []
+        for _ in range(args.repeats):  # A B A B: both tools see the same machine load
+            tl.append(once(llama))
+            tx.append(once(ours))
+        tl, tx = statistics.median(tl), statistics.median(tx)
         print(f"| {ty} | {tl:.2f} | {tx:.2f} | {n_tensors / tl:.1f} | {n_tensors / tx:.1f} | {src_bytes / 1e6 / tl:.1f} "
               f"| {src_bytes / 1e6 / tx:.1f} | {tl / tx:.2f}x |", flush=True)
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 
 def main():

@@ -29,6 +29,7 @@ fn open(model: &str, ctx: usize) -> Arc<ModelSession> {
     let options = OpenOptions {
         device: Some("cpu".into()),
         ctx: Some(ctx),
+        ..OpenOptions::default()
     };
     Arc::new(session::open(model, &options).unwrap_or_else(|e| panic!("{model}: {e:#}")))
 }

@@ -58,6 +58,7 @@ fn load_with(name: &str, keep_weight_dtype: bool) -> NemotronH {
         device: Device::Cpu,
         dtype: DType::F32,
         keep_weight_dtype,
+        activation_stats: None,
     };
     NemotronH::from_weights(&config, &weights, &options).unwrap()
 }

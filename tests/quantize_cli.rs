@@ -142,6 +142,37 @@ fn name_adds_a_store_model_with_its_quantization() {
         .fails_with(1, "already in the store");
 }
 
+/// `--name` takes the model's store lock before the model appears: while another process (here
+/// this test, as a pull would) holds it, quantize refuses, and neither a partial model nor the
+/// staging file is left behind.
+#[test]
+fn name_refuses_while_the_model_is_locked_and_leaves_nothing() {
+    let env = Env::new("http://127.0.0.1:9");
+    let dir = env.model_dir("me/locked");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lock = xllm::store::lock::ModelLock::try_acquire(&dir)
+        .unwrap()
+        .expect("free lock");
+    env.run(&["quantize", TINY, "--type", "Q8_0", "--name", "me/locked"])
+        .fails_with(1, "writing 'me/locked' right now");
+    let list = env.run(&["list", "--json"]).ok().json();
+    assert!(
+        !list.to_string().contains("me/locked"),
+        "a locked, unfinished model must not be listed: {list}"
+    );
+    assert!(
+        files_under(&env.home().join("tmp")).is_empty(),
+        "staging files left: {:?}",
+        files_under(&env.home().join("tmp"))
+    );
+    drop(lock);
+    env.run(&["quantize", TINY, "--type", "Q8_0", "--name", "me/locked"])
+        .ok();
+    let list = env.run(&["list", "--json"]).ok().json();
+    assert!(list.to_string().contains("me/locked"), "{list}");
+    assert!(files_under(&env.home().join("tmp")).is_empty());
+}
+
 /// A llama-shaped F32 GGUF with rows of 48 elements, which Q8_0's 32-element blocks cannot hold.
 fn write_narrow_gguf(path: &std::path::Path) {
     use xllm::quantize::gguf::{GgufWriter, Metadata, OutTensor, Value};

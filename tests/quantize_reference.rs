@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 
 use sha2::{Digest, Sha256};
 use xllm::quantize::gguf::{GgufReader, GgufWriter, Metadata, OutTensor, Value};
+use xllm::quantize::imatrix::Imatrix;
 use xllm::quantize::{self, FileType, GgmlType};
 
 const HIDDEN: u64 = 256;
@@ -129,7 +130,7 @@ fn quantize_to(src: &Path, ty: &str) -> (Tensors, String) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
     let source = quantize::open_source(src).unwrap();
-    let prepared = quantize::prepare(source.as_ref(), FileType::parse(ty).unwrap()).unwrap();
+    let prepared = quantize::prepare(source.as_ref(), FileType::parse(ty).unwrap(), None).unwrap();
     let written = quantize::execute(
         source.as_ref(),
         &prepared,
@@ -215,15 +216,33 @@ fn gpt_oss_matches_llama_quantize_and_keeps_mxfp4_experts() {
 
 /// Quantizes `src` to `ty` and compares with the reference entry; returns mismatch descriptions.
 fn compare(src: &Path, ty: &str, want: &serde_json::Value, whole_file: bool) -> Vec<String> {
+    compare_with(src, ty, want, whole_file, None)
+}
+
+/// [`compare`] with an importance matrix (the path string as llama-quantize was given it).
+fn compare_with(
+    src: &Path,
+    ty: &str,
+    want: &serde_json::Value,
+    whole_file: bool,
+    imatrix: Option<&str>,
+) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
     let source = quantize::open_source(src).unwrap();
-    let prepared = quantize::prepare(source.as_ref(), FileType::parse(ty).unwrap()).unwrap();
+    let m = imatrix.map(|p| Imatrix::read(Path::new(p)).unwrap());
+    let table = m.as_ref().map(Imatrix::importance);
+    let prepared = quantize::prepare(
+        source.as_ref(),
+        FileType::parse(ty).unwrap(),
+        imatrix.zip(m.as_ref()),
+    )
+    .unwrap();
     let written = quantize::execute(
         source.as_ref(),
         &prepared,
         &out,
-        None,
+        table.as_ref().map(|t| t as &dyn quantize::Importance),
         &AtomicBool::new(false),
         &mut |_| {},
     )
@@ -363,4 +382,45 @@ fn every_type_matches_llama_quantize_on_tiny_llama_safetensors() {
         problems.len(),
         problems.join("\n")
     );
+}
+
+/// `--imatrix`: with the same importance matrix (tests/fixtures/quantize/synthetic.imatrix.gguf,
+/// llama.cpp's GGUF imatrix format), every type's tensors and the whole file equal
+/// llama-quantize's (scripts/make_imatrix_fixtures.py), and the weighting changed the bytes.
+#[test]
+fn imatrix_quantization_matches_llama_quantize() {
+    let path = "tests/fixtures/quantize/imatrix_reference.json";
+    let Ok(text) = std::fs::read_to_string(path) else {
+        eprintln!(
+            "skipped: {path} missing; run scripts/make_imatrix_fixtures.py with llama.cpp built"
+        );
+        return;
+    };
+    let refj: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let imatrix = refj["imatrix"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("synthetic-f32.gguf");
+    write_synthetic(&src);
+    let plain = reference();
+    let mut problems = vec![];
+    let mut changed = 0;
+    for (ty, want) in refj["synthetic"].as_object().unwrap() {
+        if ty == "source" {
+            continue;
+        }
+        problems.extend(compare_with(&src, ty, want, true, Some(imatrix)));
+        // Against the plain (no imatrix) reference: the weighted types must differ.
+        let unweighted = &plain["synthetic"][ty.as_str()]["tensors"];
+        if unweighted["blk.0.attn_q.weight"] != want["tensors"]["blk.0.attn_q.weight"] {
+            changed += 1;
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} mismatches:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    // Every type but Q8_0 weighs the error.
+    assert_eq!(changed, refj["types"].as_array().unwrap().len() - 1);
 }

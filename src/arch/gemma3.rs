@@ -176,7 +176,12 @@ impl Gemma3 {
             cfg.num_kv_heads * cfg.head_dim,
         );
         let linear = |role: Role, layer: usize, out: usize, inp: usize| {
-            anyhow::Ok(Linear::new(loader.matrix(role, layer, [out, inp])?, None))
+            anyhow::Ok(
+                Linear::new(loader.matrix(role, layer, [out, inp])?, None).tapped(
+                    options.activation_stats.as_ref(),
+                    format!("{}.weight", role.gguf_name(layer)),
+                ),
+            )
         };
         let norm = |role: Role, layer: usize, len: usize| {
             let w = loader.vector(role, layer, "weight", len)?;

@@ -14,6 +14,7 @@ use super::cpu_attention::cpu_attention;
 use super::mask::causal_mask;
 use super::rope::{Rope, RopeLayout};
 use super::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, Span, WeightSource};
+use crate::kernels::act_stats::{ActivationStats, Tap};
 use crate::kernels::ggml_types::GgmlType;
 use crate::kernels::quant_blocks::QuantMatrix;
 use crate::model::config::{LlamaConfig, RopeConfig, RopeScaling};
@@ -114,15 +115,35 @@ pub enum Weight {
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    /// `xllm imatrix` only: where this projection's inputs are recorded.
+    tap: Option<Tap>,
 }
 
 impl Linear {
     pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            tap: None,
+        }
+    }
+
+    /// Records this projection's inputs under `name` (the GGUF weight name) when `stats` is set.
+    pub fn tapped(mut self, stats: Option<&Arc<ActivationStats>>, name: String) -> Self {
+        if let Some(stats) = stats {
+            self.tap = Some(Tap {
+                stats: stats.clone(),
+                names: vec![name],
+            });
+        }
+        self
     }
 
     /// `x`: `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(tap) = &self.tap {
+            tap.record(x)?;
+        }
         let y = match &self.weight {
             Weight::Dense(w) => {
                 let dims = x.dims().to_vec();
@@ -236,6 +257,15 @@ impl Linear {
                 return Err(parts);
             }
         };
+        // Stacked parts share one input: one tap records it under every part's name.
+        let tap = parts.iter().find_map(|l| l.tap.as_ref()).map(|t| Tap {
+            stats: t.stats.clone(),
+            names: parts
+                .iter()
+                .filter_map(|l| l.tap.as_ref())
+                .flat_map(|t| t.names.iter().cloned())
+                .collect(),
+        });
         let biases: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
         let bias = match biases.len() {
             0 => None,
@@ -245,7 +275,9 @@ impl Linear {
             },
             _ => return Err(parts),
         };
-        Ok(Linear::new(weight, bias))
+        let mut linear = Linear::new(weight, bias);
+        linear.tap = tap;
+        Ok(linear)
     }
 }
 
@@ -592,7 +624,10 @@ impl Llama {
             } else {
                 None
             };
-            anyhow::Ok(Linear::new(w, b))
+            anyhow::Ok(Linear::new(w, b).tapped(
+                options.activation_stats.as_ref(),
+                format!("{}.weight", role.gguf_name(layer)),
+            ))
         };
         let embed = loader.matrix(Role::Embed, 0, [cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);

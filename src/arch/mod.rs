@@ -281,6 +281,8 @@ pub struct BuildOptions {
     pub dtype: DType,
     /// Keep bf16/f16 safetensors weights in their stored dtype instead of converting them.
     pub keep_weight_dtype: bool,
+    /// `xllm imatrix`: record every matmul weight's input activations here (`None`: no cost).
+    pub activation_stats: Option<std::sync::Arc<crate::kernels::act_stats::ActivationStats>>,
 }
 
 /// Builds a model from its weights.

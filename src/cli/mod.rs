@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub mod bench;
 pub mod completions;
 pub mod embed;
+pub mod imatrix;
 pub mod list;
 pub mod output;
 pub mod perplexity;
@@ -50,6 +51,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time.
     Quantize(QuantizeArgs),
+    /// Importance matrix for low-bit quantization: input activation statistics of every matmul
+    /// weight on calibration text (llama.cpp's GGUF imatrix format, or legacy .dat).
+    Imatrix(ImatrixArgs),
     /// Embedding vectors for texts (arguments, --file lines or stdin lines).
     Embed(EmbedArgs),
     /// Print the token ids and pieces of a text (like llama-tokenize).
@@ -350,6 +354,35 @@ pub struct QuantizeArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Importance matrix (`xllm imatrix` or `llama-imatrix` output, GGUF or legacy .dat): weighs
+    /// the rounding error of Q2_K..Q6_K and Q4_0..Q5_1 as llama-quantize does.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImatrixArgs {
+    /// Model name, local directory or .gguf file (the unquantized model is best).
+    pub model: String,
+    /// Calibration text (default: calibration.txt in the model's folder, else xllm's built-in
+    /// text).
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+    /// Use at most this many chunks of the text (default: all).
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    /// Tokens per chunk (llama-imatrix's -c).
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Output file: llama.cpp's GGUF imatrix format, or the legacy format when it ends in .dat.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Recompute even when a cached result for this model and text exists.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -372,6 +405,7 @@ pub fn main() -> ExitCode {
         Command::Perplexity(a) => run::with_thread_pool(a.runtime.threads, || perplexity::run(a)),
         Command::Bench(a) => run::with_thread_pool(a.runtime.threads, || bench::run(a)),
         Command::Quantize(a) => run::with_thread_pool(a.threads, || quantize::run(a)),
+        Command::Imatrix(a) => run::with_thread_pool(a.threads, || imatrix::run(a)),
         Command::Embed(a) => run::with_thread_pool(a.threads, || embed::run(a)),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Completions(a) => completions::run(a),

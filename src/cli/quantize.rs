@@ -9,7 +9,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 
 use super::QuantizeArgs;
+use crate::quantize::imatrix::Imatrix;
 use crate::quantize::{self, FileType, Prepared};
+use crate::store::lock::ModelLock;
 use crate::store::manifest::{
     FileEntry, GgufVariant, Manifest, Source as ManifestSource, SCHEMA_VERSION,
 };
@@ -116,7 +118,32 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let ftype = FileType::parse(&a.ty)?;
     let path = source_path(&a.source)?;
     let source = quantize::open_source(&path)?;
-    let prepared = quantize::prepare(source.as_ref(), ftype)?;
+    let imatrix = match &a.imatrix {
+        Some(p) => Some(Imatrix::read(p)?),
+        None => None,
+    };
+    let imatrix_arg = a.imatrix.as_ref().map(|p| p.to_string_lossy().to_string());
+    let prepared = quantize::prepare(
+        source.as_ref(),
+        ftype,
+        imatrix_arg.as_deref().zip(imatrix.as_ref()),
+    )?;
+    match &imatrix {
+        Some(m) => eprintln!(
+            "importance matrix: {} entries, {} chunks{}",
+            m.entries.len(),
+            m.chunk_count,
+            m.datasets
+                .first()
+                .map(|d| format!(", from {d}"))
+                .unwrap_or_default()
+        ),
+        None if ftype == FileType::Q2K => eprintln!(
+            "warning: {ftype} without an importance matrix loses much more than it needs to; \
+             make one with `xllm imatrix MODEL -o imatrix.gguf` and pass --imatrix imatrix.gguf"
+        ),
+        None => {}
+    }
     if a.dry_run {
         return print_plan(&prepared, a.json);
     }
@@ -125,7 +152,11 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let (dest, model_dir) = match (&a.output, &a.name, &store) {
+    // With --name the file is written into a staging folder under the store root (never listed)
+    // and moved into the model folder under the model's lock once complete, manifest last: the
+    // model appears in `list` whole or not at all, and a concurrent pull/quantize of the same
+    // name cannot interleave with it.
+    let (dest, staging) = match (&a.output, &a.name, &store) {
         (Some(o), _, _) => (o.clone(), None),
         (None, Some(name), Some(store)) => {
             if name.is_empty()
@@ -138,13 +169,21 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
             if store.find(name)?.is_some() {
                 bail!("model '{name}' is already in the store; remove it first (`xllm rm {name}`) or pick another --name");
             }
-            let dir = store.model_dir(name);
+            let folder = store
+                .model_dir(name)
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let staging = store
+                .root()
+                .join("tmp")
+                .join(format!("quantize-{folder}-{}", std::process::id()));
             let file = format!(
                 "{}-{}.gguf",
                 name.rsplit('/').next().unwrap_or(name),
                 ftype.name()
             );
-            (dir.join(file), Some(dir))
+            (staging.join(file), Some(staging))
         }
         _ => (default_output(&path, ftype), None),
     };
@@ -154,10 +193,13 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    if let Err(e) = quantize::ensure_disk_space(&out_dir, prepared.total_bytes) {
-        if let Some(d) = &model_dir {
-            let _ = std::fs::remove_dir(d);
+    let remove_staging = || {
+        if let Some(d) = &staging {
+            let _ = std::fs::remove_dir_all(d);
         }
+    };
+    if let Err(e) = quantize::ensure_disk_space(&out_dir, prepared.total_bytes) {
+        remove_staging();
         return Err(e);
     }
     let cancel = Arc::new(AtomicBool::new(false));
@@ -174,29 +216,29 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let start = std::time::Instant::now();
-    let result = quantize::execute(source.as_ref(), &prepared, &dest, None, &cancel, &mut |p| {
-        bar.set_position(p.bytes_done);
-        bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
-    });
+    let table = imatrix.as_ref().map(Imatrix::importance);
+    let importance = table.as_ref().map(|t| t as &dyn quantize::Importance);
+    let result = quantize::execute(
+        source.as_ref(),
+        &prepared,
+        &dest,
+        importance,
+        &cancel,
+        &mut |p| {
+            bar.set_position(p.bytes_done);
+            bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
+        },
+    );
     bar.finish_and_clear();
     let written = match result {
         Ok(w) => w,
         Err(e) => {
-            if let Some(d) = &model_dir {
-                let _ = std::fs::remove_dir(d);
-            }
+            remove_staging();
             return Err(e);
         }
     };
     let secs = start.elapsed().as_secs_f64();
-    eprintln!(
-        "wrote {} ({}, {} tensors, {}) in {secs:.1} s",
-        dest.display(),
-        ftype,
-        prepared.tensors.len(),
-        human_bytes(written.size)
-    );
-    if let (Some(dir), Some(name)) = (&model_dir, &a.name) {
+    if let (Some(store), Some(name)) = (&store, &a.name) {
         let file = dest
             .file_name()
             .map(|f| f.to_string_lossy().to_string())
@@ -225,8 +267,45 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
             }],
             pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         };
-        manifest.write(dir)?;
-        eprintln!("added '{name}' to the store ({})", dir.display());
+        let dir = store.model_dir(name);
+        let added = add_to_store(&dir, name, &dest, &manifest);
+        remove_staging();
+        added?;
+        eprintln!(
+            "added '{name}' to the store ({}; {ftype}, {} tensors, {}) in {secs:.1} s",
+            dir.display(),
+            prepared.tensors.len(),
+            human_bytes(written.size)
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "wrote {} ({}, {} tensors, {}) in {secs:.1} s",
+        dest.display(),
+        ftype,
+        prepared.tensors.len(),
+        human_bytes(written.size)
+    );
+    Ok(())
+}
+
+/// Moves the finished file from its staging folder into the model folder `dir`, under the
+/// model's lock, and writes the manifest last (atomically): until then the folder holds no
+/// manifest and `list` does not show it as ready.
+fn add_to_store(dir: &Path, name: &str, file: &Path, manifest: &Manifest) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let Some(_lock) = ModelLock::try_acquire(dir)? else {
+        bail!("another xllm process (pull or quantize) is writing '{name}' right now; try again when it is done or pick another --name");
+    };
+    if Manifest::read(dir)?.is_some() {
+        bail!("model '{name}' was added to the store while quantizing; remove it first (`xllm rm {name}`) or pick another --name");
+    }
+    let target = dir.join(file.file_name().context("output file name")?);
+    std::fs::rename(file, &target)
+        .with_context(|| format!("cannot move {} to {}", file.display(), target.display()))?;
+    if let Err(e) = manifest.write(dir) {
+        let _ = std::fs::remove_file(&target);
+        return Err(e);
     }
     Ok(())
 }

@@ -37,6 +37,7 @@ pub(crate) fn open_session(name: &str, runtime: &RuntimeArgs) -> anyhow::Result<
         &OpenOptions {
             device: runtime.device.clone(),
             ctx: runtime.ctx,
+            activation_stats: None,
         },
     )
 }

@@ -35,6 +35,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Keep bf16/f16 weights as stored (activations stay f32); `false` converts them to f32.
     pub keep_weight_dtype: bool,
+    /// `xllm imatrix`: where the layers record their input activations.
+    pub activation_stats: Option<std::sync::Arc<crate::kernels::act_stats::ActivationStats>>,
 }
 
 impl Default for LoadOptions {
@@ -42,6 +44,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             keep_weight_dtype: true,
+            activation_stats: None,
         }
     }
 }
@@ -107,6 +110,7 @@ pub fn load(resolved: &ResolvedModel, options: &LoadOptions) -> anyhow::Result<L
         device: options.device.clone(),
         dtype: DType::F32,
         keep_weight_dtype: options.keep_weight_dtype,
+        activation_stats: options.activation_stats.clone(),
     };
     let (model, tokenizer, sampling, file_bytes) = match resolved.format {
         ModelFormat::Safetensors => {

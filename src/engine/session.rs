@@ -28,6 +28,8 @@ pub struct OpenOptions {
     pub device: Option<String>,
     /// Tokens per sequence (`--ctx`); `None`: the model's limit capped at [`DEFAULT_CTX`].
     pub ctx: Option<usize>,
+    /// `xllm imatrix`: collect the matmuls' input activations here.
+    pub activation_stats: Option<Arc<crate::kernels::act_stats::ActivationStats>>,
 }
 
 /// An opened model, ready for the scheduler and the front ends.
@@ -81,6 +83,7 @@ fn open_with(
     }
     let load_options = LoadOptions {
         device,
+        activation_stats: options.activation_stats.clone(),
         ..LoadOptions::default()
     };
     let loaded = load::load(&resolved, &load_options)

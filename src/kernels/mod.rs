@@ -1,6 +1,7 @@
 //! Kernels of our own (CPU reference; CUDA and Metal behind features): GGUF block matmuls, MXFP4
 //! matmul, MoE dispatch, Mamba2 conv/scan/gated norm (CPU only so far).
 
+pub mod act_stats;
 pub mod bytes;
 pub(crate) mod cpu_matmul;
 pub mod encoder;

@@ -9,6 +9,7 @@
 pub mod blocks;
 pub mod gguf;
 pub mod hf;
+pub mod imatrix;
 pub mod plan;
 pub mod source;
 pub mod tokenizer_md;
@@ -117,8 +118,13 @@ impl Prepared {
     }
 }
 
-/// Plans the output for `ftype`.
-pub fn prepare(source: &dyn Source, ftype: FileType) -> anyhow::Result<Prepared> {
+/// Plans the output for `ftype`. `imatrix`: the path as given and the importance matrix, which
+/// changes a few type choices and adds llama-quantize's `quantize.imatrix.*` keys.
+pub fn prepare(
+    source: &dyn Source,
+    ftype: FileType,
+    imatrix: Option<(&str, &imatrix::Imatrix)>,
+) -> anyhow::Result<Prepared> {
     let mut inputs: Vec<(usize, PlanInput)> = source
         .tensors()
         .iter()
@@ -146,7 +152,7 @@ pub fn prepare(source: &dyn Source, ftype: FileType) -> anyhow::Result<Prepared>
             .collect();
     }
     let plain: Vec<PlanInput> = inputs.iter().map(|(_, p)| p.clone()).collect();
-    let planned = plan::plan(&source.shape(), ftype, &plain)?;
+    let planned = plan::plan(&source.shape(), ftype, &plain, imatrix.is_some())?;
     // As llama-quantize: both keys move to the end (its gguf_set_val removes, then appends), and
     // the split keys of a sharded source go (the output is one file).
     let mut metadata = source.metadata().clone();
@@ -161,6 +167,35 @@ pub fn prepare(source: &dyn Source, ftype: FileType) -> anyhow::Result<Prepared>
     }
     metadata.set("general.quantization_version", Value::U32(2));
     metadata.set("general.file_type", Value::U32(ftype.ftype_id()));
+    if let Some((file, m)) = imatrix {
+        // llama-quantize's keys (strings cut at 127 bytes, counts as u32), in its order.
+        let cut = |s: &str| -> String {
+            let mut end = s.len().min(127);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s[..end].to_string()
+        };
+        for key in [
+            "quantize.imatrix.file",
+            "quantize.imatrix.dataset",
+            "quantize.imatrix.entries_count",
+            "quantize.imatrix.chunks_count",
+        ] {
+            metadata.remove(key);
+        }
+        metadata.set("quantize.imatrix.file", Value::Str(cut(file)));
+        if let Some(d) = m.datasets.first() {
+            metadata.set("quantize.imatrix.dataset", Value::Str(cut(d)));
+        }
+        metadata.set(
+            "quantize.imatrix.entries_count",
+            Value::U32(m.entries.len() as u32),
+        );
+        if m.chunk_count > 0 {
+            metadata.set("quantize.imatrix.chunks_count", Value::U32(m.chunk_count));
+        }
+    }
     let alignment = metadata
         .get_u64("general.alignment")
         .unwrap_or(gguf::DEFAULT_ALIGNMENT);
@@ -197,10 +232,10 @@ pub struct Progress {
     pub bytes_total: u64,
 }
 
-/// Per-column importance weights for a tensor (llama.cpp's `quant_weights`; `xllm imatrix`,
-/// issue 16, provides them). `expert` is the expert index of a 3-D tensor, else 0.
+/// Per-column importance weights for a tensor (llama.cpp's `quant_weights`, from an imatrix
+/// file): `ne0` values, times the expert count for a 3-D expert tensor (expert by expert).
 pub trait Importance: Sync {
-    fn weights(&self, tensor: &str, expert: usize) -> Option<&[f32]>;
+    fn weights(&self, tensor: &str) -> Option<&[f32]>;
 }
 
 /// Streams the planned tensors into `dest`. On error or when `cancel` becomes true, the temp file
@@ -224,6 +259,25 @@ pub fn execute(
         let rows_per_chunk = (CHUNK_ELEMS / n.max(1)).max(1);
         let copy = t.target_type == st.ty;
         let row_bytes = t.target_type.row_bytes(n).context("planned row size")?;
+        let n_mat = if st.ne.len() >= 3 {
+            st.ne[2..].iter().product::<u64>() as usize
+        } else {
+            1
+        };
+        // As llama-quantize: the weights must cover every matrix of the tensor; a mismatch is an
+        // error (an imatrix of another model), except for token_embd, which is never collected.
+        let imatrix = match importance.and_then(|imp| imp.weights(&t.name)) {
+            Some(w) if w.len() == n * n_mat => Some(w),
+            Some(_) if t.name.starts_with("token_embd") => None,
+            Some(w) => bail!(
+                "the importance matrix has {} values for '{}', which needs {} ({n} columns x {n_mat} matrices); \
+                 was it made for another model?",
+                w.len(),
+                t.name,
+                n * n_mat
+            ),
+            None => None,
+        };
         let mut r0 = 0;
         while r0 < rows {
             if cancel.load(Ordering::Relaxed) {
@@ -251,16 +305,7 @@ pub fn execute(
                         while r < nrows {
                             let expert = (a + r) / rows_per_expert;
                             let end = ((expert + 1) * rows_per_expert - a).min(nrows);
-                            let w = importance.and_then(|imp| imp.weights(&t.name, expert));
-                            if let Some(w) = w {
-                                if w.len() != n {
-                                    bail!(
-                                        "importance weights for '{}' have {} values, expected {n}",
-                                        t.name,
-                                        w.len()
-                                    );
-                                }
-                            }
+                            let w = imatrix.map(|w| &w[expert * n..(expert + 1) * n]);
                             blocks::quantize_rows(
                                 t.target_type,
                                 &x[r * n..end * n],

@@ -247,10 +247,13 @@ impl std::fmt::Display for CannotHold {
 impl std::error::Error for CannotHold {}
 
 /// Plans every tensor (inputs must already be in llama.cpp order, see [`sort_like_llama_cpp`]).
+/// `has_imatrix`: an importance matrix is given (llama-quantize then gives Q4_0/Q5_0 files'
+/// first ffn_down layers Q4_1/Q5_1).
 pub fn plan(
     shape: &ModelShape,
     ftype: FileType,
     inputs: &[PlanInput],
+    has_imatrix: bool,
 ) -> anyhow::Result<Vec<PlannedTensor>> {
     if !SUPPORTED_ARCHITECTURES.contains(&shape.architecture.as_str()) {
         bail!(
@@ -358,6 +361,8 @@ pub fn plan(
                     FileType::Q4KM if use_more_bits(i_layer, n_layer) => GgmlType::Q6K,
                     FileType::Q5KM if use_more_bits(i_layer, n_layer) => GgmlType::Q6K,
                     FileType::Q4KS if i_layer < n_layer / 8 => GgmlType::Q5K,
+                    FileType::Q4_0 if has_imatrix && i_layer < n_layer / 8 => GgmlType::Q4_1,
+                    FileType::Q5_0 if has_imatrix && i_layer < n_layer / 8 => GgmlType::Q5_1,
                     _ => ty,
                 };
                 i_ffn_down += 1;
@@ -503,6 +508,7 @@ mod tests {
             &shape(16),
             FileType::Q4KM,
             &llama_inputs(16, 512, 1536, false),
+            false,
         )
         .unwrap();
         // use_more_bits(i, 16): i < 2, i >= 14, (i-2) % 3 == 2 -> 0,1,4,7,10,13,14,15
@@ -528,7 +534,13 @@ mod tests {
     #[test]
     fn tied_embeddings_take_the_output_rule_and_odd_rows_fall_back() {
         // SmolLM2-like: hidden 576 (not a multiple of 256), tied embeddings.
-        let p = plan(&shape(4), FileType::Q4KM, &llama_inputs(4, 576, 1536, true)).unwrap();
+        let p = plan(
+            &shape(4),
+            FileType::Q4KM,
+            &llama_inputs(4, 576, 1536, true),
+            false,
+        )
+        .unwrap();
         let embd = p.iter().find(|t| t.name == "token_embd.weight").unwrap();
         assert_eq!(embd.target_type, GgmlType::Q8_0);
         let q = p.iter().find(|t| t.name == "blk.1.attn_q.weight").unwrap();
@@ -544,13 +556,18 @@ mod tests {
 
     #[test]
     fn legacy_types_refuse_rows_they_cannot_hold_and_unknown_archs_are_named() {
-        let err = plan(&shape(1), FileType::Q8_0, &llama_inputs(1, 48, 64, false))
-            .unwrap_err()
-            .to_string();
+        let err = plan(
+            &shape(1),
+            FileType::Q8_0,
+            &llama_inputs(1, 48, 64, false),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("cannot hold") && err.contains("48"), "{err}");
         let mut s = shape(1);
         s.architecture = "rwkv7".into();
-        let err = plan(&s, FileType::Q8_0, &llama_inputs(1, 64, 64, false))
+        let err = plan(&s, FileType::Q8_0, &llama_inputs(1, 64, 64, false), false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("rwkv7") && err.contains("gemma3"), "{err}");

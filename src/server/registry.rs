@@ -514,6 +514,7 @@ impl Registry {
             let options = OpenOptions {
                 device: self.options.device.clone(),
                 ctx: self.options.ctx,
+                activation_stats: None,
             };
             let session = tokio::task::spawn_blocking(move || {
                 crate::engine::threads::in_thread_pool(threads, || {

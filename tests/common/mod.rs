@@ -286,6 +286,7 @@ pub fn build_f32_cpu(dir: &Path) -> Box<dyn xllm::arch::CausalLm> {
         device: candle_core::Device::Cpu,
         dtype: candle_core::DType::F32,
         keep_weight_dtype: false,
+        activation_stats: None,
     };
     let source = xllm::arch::WeightSource::Safetensors {
         config: &config,

@@ -6,11 +6,15 @@
 pub mod kquants;
 pub mod legacy;
 pub mod ternary;
+pub mod weighted;
 
 use anyhow::bail;
 use half::{bf16, f16};
 
 use super::types::GgmlType;
+
+/// A weighted super-block quantizer: (values, output block, importance).
+type WeightedBlock = fn(&[f32], &mut [u8], &[f32]);
 
 /// Quantizes `rows` rows of `n_per_row` f32 values into `out` (exactly `rows * row_bytes`).
 /// `weights` (importance, one per column) is the hook for `xllm imatrix`; types that ignore it
@@ -50,6 +54,49 @@ pub fn quantize_rows(
         _ => {}
     }
     let (bs, bb) = ty.block().expect("row_bytes checked the type");
+    if let Some(qw) = weights {
+        if qw.len() != n_per_row {
+            bail!(
+                "importance weights have {} values for rows of {n_per_row}",
+                qw.len()
+            );
+        }
+        // llama.cpp's weighted quantizers; the other types ignore importance, as there.
+        let weighted: Option<WeightedBlock> = match ty {
+            GgmlType::Q2K => Some(weighted::q2_k),
+            GgmlType::Q3K => Some(weighted::q3_k),
+            GgmlType::Q4K => Some(weighted::q4_k),
+            GgmlType::Q5K => Some(weighted::q5_k),
+            _ => None,
+        };
+        if let Some(f) = weighted {
+            for (row, orow) in x
+                .chunks_exact(n_per_row)
+                .zip(out.chunks_exact_mut(row_bytes))
+            {
+                for (i, (xb, ob)) in row
+                    .chunks_exact(bs)
+                    .zip(orow.chunks_exact_mut(bb))
+                    .enumerate()
+                {
+                    f(xb, ob, &qw[i * bs..(i + 1) * bs]);
+                }
+            }
+            return Ok(());
+        }
+        if matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1
+        ) {
+            for (row, orow) in x
+                .chunks_exact(n_per_row)
+                .zip(out.chunks_exact_mut(row_bytes))
+            {
+                weighted::legacy_row(ty, row, qw, orow);
+            }
+            return Ok(());
+        }
+    }
     for (row, orow) in x
         .chunks_exact(n_per_row)
         .zip(out.chunks_exact_mut(row_bytes))
@@ -66,10 +113,10 @@ pub fn quantize_rows(
                 GgmlType::Q5_0 => legacy::q5_0(xb, ob),
                 GgmlType::Q5_1 => legacy::q5_1(xb, ob),
                 GgmlType::Q8_0 => legacy::q8_0(xb, ob),
-                GgmlType::Q2K => kquants::q2_k(xb, ob, w),
-                GgmlType::Q3K => kquants::q3_k(xb, ob, w),
-                GgmlType::Q4K => kquants::q4_k(xb, ob, w),
-                GgmlType::Q5K => kquants::q5_k(xb, ob, w),
+                GgmlType::Q2K => kquants::q2_k(xb, ob),
+                GgmlType::Q3K => kquants::q3_k(xb, ob),
+                GgmlType::Q4K => kquants::q4_k(xb, ob),
+                GgmlType::Q5K => kquants::q5_k(xb, ob),
                 GgmlType::Q6K => kquants::q6_k(xb, ob, w),
                 GgmlType::TQ1_0 => ternary::tq1_0(xb, ob),
                 GgmlType::TQ2_0 => ternary::tq2_0(xb, ob),
