@@ -966,10 +966,8 @@ pub fn campaign(
     let current_path = settings.out_dir.join(format!("{}.current", target.name));
     let mut current = CurrentInput::create(&current_path, settings.max_len)?;
     let started = Arc::new(AtomicU64::new(0));
-    let epoch = Instant::now();
     watchdog(
         started.clone(),
-        epoch,
         settings.hang_after,
         current_path.clone(),
         target.name,
@@ -1010,7 +1008,8 @@ pub fn campaign(
             ),
         }
         current.set(&input);
-        started.store(epoch.elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
+        // A stamp per execution (never 0, which means "between executions").
+        started.store(report.executions + 1, Ordering::SeqCst);
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (target.run)(&input)));
         started.store(0, Ordering::SeqCst);
         report.executions += 1;
@@ -1053,19 +1052,22 @@ fn fnv(data: &[u8]) -> u64 {
 
 /// Exits the process (status 70) when one execution runs longer than `after`, naming the file
 /// holding the input.
-fn watchdog(
-    started: Arc<AtomicU64>,
-    epoch: Instant,
-    after: Duration,
-    input: PathBuf,
-    name: &'static str,
-) {
-    std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(250));
-        let s = started.load(Ordering::SeqCst);
-        if s != 0 {
-            let now = epoch.elapsed().as_millis() as u64 + 1;
-            if now.saturating_sub(s) > after.as_millis() as u64 {
+fn watchdog(started: Arc<AtomicU64>, after: Duration, input: PathBuf, name: &'static str) {
+    // Time counts in ticks of at most a second each: a process that was stopped (SIGSTOP, a
+    // suspended machine) sees one long gap on waking, and that gap is not the input's doing.
+    std::thread::spawn(move || {
+        let (mut current, mut ran, mut last) = (0u64, Duration::ZERO, Instant::now());
+        loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let gap = last.elapsed().min(Duration::from_secs(1));
+            last = Instant::now();
+            let s = started.load(Ordering::SeqCst);
+            if s == 0 || s != current {
+                (current, ran) = (s, Duration::ZERO);
+                continue;
+            }
+            ran += gap;
+            if ran > after {
                 eprintln!(
                     "fuzz {name}: an execution has run for more than {} s (a hang); the input is in {}",
                     after.as_secs(),
