@@ -10,6 +10,7 @@ use crate::engine::request::{GenerationRequest, SeqEvent};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::scheduler::{EngineConfig, Scheduler};
 use crate::engine::session::ModelSession;
+use crate::engine::structured::Constraint;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
@@ -77,10 +78,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if session.info().vocab_size <= 100 {
         anyhow::bail!("the model's vocabulary is too small to benchmark");
     }
-    match args.parallel {
-        Some(0) => anyhow::bail!("--parallel must be at least 1"),
-        Some(n) => parallel(&args, Arc::new(session), n),
-        None => single(&args, &session),
+    let constraint = super::run::constraint_from_args(&session, &args.constraint)?;
+    match (args.parallel, constraint) {
+        (Some(0), _) => anyhow::bail!("--parallel must be at least 1"),
+        (Some(n), c) => parallel(&args, Arc::new(session), n, c),
+        // A grammar needs the scheduler's sampling: one sequence through it.
+        (None, Some(c)) => parallel(&args, Arc::new(session), 1, Some(c)),
+        (None, None) => single(&args, &session),
     }
 }
 
@@ -214,6 +218,7 @@ fn parallel_run(
     args: &BenchArgs,
     n: usize,
     salt: u32,
+    constraint: Option<&Constraint>,
 ) -> anyhow::Result<ParallelRun> {
     let ctx = session.context;
     let vocab = session.info().vocab_size as u32;
@@ -231,6 +236,7 @@ fn parallel_run(
         let mut request = GenerationRequest::new(prompt, greedy);
         request.max_tokens = Some(args.gen_tokens.max(1));
         request.ignore_eos = true;
+        request.constraint = constraint.cloned();
         let trace = trace.clone();
         scheduler.submit(
             request,
@@ -296,10 +302,15 @@ fn parallel_run(
     })
 }
 
-fn parallel(args: &BenchArgs, session: Arc<ModelSession>, n: usize) -> anyhow::Result<()> {
+fn parallel(
+    args: &BenchArgs,
+    session: Arc<ModelSession>,
+    n: usize,
+    constraint: Option<Constraint>,
+) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for rep in 0..=args.repeats.max(1) {
-        let run = parallel_run(&session, args, n, rep as u32 * 1000)?;
+        let run = parallel_run(&session, args, n, rep as u32 * 1000, constraint.as_ref())?;
         if rep > 0 {
             runs.push(run);
         }
