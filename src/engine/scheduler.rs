@@ -612,21 +612,30 @@ fn choose(a: &mut Active, mut logits: Vec<f32>, tokenizer: &TextTokenizer) -> Re
     }
     let t0 = Instant::now();
     let history = &a.tokens[a.prompt_len..];
+    let mut grammar = std::time::Duration::ZERO;
     let token = match a.constraint.as_mut() {
         None => a.sampler.sample(&logits, history),
         Some(c) => {
             let grammar_error = |e: anyhow::Error| format!("the grammar constraint failed: {e:#}");
             let fast = if a.request.logprobs.is_none() {
                 let t = a.sampler.sample(&logits, history);
-                c.allows(t).map_err(grammar_error)?.then_some(t)
+                let g = Instant::now();
+                let ok = c.allows(t).map_err(grammar_error)?;
+                grammar += g.elapsed();
+                ok.then_some(t)
             } else {
                 None
             };
             match fast {
                 Some(t) => t,
                 None => {
+                    let g = Instant::now();
                     let mask = c.mask().map_err(grammar_error)?;
-                    if Constraint::apply(&mask, &mut logits) == 0 {
+                    let allowed = Constraint::apply(&mask, &mut logits);
+                    grammar += g.elapsed();
+                    a.stats.grammar_masks += 1;
+                    if allowed == 0 {
+                        a.stats.grammar_duration += grammar;
                         return Ok(Pick::GrammarEnd);
                     }
                     a.sampler.sample(&logits, history)
@@ -640,10 +649,13 @@ fn choose(a: &mut Active, mut logits: Vec<f32>, tokenizer: &TextTokenizer) -> Re
     };
     if !(eos_ok && tokenizer.is_eos(token)) {
         if let Some(c) = a.constraint.as_mut() {
+            let g = Instant::now();
             c.commit(token)
                 .map_err(|e| format!("the grammar constraint failed: {e:#}"))?;
+            grammar += g.elapsed();
         }
     }
+    a.stats.grammar_duration += grammar;
     a.stats.eval_duration += t0.elapsed();
     Ok(Pick::Token { token, logprobs })
 }

@@ -231,9 +231,20 @@ pub fn forcing_grammar(syntax: ToolSyntax, tools: &ToolRequest) -> Result<Option
         ToolSyntax::Llama3 => Ok(Some(Grammar::JsonSchema(call_schema(&callable, "parameters")))),
         ToolSyntax::Hermes | ToolSyntax::Generic => {
             let schema = call_schema(&callable, "arguments");
-            let repeat = if tools.parallel { "+" } else { "" };
+            // A named function is called once; `required` with parallel calls allows up to
+            // one call per listed tool (unbounded, small models repeat a call until
+            // max_tokens).
+            let most = match tools.choice {
+                ToolChoice::Required if tools.parallel => tools.tools.len().max(1),
+                _ => 1,
+            };
+            let calls = if most == 1 {
+                "call".to_string()
+            } else {
+                format!("call{{1,{most}}}")
+            };
             Ok(Some(Grammar::Lark(format!(
-                "start: call{repeat}\ncall: \"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\\n\"\n"
+                "start: {calls}\ncall: \"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\\n\"\n"
             ))))
         }
     }

@@ -476,6 +476,8 @@ struct CompletionRequest {
     logprobs: Option<i64>,
     #[serde(default)]
     echo: bool,
+    /// An extension (vLLM accepts it too): the completion follows the format.
+    response_format: Option<Value>,
 }
 
 /// `prompt`: a string, a list of strings, a token list or a list of token lists.
@@ -575,6 +577,10 @@ async fn completions_inner(
     if prompts.len() * n > 16 {
         return Err(ApiError::bad_param("n", "prompts × n must be at most 16"));
     }
+    let constraint = match response_format(req.response_format.as_ref())? {
+        Some(g) => Some(compile_grammar(&session, g, "response_format").await?),
+        None => None,
+    };
     let mut requests = Vec::new();
     for (p, (_, ids)) in prompts.iter().enumerate() {
         // OpenAI's default for completions is 16 tokens.
@@ -582,6 +588,9 @@ async fn completions_inner(
             req.common
                 .requests(&session, ids, Some(16), top, n, p * n)?,
         );
+    }
+    for r in &mut requests {
+        r.constraint = constraint.clone();
     }
     let generation = Generation::submit(lease, requests, &state.metrics)?;
     let meta = ReplyMeta {

@@ -253,7 +253,7 @@ def one_schema_answer(client, prompt, name, schema, seed):
         model="smol",
         messages=[{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": prompt}],
         response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}},
-        max_tokens=200,
+        max_tokens=300,
         temperature=0.8 if seed % 2 else 0.0,
         seed=seed,
     )
@@ -301,7 +301,7 @@ def one_tool_call(client, prompt, choice, seed):
     return "ok", f"{call.function.name}({call.function.arguments})"
 
 
-def run_all(jobs, fn, workers=4):
+def run_all(jobs, fn, workers):
     counts = {"ok": 0, "length": 0, "invalid": 0}
     failures = []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -320,6 +320,7 @@ def main():
     ap.add_argument("gguf")
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--report")
+    ap.add_argument("--workers", type=int, default=4, help="concurrent requests (and server --parallel)")
     args = ap.parse_args()
     prompts = PROMPTS[: args.prompts]
 
@@ -328,7 +329,7 @@ def main():
     for k in ["XLLM_API_KEY", "XLLM_HOST", "XLLM_PORT"]:
         env.pop(k, None)
     proc, base, logs = start_server(args.binary, ["--model", f"smol={args.gguf}", "--api-key", KEY,
-                                                  "--parallel", "4"], env)
+                                                  "--parallel", str(args.workers)], env)
     report = {}
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
@@ -357,7 +358,7 @@ def main():
         t0 = time.time()
         jobs = [(client, p, name, schema, i * 100 + j)
                 for i, p in enumerate(prompts) for j, (name, schema) in enumerate(SCHEMAS.items())]
-        counts, failures = run_all(jobs, one_schema_answer)
+        counts, failures = run_all(jobs, one_schema_answer, args.workers)
         report["schemas"] = {"answers": len(jobs), **counts, "seconds": round(time.time() - t0, 1)}
         for job, status, detail in failures:
             print(f"{status}: schema {job[2]} prompt {job[1]!r}: {detail}")
@@ -368,7 +369,7 @@ def main():
         tool_jobs = [(client, p, "required", i) for i, p in enumerate(prompts)]
         tool_jobs += [(client, p, {"type": "function", "function": {"name": TOOLS[i % 3]["function"]["name"]}}, i)
                       for i, p in enumerate(prompts)]
-        counts, failures = run_all(tool_jobs, one_tool_call)
+        counts, failures = run_all(tool_jobs, one_tool_call, args.workers)
         report["tools"] = {"requests": len(tool_jobs), **counts, "seconds": round(time.time() - t0, 1)}
         for job, status, detail in failures:
             print(f"{status}: tool_choice {job[2]} prompt {job[1]!r}: {detail}")
