@@ -27,7 +27,8 @@ fn open(model: &std::path::Path) -> Arc<ModelSession> {
 }
 
 fn gemma3() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/gemma3/gemma-3-270m-q4_k_m.gguf");
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/gemma3/gemma-3-270m-q4_k_m.gguf");
     p.is_file().then_some(p)
 }
 
@@ -56,8 +57,14 @@ fn check_token_bytes(session: &ModelSession) {
         );
         checked += 1;
     }
-    assert!(checked > vocab / 2, "only {checked} of {vocab} tokens checked");
-    assert!(special > 0, "control tokens carry llguidance's special marker");
+    assert!(
+        checked > vocab / 2,
+        "only {checked} of {vocab} tokens checked"
+    );
+    assert!(
+        special > 0,
+        "control tokens carry llguidance's special marker"
+    );
 }
 
 fn prompt(session: &ModelSession, text: &str) -> Vec<u32> {
@@ -101,7 +108,10 @@ fn gemma3_sentencepiece_token_bytes_match_the_tokenizer() {
     scheduler.run_to_completion().unwrap();
     let out = out.lock().unwrap().clone();
     let v: Value = serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{e}: {}", out.text));
-    assert!(["cat", "dog"].contains(&v["animal"].as_str().unwrap()), "{v}");
+    assert!(
+        ["cat", "dog"].contains(&v["animal"].as_str().unwrap()),
+        "{v}"
+    );
     assert!((0..=8).contains(&v["legs"].as_i64().unwrap()), "{v}");
     assert_eq!(out.finish, Some(FinishReason::Stop));
 }
@@ -163,20 +173,33 @@ fn constrained_sequences_share_a_batch_with_an_unconstrained_one() {
     };
     let alone = run(false);
     let batch = run(true);
-    assert_eq!(batch[0].tokens, alone[0].tokens, "the unconstrained neighbour is unchanged");
+    assert_eq!(
+        batch[0].tokens, alone[0].tokens,
+        "the unconstrained neighbour is unchanged"
+    );
     for (g, out) in grammars.iter().zip(&batch[1..]) {
         assert!(out.error.is_none(), "{g:?}: {:?}", out.error);
         assert_eq!(out.finish, Some(FinishReason::Stop), "{g:?}: {}", out.text);
     }
-    let v: Value = serde_json::from_str(&batch[1].text).unwrap_or_else(|e| panic!("{e}: {}", batch[1].text));
+    let v: Value =
+        serde_json::from_str(&batch[1].text).unwrap_or_else(|e| panic!("{e}: {}", batch[1].text));
     assert!(v["name"].as_str().unwrap().chars().count() <= 20, "{v}");
     assert!((18..=99).contains(&v["age"].as_i64().unwrap()), "{v}");
     let score = v["score"].as_f64().unwrap();
     assert!((0.5..=1.5).contains(&score), "{v}");
     let tags = v["tags"].as_array().unwrap();
-    assert!(tags.len() == 2 && tags.iter().all(|t| ["a", "b", "c"].contains(&t.as_str().unwrap())), "{v}");
+    assert!(
+        tags.len() == 2
+            && tags
+                .iter()
+                .all(|t| ["a", "b", "c"].contains(&t.as_str().unwrap())),
+        "{v}"
+    );
     let zip = v["zip"].as_str().unwrap();
-    assert!(zip.len() == 5 && zip.bytes().all(|b| b.is_ascii_digit()), "{v}");
+    assert!(
+        zip.len() == 5 && zip.bytes().all(|b| b.is_ascii_digit()),
+        "{v}"
+    );
     assert_eq!(v.as_object().unwrap().len(), 5, "{v}");
 
     let text = &batch[2].text;
@@ -185,12 +208,24 @@ fn constrained_sequences_share_a_batch_with_an_unconstrained_one() {
         .or_else(|| text.strip_prefix("no, because "))
         .unwrap_or_else(|| panic!("regex: {text:?}"));
     let body = rest.strip_suffix('.').unwrap();
-    assert!(!body.is_empty() && body.len() <= 30 && body.chars().all(|c| c.is_ascii_lowercase() || c == ' '), "{text:?}");
+    assert!(
+        !body.is_empty()
+            && body.len() <= 30
+            && body.chars().all(|c| c.is_ascii_lowercase() || c == ' '),
+        "{text:?}"
+    );
 
-    let number = batch[3].text.strip_prefix("Answer: ").unwrap_or_else(|| panic!("{:?}", batch[3].text));
-    assert!(!number.is_empty() && number.len() <= 3 && number.bytes().all(|b| b.is_ascii_digit()), "{number:?}");
+    let number = batch[3]
+        .text
+        .strip_prefix("Answer: ")
+        .unwrap_or_else(|| panic!("{:?}", batch[3].text));
+    assert!(
+        !number.is_empty() && number.len() <= 3 && number.bytes().all(|b| b.is_ascii_digit()),
+        "{number:?}"
+    );
 
-    let obj: Value = serde_json::from_str(&batch[4].text).unwrap_or_else(|e| panic!("{e}: {}", batch[4].text));
+    let obj: Value =
+        serde_json::from_str(&batch[4].text).unwrap_or_else(|e| panic!("{e}: {}", batch[4].text));
     assert!(obj.is_object());
 }
 
@@ -202,21 +237,32 @@ fn unsupported_schema_keywords_and_bad_grammars_are_refused_by_name() {
     };
     let session = open(&gguf);
     let err = session
-        .compile(&Grammar::JsonSchema(json!({"type": "array", "items": {"type": "integer"}, "uniqueItems": true})))
+        .compile(&Grammar::JsonSchema(
+            json!({"type": "array", "items": {"type": "integer"}, "uniqueItems": true}),
+        ))
         .unwrap_err()
         .to_string();
     assert!(err.contains("uniqueItems"), "{err}");
     let err = session
-        .compile(&Grammar::JsonSchema(json!({"type": "object", "not": {"required": ["a"]}})))
+        .compile(&Grammar::JsonSchema(
+            json!({"type": "object", "not": {"required": ["a"]}}),
+        ))
         .unwrap_err()
         .to_string();
     assert!(err.contains("not"), "{err}");
     let err = session
-        .compile(&Grammar::JsonSchema(json!({"type": "string", "format": "ipv9"})))
+        .compile(&Grammar::JsonSchema(
+            json!({"type": "string", "format": "ipv9"}),
+        ))
         .unwrap_err()
         .to_string();
     assert!(err.contains("ipv9"), "{err}");
-    let err = session.compile(&Grammar::Lark("start: undefined_rule\n".into())).unwrap_err().to_string();
+    let err = session
+        .compile(&Grammar::Lark("start: undefined_rule\n".into()))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("undefined_rule"), "{err}");
-    assert!(session.compile(&Grammar::Regex("(unclosed".into())).is_err());
+    assert!(session
+        .compile(&Grammar::Regex("(unclosed".into()))
+        .is_err());
 }

@@ -20,7 +20,7 @@ pub mod scheduler;
 pub mod session;
 pub mod structured;
 pub mod threads;
-pub mod tools;
 pub mod tokenizer;
 pub mod tokenizer_checks;
+pub mod tools;
 pub mod worker;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use super::generate::FinishReason;
 use super::harmony::{Channel, HarmonyEvent, HarmonyParser};
 use super::request::{Output, OutputMode};
-use super::tools::{CallParser, Piece, ToolSyntax};
 use super::tokenizer::{StreamDecoder, TextTokenizer};
+use super::tools::{CallParser, Piece, ToolSyntax};
 
 /// Holds back text that may be the start of a stop string.
 #[derive(Debug, Default)]

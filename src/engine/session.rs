@@ -236,7 +236,11 @@ impl ModelSession {
                     };
                     template.render_with(messages, true, extra)?
                 } else if tools_value.is_some() {
-                    template.render_with(messages, true, minijinja::context! { tools => tools_value })?
+                    template.render_with(
+                        messages,
+                        true,
+                        minijinja::context! { tools => tools_value },
+                    )?
                 } else {
                     template.render(messages, true)?
                 };

@@ -39,10 +39,12 @@ impl Grammar {
     /// forever instead of closing the object. A schema's own `x-guidance` options win.
     fn top_level(&self) -> TopLevelGrammar {
         match self {
-            Grammar::JsonObject => {
-                TopLevelGrammar::from_json_schema(with_layout(serde_json::json!({"type": "object"})))
+            Grammar::JsonObject => TopLevelGrammar::from_json_schema(with_layout(
+                serde_json::json!({"type": "object"}),
+            )),
+            Grammar::JsonSchema(schema) => {
+                TopLevelGrammar::from_json_schema(with_layout(schema.clone()))
             }
-            Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(with_layout(schema.clone())),
             Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
             Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
         }

@@ -154,7 +154,11 @@ pub fn generic_prompt(tools: &[&Tool]) -> String {
 /// Messages for a template in `syntax`: the generic form puts the tool list into the system
 /// message, earlier calls into the assistant text and tool results into user turns (the
 /// Hermes convention), since such a template knows nothing of tools.
-pub fn prepare_messages(messages: &[Message], syntax: ToolSyntax, tools: &ToolRequest) -> Vec<Message> {
+pub fn prepare_messages(
+    messages: &[Message],
+    syntax: ToolSyntax,
+    tools: &ToolRequest,
+) -> Vec<Message> {
     if syntax != ToolSyntax::Generic {
         return messages.to_vec();
     }
@@ -338,9 +342,10 @@ impl CallParser {
             let body = self.buf[..p].to_string();
             self.buf.drain(..p + CLOSE.len());
             self.in_call = false;
-            out.push(parse_call(&body, "arguments").unwrap_or_else(|| {
-                Piece::Text(format!("{OPEN}{body}{CLOSE}"))
-            }));
+            out.push(
+                parse_call(&body, "arguments")
+                    .unwrap_or_else(|| Piece::Text(format!("{OPEN}{body}{CLOSE}"))),
+            );
         }
         self.tidy(out)
     }
@@ -353,9 +358,8 @@ impl CallParser {
                 parse_call(&rest, "parameters").unwrap_or(Piece::Text(rest))
             }
             // A call whose closing tag never came (the model ended right after the JSON).
-            _ if self.in_call => {
-                parse_call(&rest, "arguments").unwrap_or_else(|| Piece::Text(format!("{OPEN}{rest}")))
-            }
+            _ if self.in_call => parse_call(&rest, "arguments")
+                .unwrap_or_else(|| Piece::Text(format!("{OPEN}{rest}"))),
             _ => Piece::Text(rest),
         };
         self.in_call = false;
@@ -407,7 +411,12 @@ mod tests {
     fn hermes_calls_split_across_pieces_are_found() {
         let out = feed(
             ToolSyntax::Hermes,
-            &["Sure. <tool", "_call>\n{\"name\": \"get_weather\", ", "\"arguments\": {\"city\": \"Paris\"}}\n</tool_", "call>\n<tool_call>{\"name\":\"b\",\"arguments\":{}}</tool_call>"],
+            &[
+                "Sure. <tool",
+                "_call>\n{\"name\": \"get_weather\", ",
+                "\"arguments\": {\"city\": \"Paris\"}}\n</tool_",
+                "call>\n<tool_call>{\"name\":\"b\",\"arguments\":{}}</tool_call>",
+            ],
         );
         assert_eq!(
             out,
@@ -422,11 +431,17 @@ mod tests {
     #[test]
     fn unparsable_calls_stay_text_and_plain_text_passes() {
         assert_eq!(
-            feed(ToolSyntax::Generic, &["a < b", " <tool_call>oops</tool_call>"]),
+            feed(
+                ToolSyntax::Generic,
+                &["a < b", " <tool_call>oops</tool_call>"]
+            ),
             vec![Piece::Text("a < b <tool_call>oops</tool_call>".into())]
         );
         assert_eq!(
-            feed(ToolSyntax::Generic, &["<tool_call>{\"name\": \"f\", \"arguments\": {\"x\": 1}}"]),
+            feed(
+                ToolSyntax::Generic,
+                &["<tool_call>{\"name\": \"f\", \"arguments\": {\"x\": 1}}"]
+            ),
             vec![Piece::Call("f".into(), "{\"x\":1}".into())],
             "a call the model ended without its closing tag"
         );
@@ -435,7 +450,10 @@ mod tests {
     #[test]
     fn llama3_json_answer_is_a_call_and_text_streams() {
         assert_eq!(
-            feed(ToolSyntax::Llama3, &[" {\"name\": \"f\", ", "\"parameters\": {\"a\": \"b\"}}"]),
+            feed(
+                ToolSyntax::Llama3,
+                &[" {\"name\": \"f\", ", "\"parameters\": {\"a\": \"b\"}}"]
+            ),
             vec![Piece::Call("f".into(), "{\"a\":\"b\"}".into())]
         );
         let mut p = CallParser::new(ToolSyntax::Llama3);
@@ -462,7 +480,10 @@ mod tests {
         let Some(Grammar::Lark(g)) = forcing_grammar(ToolSyntax::Generic, &ok).unwrap() else {
             panic!("a lark grammar")
         };
-        assert!(g.starts_with("start: call\n") && g.contains("\"const\":\"f\""), "{g}");
+        assert!(
+            g.starts_with("start: call\n") && g.contains("\"const\":\"f\""),
+            "{g}"
+        );
         assert!(forcing_grammar(ToolSyntax::Harmony, &ok).is_err());
         let auto = ToolRequest {
             choice: ToolChoice::Auto,

@@ -251,12 +251,16 @@ pub fn chat_prompt_with_tools(
             "messages must not be empty",
         ));
     }
-    session.chat_prompt_with_tools(messages, options, tools).map_err(|e| {
-        ApiError::bad_param(
-            "messages",
-            format!("the conversation cannot be rendered with the model's chat template: {e:#}"),
-        )
-    })
+    session
+        .chat_prompt_with_tools(messages, options, tools)
+        .map_err(|e| {
+            ApiError::bad_param(
+                "messages",
+                format!(
+                    "the conversation cannot be rendered with the model's chat template: {e:#}"
+                ),
+            )
+        })
 }
 
 /// Raw text to prompt tokens (BOS added as the model wants).
@@ -291,9 +295,7 @@ pub async fn compile_grammar(
     let compiled = tokio::task::spawn_blocking(move || s.compile(&grammar))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    compiled.map_err(|e| {
-        ApiError::bad_param(param, format!("{param} cannot be used: {e:#}"))
-    })
+    compiled.map_err(|e| ApiError::bad_param(param, format!("{param} cannot be used: {e:#}")))
 }
 
 /// Tools from a request's `tools` list (OpenAI `{type: "function", function: {name,
@@ -343,7 +345,10 @@ pub fn template_tool_calls(calls: &[serde_json::Value]) -> Vec<serde_json::Value
         .iter()
         .map(|c| {
             let mut c = c.clone();
-            if let Some(args) = c.pointer("/function/arguments").and_then(serde_json::Value::as_str) {
+            if let Some(args) = c
+                .pointer("/function/arguments")
+                .and_then(serde_json::Value::as_str)
+            {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(args) {
                     c["function"]["arguments"] = v;
                 }

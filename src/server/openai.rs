@@ -311,7 +311,9 @@ fn response_format(value: Option<&Value>) -> Result<Option<Grammar>, ApiError> {
                 Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
                     Ok(Some(Grammar::JsonSchema(schema.clone())))
                 }
-                Some(_) => Err(bad("response_format json_schema.schema must be a JSON Schema object")),
+                Some(_) => Err(bad(
+                    "response_format json_schema.schema must be a JSON Schema object",
+                )),
             }
         }
         Some(other) => Err(bad(&format!(
