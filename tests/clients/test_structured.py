@@ -308,6 +308,7 @@ def run_all(jobs, fn, workers):
         futures = {pool.submit(fn, *job): job for job in jobs}
         for f in concurrent.futures.as_completed(futures):
             status, detail = f.result()
+            print(f"result: {fn.__name__} {status}", flush=True)
             counts[status] += 1
             if status != "ok":
                 failures.append((futures[f], status, detail))
