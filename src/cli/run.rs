@@ -383,6 +383,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 value["tool_calls"] = tool_calls.into();
                 value["reasoning_effort"] = options.reasoning_effort.as_str().into();
             }
+            // Keys sorted, as specs/002 promises (serde_json keeps insertion order now that
+            // llguidance turns on `preserve_order`).
+            value.sort_all_objects();
             super::output::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
         } else if reason == FinishReason::ContextFull {
             eprintln!("note: stopped because the context of {ctx} tokens is full (raise --ctx)");
