@@ -121,7 +121,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__bench)
-            opts="-p -n -r -h -V --prompt-tokens --gen-tokens --repeats --parallel --json --device --threads --ctx --help --version"
+            opts="-p -n -r -h -V --prompt-tokens --gen-tokens --repeats --parallel --json --json-object --json-schema --grammar --regex --device --threads --ctx --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -152,6 +152,18 @@ _xllm() {
                     return 0
                     ;;
                 --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --json-schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --grammar)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --regex)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -601,7 +613,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__run)
-            opts="-v -n -h -V --raw --system --format --verbose --max-tokens --stop --hide-thinking --reasoning-effort --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --presence-penalty --frequency-penalty --seed --device --threads --ctx --help --version"
+            opts="-v -n -h -V --raw --system --format --verbose --max-tokens --stop --hide-thinking --reasoning-effort --json-object --json-schema --grammar --regex --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --presence-penalty --frequency-penalty --seed --device --threads --ctx --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -629,6 +641,18 @@ _xllm() {
                     ;;
                 --reasoning-effort)
                     COMPREPLY=($(compgen -W "low medium high" -- "${cur}"))
+                    return 0
+                    ;;
+                --json-schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --grammar)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --regex)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --temperature)

@@ -59,6 +59,9 @@ complete -c xllm -n "__fish_xllm_using_subcommand run" -l stop -d 'Stop when thi
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l reasoning-effort -d 'gpt-oss: reasoning effort' -r -f -a "low\t''
 medium\t''
 high\t''"
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l json-schema -d 'Answer with JSON that validates against the JSON Schema in FILE; unsupported schema keywords are refused by name' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l grammar -d 'Answer in the grammar in FILE (llguidance\'s Lark syntax: `start: ...`, `%json {..}`)' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l regex -d 'Answer with text that matches this regular expression (Rust regex syntax)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l temperature -d 'Sampling temperature; 0 is greedy' -r
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l top-k -r
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l top-p -r
@@ -74,6 +77,7 @@ complete -c xllm -n "__fish_xllm_using_subcommand run" -l ctx -d 'Context length
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l raw -d 'Feed the prompt as is, without the chat template'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -s v -l verbose -d 'Print timing statistics to stderr'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l hide-thinking -d 'gpt-oss: hide the reasoning ("analysis") channel'
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l json-object -d 'Answer with one JSON object (any keys). (`--format json` is this command\'s JSON envelope for the answer, not a constraint.)'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand serve" -l host -d 'Address to listen on (`XLLM_HOST` may also give `host:port`)' -r
@@ -107,10 +111,14 @@ complete -c xllm -n "__fish_xllm_using_subcommand bench" -s p -l prompt-tokens -
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s n -l gen-tokens -d 'Tokens to decode' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s r -l repeats -d 'Repetitions (the median is reported)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l parallel -d 'Run N sequences at once through the continuous-batching scheduler and report aggregate and per-sequence decode speed and time to first token' -r
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l json-schema -d 'Answer with JSON that validates against the JSON Schema in FILE; unsupported schema keywords are refused by name' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l grammar -d 'Answer in the grammar in FILE (llguidance\'s Lark syntax: `start: ...`, `%json {..}`)' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l regex -d 'Answer with text that matches this regular expression (Rust regex syntax)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l device -d 'Device: `cpu`, `cuda`, `cuda:N` or `metal` (default: the best available)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l threads -d 'CPU threads (default: all cores)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l ctx -d 'Context length to allocate (default: the model\'s, capped for memory)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l json -d 'Print JSON'
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l json-object -d 'Answer with one JSON object (any keys). (`--format json` is this command\'s JSON envelope for the answer, not a constraint.)'
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -s t -l type -d 'Target type: F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, TQ1_0, TQ2_0 (Q3_K, Q4_K, Q5_K mean their _M mix)' -r

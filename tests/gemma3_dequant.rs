@@ -48,6 +48,7 @@ fn dequantized_gemma3_matches_transformers_in_f32() {
             device: Device::Cpu,
             dtype: DType::F32,
             keep_weight_dtype: false,
+            activation_stats: None,
         },
     )
     .unwrap();

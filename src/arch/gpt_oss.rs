@@ -757,6 +757,7 @@ impl GptOss {
             device: device.clone(),
             dtype,
             keep_weight_dtype: false,
+            activation_stats: None,
         };
         let source = SafetensorsSource {
             weights: &weights,
@@ -774,6 +775,7 @@ impl GptOss {
             device: device.clone(),
             dtype,
             keep_weight_dtype: true,
+            activation_stats: None,
         };
         Self::from_source(
             config_from_gguf(&file)?,

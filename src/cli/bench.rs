@@ -10,6 +10,7 @@ use crate::engine::request::{GenerationRequest, SeqEvent};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::scheduler::{EngineConfig, Scheduler};
 use crate::engine::session::ModelSession;
+use crate::engine::structured::Constraint;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
@@ -77,10 +78,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if session.info().vocab_size <= 100 {
         anyhow::bail!("the model's vocabulary is too small to benchmark");
     }
-    match args.parallel {
-        Some(0) => anyhow::bail!("--parallel must be at least 1"),
-        Some(n) => parallel(&args, Arc::new(session), n),
-        None => single(&args, &session),
+    let constraint = super::run::constraint_from_args(&session, &args.constraint)?;
+    match (args.parallel, constraint) {
+        (Some(0), _) => anyhow::bail!("--parallel must be at least 1"),
+        (Some(n), c) => parallel(&args, Arc::new(session), n, c),
+        // A grammar needs the scheduler's sampling: one sequence through it.
+        (None, Some(c)) => parallel(&args, Arc::new(session), 1, Some(c)),
+        (None, None) => single(&args, &session),
     }
 }
 
@@ -180,6 +184,10 @@ pub struct ParallelRun {
     pub wall_seconds: f64,
     pub generated_tokens: usize,
     pub peak_kv_blocks: usize,
+    /// With a grammar: its time per generated token (checks, masks, advancing) and the share
+    /// of tokens that needed a full mask.
+    pub grammar_ms_per_token: f64,
+    pub grammar_mask_share: f64,
 }
 
 /// `--parallel N` report.
@@ -198,6 +206,9 @@ pub struct ParallelReport {
     pub per_sequence_decode_tokens_per_second: f64,
     pub aggregate_prefill_tokens_per_second: f64,
     pub ttft_ms_p50: f64,
+    /// With a grammar (`--json-schema` etc.): its time per generated token and mask share.
+    pub grammar_ms_per_token: f64,
+    pub grammar_mask_share: f64,
     pub runs: Vec<ParallelRun>,
     pub ctx: usize,
     pub load_seconds: f64,
@@ -207,6 +218,8 @@ pub struct ParallelReport {
 #[derive(Default, Clone)]
 struct Trace {
     token_times: Vec<Instant>,
+    grammar: std::time::Duration,
+    masks: usize,
 }
 
 fn parallel_run(
@@ -214,6 +227,7 @@ fn parallel_run(
     args: &BenchArgs,
     n: usize,
     salt: u32,
+    constraint: Option<&Constraint>,
 ) -> anyhow::Result<ParallelRun> {
     let ctx = session.context;
     let vocab = session.info().vocab_size as u32;
@@ -231,6 +245,7 @@ fn parallel_run(
         let mut request = GenerationRequest::new(prompt, greedy);
         request.max_tokens = Some(args.gen_tokens.max(1));
         request.ignore_eos = true;
+        request.constraint = constraint.cloned();
         let trace = trace.clone();
         scheduler.submit(
             request,
@@ -241,6 +256,11 @@ fn parallel_run(
                         let mut t = trace.lock().unwrap_or_else(|e| e.into_inner());
                         t.token_times.extend(tokens.iter().map(|_| now));
                     }
+                }
+                if let SeqEvent::Finished { stats, .. } = &event {
+                    let mut t = trace.lock().unwrap_or_else(|e| e.into_inner());
+                    t.grammar = stats.grammar_duration;
+                    t.masks = stats.grammar_masks;
                 }
                 true
             }),
@@ -279,6 +299,7 @@ fn parallel_run(
             (t.token_times.len() - 1) as f64 / span.max(1e-9)
         })
         .collect();
+    let generated: usize = traces.iter().map(|t| t.token_times.len()).sum();
     Ok(ParallelRun {
         aggregate_decode_tokens_per_second: if steady_secs > 0.0 {
             steady as f64 / steady_secs
@@ -291,15 +312,28 @@ fn parallel_run(
         ttft_ms_p50: median(&ttft),
         ttft_ms_max: ttft.last().copied().unwrap_or(0.0),
         wall_seconds: (end - start).as_secs_f64(),
-        generated_tokens: traces.iter().map(|t| t.token_times.len()).sum(),
+        generated_tokens: generated,
         peak_kv_blocks: peak_blocks,
+        grammar_ms_per_token: traces
+            .iter()
+            .map(|t| t.grammar.as_secs_f64() * 1e3)
+            .sum::<f64>()
+            / generated.max(1) as f64,
+        grammar_mask_share: traces.iter().map(|t| t.masks).sum::<usize>() as f64
+            / generated.max(1) as f64,
     })
 }
 
-fn parallel(args: &BenchArgs, session: Arc<ModelSession>, n: usize) -> anyhow::Result<()> {
+fn parallel(
+    args: &BenchArgs,
+    session: Arc<ModelSession>,
+    n: usize,
+    constraint: Option<Constraint>,
+) -> anyhow::Result<()> {
+    let constrained = constraint.is_some();
     let mut runs = Vec::new();
     for rep in 0..=args.repeats.max(1) {
-        let run = parallel_run(&session, args, n, rep as u32 * 1000)?;
+        let run = parallel_run(&session, args, n, rep as u32 * 1000, constraint.as_ref())?;
         if rep > 0 {
             runs.push(run);
         }
@@ -320,6 +354,8 @@ fn parallel(args: &BenchArgs, session: Arc<ModelSession>, n: usize) -> anyhow::R
         per_sequence_decode_tokens_per_second: pick(|r| r.per_sequence_decode_tokens_per_second),
         aggregate_prefill_tokens_per_second: pick(|r| r.aggregate_prefill_tokens_per_second),
         ttft_ms_p50: pick(|r| r.ttft_ms_p50),
+        grammar_ms_per_token: pick(|r| r.grammar_ms_per_token),
+        grammar_mask_share: pick(|r| r.grammar_mask_share),
         runs,
         ctx: session.context,
         load_seconds: session.loaded.load_duration.as_secs_f64(),
@@ -353,6 +389,16 @@ fn parallel(args: &BenchArgs, session: Arc<ModelSession>, n: usize) -> anyhow::R
             "| time to first token p50 (ms)    | {:>10.1} |",
             report.ttft_ms_p50
         );
+        if constrained {
+            println!(
+                "| grammar ms per token            | {:>10.3} |",
+                report.grammar_ms_per_token
+            );
+            println!(
+                "| tokens needing a full mask      | {:>9.1}% |",
+                report.grammar_mask_share * 100.0
+            );
+        }
     }
     Ok(())
 }

@@ -134,6 +134,26 @@ pub struct SamplingArgs {
     pub seed: Option<u64>,
 }
 
+/// Structured output: the answer is constrained to one of these (at most one).
+#[derive(Debug, Clone, Default, Args)]
+#[group(multiple = false)]
+pub struct ConstraintArgs {
+    /// Answer with one JSON object (any keys). (`--format json` is this command's JSON
+    /// envelope for the answer, not a constraint.)
+    #[arg(long)]
+    pub json_object: bool,
+    /// Answer with JSON that validates against the JSON Schema in FILE; unsupported schema
+    /// keywords are refused by name.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema: Option<PathBuf>,
+    /// Answer in the grammar in FILE (llguidance's Lark syntax: `start: ...`, `%json {..}`).
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
+    /// Answer with text that matches this regular expression (Rust regex syntax).
+    #[arg(long, value_name = "REGEX")]
+    pub regex: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Text,
@@ -177,6 +197,8 @@ pub struct RunArgs {
     /// gpt-oss: reasoning effort.
     #[arg(long, value_enum)]
     pub reasoning_effort: Option<ReasoningEffort>,
+    #[command(flatten)]
+    pub constraint: ConstraintArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -285,6 +307,10 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Decode under a grammar (runs through the scheduler, like `--parallel`): compare with
+    /// the same command without it for the cost of constrained decoding.
+    #[command(flatten)]
+    pub constraint: ConstraintArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }

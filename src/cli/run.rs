@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::turn_view::TurnPrinter;
-use super::{OutputFormat, ReasoningEffort as EffortArg, RunArgs, RuntimeArgs, SamplingArgs};
+use super::{
+    ConstraintArgs, OutputFormat, ReasoningEffort as EffortArg, RunArgs, RuntimeArgs, SamplingArgs,
+};
 use crate::engine::chat_template::Message;
 use crate::engine::generate::{FinishReason, GenerationStats};
 use crate::engine::harmony::ReasoningEffort;
@@ -19,6 +21,45 @@ use crate::engine::request::{GenerationRequest, OutputMode, SeqEvent};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::scheduler::{Collected, EngineConfig, Scheduler};
 use crate::engine::session::{self, ChatOptions, ModelSession, OpenOptions};
+use crate::engine::structured::{Constraint, Grammar};
+
+/// The grammar the flags ask for, read from its file.
+fn grammar_from_args(args: &ConstraintArgs) -> anyhow::Result<Option<(&'static str, Grammar)>> {
+    let read = |path: &std::path::Path, flag: &str| {
+        crate::model::files::read_text(path, crate::model::files::MAX_TEXT_FILE)
+            .with_context(|| format!("{flag}: cannot read {}", path.display()))
+    };
+    if args.json_object {
+        return Ok(Some(("--json-object", Grammar::JsonObject)));
+    }
+    if let Some(path) = &args.json_schema {
+        let text = read(path, "--json-schema")?;
+        let schema: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("--json-schema: {} is not JSON", path.display()))?;
+        return Ok(Some(("--json-schema", Grammar::JsonSchema(schema))));
+    }
+    if let Some(path) = &args.grammar {
+        return Ok(Some(("--grammar", Grammar::Lark(read(path, "--grammar")?))));
+    }
+    if let Some(rx) = &args.regex {
+        return Ok(Some(("--regex", Grammar::Regex(rx.clone()))));
+    }
+    Ok(None)
+}
+
+/// The constraint the flags ask for, compiled for `session`'s vocabulary.
+pub(crate) fn constraint_from_args(
+    session: &ModelSession,
+    args: &ConstraintArgs,
+) -> anyhow::Result<Option<Constraint>> {
+    let Some((flag, grammar)) = grammar_from_args(args)? else {
+        return Ok(None);
+    };
+    session
+        .compile(&grammar)
+        .map(Some)
+        .with_context(|| format!("{flag} cannot be used"))
+}
 
 /// Runs `command` on the CPU worker pool of `--threads` threads (see
 /// [`crate::engine::threads::in_thread_pool`]).
@@ -299,6 +340,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         raw: args.raw,
         reasoning_effort: effort(&args),
     };
+    let constraint = constraint_from_args(&session, &args.constraint)?;
     let mut scheduler = Scheduler::new(session.clone(), EngineConfig::for_sequences(1, ctx));
     let mut system = args.system.clone();
     let mut max_tokens = args.max_tokens;
@@ -308,6 +350,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         r.max_tokens = max_tokens;
         r.stop_strings = args.stop.clone();
         r.output = mode;
+        // Each turn starts the grammar afresh.
+        r.constraint = constraint.clone();
         r
     };
 
@@ -340,6 +384,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 value["tool_calls"] = tool_calls.into();
                 value["reasoning_effort"] = options.reasoning_effort.as_str().into();
             }
+            // Keys sorted, as specs/002 promises (serde_json keeps insertion order now that
+            // llguidance turns on `preserve_order`).
+            value.sort_all_objects();
             super::output::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
         } else if reason == FinishReason::ContextFull {
             eprintln!("note: stopped because the context of {ctx} tokens is full (raise --ctx)");

@@ -42,6 +42,15 @@ pub fn builtin_template(architecture: &str) -> Option<&'static str> {
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls, as templates read them:
+    /// `[{"type": "function", "function": {"name", "arguments": {..}}}]` (arguments an object).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool turn: which call it answers, and the tool's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -49,6 +58,9 @@ impl Message {
         Self {
             role: role.to_string(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -62,6 +74,8 @@ struct Compiled {
 /// A compiled chat template.
 pub struct ChatTemplate {
     compiled: Arc<Compiled>,
+    /// The template text (tool-call syntax detection reads it).
+    source: Arc<str>,
     /// Set when a render hit a limit: its thread may still hold memory; don't start another.
     spent: Arc<AtomicBool>,
 }
@@ -122,6 +136,7 @@ impl ChatTemplate {
         bos_token: Option<&str>,
         eos_token: Option<&str>,
     ) -> anyhow::Result<Self> {
+        let text: Arc<str> = source.into();
         let source = source.to_string();
         let env = run_bounded(TEMPLATE_LIMITS, move || {
             let mut env = Environment::new();
@@ -149,8 +164,14 @@ impl ChatTemplate {
                 bos_token: bos_token.unwrap_or_default().to_string(),
                 eos_token: eos_token.unwrap_or_default().to_string(),
             }),
+            source: text,
             spent: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The prompt for `messages`, ending with the assistant's turn opening when

@@ -610,6 +610,7 @@ impl EmbeddingModel {
                     device: candle_core::Device::Cpu,
                     dtype: candle_core::DType::F32,
                     keep_weight_dtype: true,
+                    activation_stats: None,
                 },
             )
             .with_context(|| format!("cannot load the embedding model in {}", dir.display()))?;

@@ -42,6 +42,10 @@ pub struct GenerationStats {
     pub eval_duration: Duration,
     /// KV memory the sequence held when it ended (its blocks, shared ones included).
     pub kv_cache_bytes: usize,
+    /// Time spent in the grammar constraint (checks, masks, advancing), inside `eval_duration`.
+    pub grammar_duration: Duration,
+    /// Full token masks computed (the rest of the tokens passed the cheap check).
+    pub grammar_masks: usize,
 }
 
 impl GenerationStats {

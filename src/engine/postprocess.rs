@@ -10,6 +10,7 @@ use super::generate::FinishReason;
 use super::harmony::{Channel, HarmonyEvent, HarmonyParser};
 use super::request::{Output, OutputMode};
 use super::tokenizer::{StreamDecoder, TextTokenizer};
+use super::tools::{CallParser, Piece, ToolSyntax};
 
 /// Holds back text that may be the start of a stop string.
 #[derive(Debug, Default)]
@@ -74,6 +75,8 @@ pub(crate) struct OutputStream {
     decoder: StreamDecoder,
     stop: StopFilter,
     harmony: Option<(HarmonyParser, HarmonySpecials)>,
+    /// Tool calls in the text (non-harmony syntaxes).
+    calls: Option<CallParser>,
     done: bool,
 }
 
@@ -82,16 +85,47 @@ impl OutputStream {
         mode: OutputMode,
         stop_strings: &[String],
         specials: Option<&HarmonySpecials>,
+        tool_calls: Option<ToolSyntax>,
     ) -> Self {
         let harmony = match (mode, specials) {
             (OutputMode::Harmony, Some(s)) => Some((HarmonyParser::new(), s.clone())),
+            _ => None,
+        };
+        let calls = match (&harmony, tool_calls) {
+            (None, Some(syntax)) if syntax != ToolSyntax::Harmony => Some(CallParser::new(syntax)),
             _ => None,
         };
         Self {
             decoder: StreamDecoder::default(),
             stop: StopFilter::new(stop_strings),
             harmony,
+            calls,
             done: false,
+        }
+    }
+
+    /// Plain text through the tool-call parser (when there is one) and the stop filter.
+    /// Returns `true` when a stop string ended the answer.
+    fn text(&mut self, pieces: Vec<Piece>, outputs: &mut Vec<Output>) -> bool {
+        for piece in pieces {
+            match piece {
+                Piece::Call(name, arguments) => outputs.push(Output::ToolCall { name, arguments }),
+                Piece::Text(t) => {
+                    let (text, stopped) = self.stop.push(&t);
+                    push_text(outputs, Output::Text(text));
+                    if stopped {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    fn pieces(&mut self, text: &str) -> Vec<Piece> {
+        match &mut self.calls {
+            Some(p) => p.push(text),
+            None => vec![Piece::Text(text.to_string())],
         }
     }
 
@@ -107,14 +141,16 @@ impl OutputStream {
         if self.done {
             return Ok((outputs, Some(FinishReason::Stop)));
         }
-        let Some((parser, specials)) = &mut self.harmony else {
+        if self.harmony.is_none() {
             let piece = self.decoder.push(tokenizer, token)?;
-            let (text, stopped) = self.stop.push(&piece);
-            push_text(&mut outputs, Output::Text(text));
-            if stopped {
+            let pieces = self.pieces(&piece);
+            if self.text(pieces, &mut outputs) {
                 self.done = true;
                 return Ok((outputs, Some(FinishReason::StopString)));
             }
+            return Ok((outputs, None));
+        }
+        let Some((parser, specials)) = &mut self.harmony else {
             return Ok((outputs, None));
         };
         let mut events = Vec::new();
@@ -184,6 +220,17 @@ impl OutputStream {
         }
         self.done = true;
         let tail = self.decoder.flush(tokenizer)?;
+        if self.harmony.is_none() && self.calls.is_some() {
+            let mut pieces = self.pieces(&tail);
+            if let Some(p) = &mut self.calls {
+                pieces.extend(p.finish());
+            }
+            let stopped = self.text(pieces, &mut outputs);
+            if !stopped {
+                push_text(&mut outputs, Output::Text(self.stop.flush()));
+            }
+            return Ok((outputs, stopped));
+        }
         let (tail_text, stopped) = match &mut self.harmony {
             None => self.stop.push(&tail),
             Some((parser, _)) => {
@@ -257,7 +304,7 @@ mod tests {
         .filter_map(|s| tokenizer.token_to_id(s).map(|id| (id, *s)))
         .collect();
         let specials = Arc::new(specials);
-        let mut stream = OutputStream::new(OutputMode::Harmony, stops, Some(&specials));
+        let mut stream = OutputStream::new(OutputMode::Harmony, stops, Some(&specials), None);
         let mut outputs = Vec::new();
         for id in tokenizer.encode(generated, false).unwrap() {
             let (out, finish) = stream.push(&tokenizer, id).unwrap();

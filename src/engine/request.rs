@@ -3,6 +3,8 @@
 
 use super::generate::{FinishReason, GenerationStats};
 use super::sampler::SamplingParams;
+use super::structured::Constraint;
+use super::tools::ToolSyntax;
 
 /// How the generated tokens are turned into output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,6 +36,11 @@ pub struct GenerationRequest {
     pub output: OutputMode,
     /// Longest the sequence (prompt + answer) may grow; `None`: the engine's context size.
     pub context_limit: Option<usize>,
+    /// A grammar the answer must follow (compiled by [`super::session::ModelSession::compile`]);
+    /// its end ends the answer with finish reason `stop`.
+    pub constraint: Option<Constraint>,
+    /// Find tool calls in the answer, written in this syntax (harmony calls are always found).
+    pub tool_calls: Option<ToolSyntax>,
 }
 
 impl GenerationRequest {
@@ -49,6 +56,8 @@ impl GenerationRequest {
             logprobs: None,
             output: OutputMode::Text,
             context_limit: None,
+            constraint: None,
+            tool_calls: None,
         }
     }
 }
@@ -60,7 +69,8 @@ pub enum Output {
     Text(String),
     /// Reasoning text (harmony `analysis`).
     Reasoning(String),
-    /// A complete tool call (harmony: `recipient` like `functions.get_weather`).
+    /// A complete tool call (harmony: `recipient` like `functions.get_weather`; other syntaxes:
+    /// the function name), its arguments as JSON text.
     ToolCall { name: String, arguments: String },
 }
 

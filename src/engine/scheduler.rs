@@ -22,6 +22,8 @@ use super::prefix_cache::PrefixCache;
 use super::request::{EventSink, GenerationRequest, Output, SeqEvent, SubmitError, TokenLogprob};
 use super::sampler::Sampler;
 use super::session::ModelSession;
+use super::structured::Constraint;
+use super::tokenizer::TextTokenizer;
 use crate::arch::{BatchSeq, Logits, PROMPT_CHUNK};
 use crate::state::{blocks_for, BlockPool, SequenceState};
 
@@ -84,6 +86,8 @@ struct Active {
     tokens: Vec<u32>,
     prompt_len: usize,
     sampler: Sampler,
+    /// The grammar the answer follows, if any.
+    constraint: Option<Constraint>,
     output: OutputStream,
     stats: GenerationStats,
     limit: usize,
@@ -186,16 +190,18 @@ impl Scheduler {
     fn enqueue(
         &mut self,
         id: RequestId,
-        request: GenerationRequest,
+        mut request: GenerationRequest,
         sink: EventSink,
         limit: usize,
     ) {
+        let constraint = request.constraint.take();
         let info = self.session.info();
         let state = info.new_state(self.session.kv_profile(), &self.pool, limit);
         let output = OutputStream::new(
             request.output,
             &request.stop_strings,
             self.session.harmony.as_ref(),
+            request.tool_calls,
         );
         let stats = GenerationStats {
             prompt_tokens: request.prompt.len(),
@@ -206,6 +212,7 @@ impl Scheduler {
             tokens: request.prompt.clone(),
             prompt_len: request.prompt.len(),
             sampler: Sampler::new(request.sampling.clone()),
+            constraint,
             request,
             sink,
             state,
@@ -282,7 +289,8 @@ impl Scheduler {
         };
         let elapsed = t0.elapsed();
         let mut row = 0;
-        let mut finished = Vec::new();
+        // Each sequence that reached the end of its pending tokens gets its logits row.
+        let mut rows: Vec<Option<Vec<f32>>> = (0..self.running.len()).map(|_| None).collect();
         for &(i, n) in &plan {
             let a = &mut self.running[i];
             let was_prefill = a.first_logits_at.is_none();
@@ -291,7 +299,7 @@ impl Scheduler {
                 a.stats.prompt_eval_count += n;
                 continue;
             }
-            let row_logits = logits.get(row)?.to_vec1::<f32>()?;
+            rows[i] = Some(logits.get(row)?.to_vec1::<f32>()?);
             row += 1;
             if was_prefill {
                 a.stats.prompt_eval_count += n;
@@ -301,8 +309,48 @@ impl Scheduler {
             } else {
                 a.stats.eval_duration += elapsed;
             }
-            if let Some(reason) = sample_and_emit(a, &row_logits, &self.session)? {
-                finished.push((a.id, reason));
+        }
+        // Choosing tokens (sampling, grammar masks) is independent per sequence: with more
+        // than one constrained sequence it runs on the worker pool, so masks of a batch are
+        // computed side by side.
+        let tokenizer = &self.session.loaded.tokenizer;
+        let constrained = self
+            .running
+            .iter()
+            .zip(&rows)
+            .filter(|(a, r)| r.is_some() && a.constraint.is_some())
+            .count();
+        let picks: Vec<Option<Result<Pick, String>>> = if constrained > 1 {
+            use rayon::prelude::*;
+            self.running
+                .par_iter_mut()
+                .zip(rows.into_par_iter())
+                .map(|(a, r)| r.map(|logits| choose(a, logits, tokenizer)))
+                .collect()
+        } else {
+            self.running
+                .iter_mut()
+                .zip(rows)
+                .map(|(a, r)| r.map(|logits| choose(a, logits, tokenizer)))
+                .collect()
+        };
+        let mut finished = Vec::new();
+        let mut failed = Vec::new();
+        for (a, pick) in self.running.iter_mut().zip(picks) {
+            match pick {
+                None => {}
+                Some(Err(e)) => failed.push((a.id, e)),
+                Some(Ok(pick)) => {
+                    if let Some(reason) = emit_pick(a, pick, tokenizer)? {
+                        finished.push((a.id, reason));
+                    }
+                }
+            }
+        }
+        for (id, message) in failed {
+            if let Some(pos) = self.running.iter().position(|a| a.id == id) {
+                let mut a = self.running.remove(pos);
+                a.emit(SeqEvent::Failed(message));
             }
         }
         for (id, reason) in finished {
@@ -529,18 +577,33 @@ pub fn validate(
     Ok(limit)
 }
 
-/// Samples the next token of `a` from `logits`, emits its output and returns why the sequence
-/// ends, if it does.
-fn sample_and_emit(
-    a: &mut Active,
-    logits: &[f32],
-    session: &ModelSession,
-) -> anyhow::Result<Option<FinishReason>> {
-    let tokenizer = &session.loaded.tokenizer;
-    let mut logits = logits.to_vec();
-    let generated = a.generated();
-    let eos_allowed = !a.request.ignore_eos && generated >= a.request.min_tokens;
-    if !eos_allowed {
+/// The token chosen for one sequence.
+enum Pick {
+    Token {
+        token: u32,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// The grammar allows nothing more than an end the request may not take yet (`min_tokens`):
+    /// the answer is complete.
+    GrammarEnd,
+}
+
+/// Whether `a` may end at an end-of-sequence token now.
+fn eos_allowed(a: &Active) -> bool {
+    !a.request.ignore_eos && a.generated() >= a.request.min_tokens
+}
+
+/// Chooses the next token of `a` from `logits` (penalties, sampling, the grammar mask) and
+/// advances its grammar. Touches nothing but `a`, so sequences can choose in parallel.
+/// With a grammar, the token is first sampled unconstrained and only checked (cheap); the
+/// mask is computed when that token is not allowed (llama.cpp's fast path). The draw still
+/// follows the masked distribution: an allowed token is kept with probability p, and a
+/// rejected draw is redrawn from the masked, renormalized probabilities. With logprobs asked
+/// for, the mask is always computed so the reported values are those of the masked
+/// distribution.
+fn choose(a: &mut Active, mut logits: Vec<f32>, tokenizer: &TextTokenizer) -> Result<Pick, String> {
+    let eos_ok = eos_allowed(a);
+    if !eos_ok {
         for &e in &tokenizer.eos_ids {
             if let Some(l) = logits.get_mut(e as usize) {
                 *l = f32::NEG_INFINITY;
@@ -548,13 +611,66 @@ fn sample_and_emit(
         }
     }
     let t0 = Instant::now();
-    let token = a.sampler.sample(&logits, &a.tokens[a.prompt_len..]);
+    let history = &a.tokens[a.prompt_len..];
+    let mut grammar = std::time::Duration::ZERO;
+    let token = match a.constraint.as_mut() {
+        None => a.sampler.sample(&logits, history),
+        Some(c) => {
+            let grammar_error = |e: anyhow::Error| format!("the grammar constraint failed: {e:#}");
+            let fast = if a.request.logprobs.is_none() {
+                let t = a.sampler.sample(&logits, history);
+                let g = Instant::now();
+                let ok = c.allows(t).map_err(grammar_error)?;
+                grammar += g.elapsed();
+                ok.then_some(t)
+            } else {
+                None
+            };
+            match fast {
+                Some(t) => t,
+                None => {
+                    let g = Instant::now();
+                    let mask = c.mask().map_err(grammar_error)?;
+                    let allowed = Constraint::apply(&mask, &mut logits);
+                    grammar += g.elapsed();
+                    a.stats.grammar_masks += 1;
+                    if allowed == 0 {
+                        a.stats.grammar_duration += grammar;
+                        return Ok(Pick::GrammarEnd);
+                    }
+                    a.sampler.sample(&logits, history)
+                }
+            }
+        }
+    };
     let logprobs = match a.request.logprobs {
         Some(top) => vec![token_logprob(&logits, token, top)],
         None => Vec::new(),
     };
+    if !(eos_ok && tokenizer.is_eos(token)) {
+        if let Some(c) = a.constraint.as_mut() {
+            let g = Instant::now();
+            c.commit(token)
+                .map_err(|e| format!("the grammar constraint failed: {e:#}"))?;
+            grammar += g.elapsed();
+        }
+    }
+    a.stats.grammar_duration += grammar;
     a.stats.eval_duration += t0.elapsed();
-    if eos_allowed && tokenizer.is_eos(token) {
+    Ok(Pick::Token { token, logprobs })
+}
+
+/// Emits the output of the token chosen for `a` and returns why the sequence ends, if it does.
+fn emit_pick(
+    a: &mut Active,
+    pick: Pick,
+    tokenizer: &TextTokenizer,
+) -> anyhow::Result<Option<FinishReason>> {
+    let (token, logprobs) = match pick {
+        Pick::GrammarEnd => return Ok(Some(FinishReason::Stop)),
+        Pick::Token { token, logprobs } => (token, logprobs),
+    };
+    if eos_allowed(a) && tokenizer.is_eos(token) {
         // The stop token is generated output (counted, reported with its log-probability, as
         // llama.cpp, Ollama and vLLM count it) but shows no text and is never fed back.
         a.stats.eval_count += 1;
@@ -578,6 +694,10 @@ fn sample_and_emit(
     }
     if a.cancelled {
         return Ok(Some(FinishReason::Cancelled));
+    }
+    if a.constraint.as_ref().is_some_and(Constraint::is_finished) {
+        // The grammar is complete and allows nothing after it.
+        return Ok(Some(FinishReason::Stop));
     }
     if a.request.max_tokens.is_some_and(|m| a.generated() >= m) {
         return Ok(Some(FinishReason::Length));

@@ -3,7 +3,7 @@
 //! template, generation defaults, harmony control tokens) for every command that runs it
 //! (`run`, `bench`, `perplexity`, `serve`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 
@@ -12,6 +12,8 @@ use super::harmony::{harmony_specials, ReasoningEffort};
 use super::load::{self, LoadOptions, LoadedModel};
 use super::postprocess::HarmonySpecials;
 use super::request::OutputMode;
+use super::structured::{Constraint, Grammar, GrammarCompiler};
+use super::tools::{ToolChoice, ToolRequest, ToolSyntax};
 use crate::arch::ModelInfo;
 use crate::model::inspect::ModelMetadata;
 use crate::quant::KvProfile;
@@ -40,6 +42,11 @@ pub struct ModelSession {
     pub context: usize,
     /// The harmony control tokens, for gpt-oss-style models.
     pub harmony: Option<HarmonySpecials>,
+    /// Grammar compiler for structured output, built on first use (its token trie takes a
+    /// moment for large vocabularies); the error when the vocabulary does not allow one.
+    grammars: OnceLock<Result<Arc<GrammarCompiler>, String>>,
+    /// How the model writes tool calls (found from its template on first use).
+    tool_syntax: OnceLock<ToolSyntax>,
 }
 
 /// Resolves `name` (store model `org/name[:token]`, a local folder, a `.gguf` file) and opens it.
@@ -95,6 +102,8 @@ fn open_with(
         loaded,
         context,
         harmony,
+        grammars: OnceLock::new(),
+        tool_syntax: OnceLock::new(),
     })
 }
 
@@ -133,12 +142,56 @@ impl ModelSession {
         &self.resolved.display_name
     }
 
+    /// A fresh per-sequence constraint for `grammar` (errors name what is unsupported).
+    pub fn compile(&self, grammar: &Grammar) -> anyhow::Result<Constraint> {
+        let compiler = self.grammars.get_or_init(|| {
+            GrammarCompiler::new(&self.loaded.tokenizer, self.info().vocab_size)
+                .map(Arc::new)
+                .map_err(|e| format!("{e:#}"))
+        });
+        match compiler {
+            Ok(c) => c.compile(grammar),
+            Err(e) => anyhow::bail!("{e}"),
+        }
+    }
+
     /// Whether generated tokens are read as harmony (gpt-oss).
     pub fn output_mode(&self) -> OutputMode {
         if self.harmony.is_some() {
             OutputMode::Harmony
         } else {
             OutputMode::Text
+        }
+    }
+
+    /// How this model writes tool calls: harmony for gpt-oss, else read from its chat template
+    /// (rendered once with a probe tool to see whether it shows `tools` at all).
+    pub fn tool_syntax(&self) -> ToolSyntax {
+        *self.tool_syntax.get_or_init(|| {
+            let template = self.loaded.template.as_ref();
+            let renders = template.is_some_and(|t| {
+                let extra = minijinja::context! {
+                    tools => super::tools::probe_tools(),
+                    reasoning_effort => ReasoningEffort::Medium.as_str(),
+                };
+                t.render_with(&[Message::new("user", "hi")], true, extra)
+                    .is_ok_and(|text| text.contains(super::tools::PROBE_TOOL))
+            });
+            super::tools::syntax_for(
+                self.harmony.is_some(),
+                template.map(|t| t.source()),
+                renders,
+            )
+        })
+    }
+
+    /// The constraint that forces a tool call (`tool_choice` required or named), if any.
+    pub fn tool_constraint(&self, tools: &ToolRequest) -> anyhow::Result<Option<Constraint>> {
+        match super::tools::forcing_grammar(self.tool_syntax(), tools)
+            .map_err(|e| anyhow::anyhow!(e))?
+        {
+            Some(grammar) => self.compile(&grammar).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -149,12 +202,48 @@ impl ModelSession {
         messages: &[Message],
         options: ChatOptions,
     ) -> anyhow::Result<Vec<u32>> {
+        self.chat_prompt_with_tools(messages, options, None)
+    }
+
+    /// Like [`Self::chat_prompt`], with the request's tools shown to the model: through the
+    /// template's `tools` variable where it renders them, else as the generic tool prompt.
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[Message],
+        options: ChatOptions,
+        tools: Option<&ToolRequest>,
+    ) -> anyhow::Result<Vec<u32>> {
         let tokenizer = &self.loaded.tokenizer;
+        let shown = tools.filter(|t| t.choice != ToolChoice::None && !t.tools.is_empty());
+        let prepared;
+        let (messages, tool_list) = match shown {
+            Some(t) => {
+                let syntax = self.tool_syntax();
+                prepared = super::tools::prepare_messages(messages, syntax, t);
+                let list: Vec<serde_json::Value> = if syntax == ToolSyntax::Generic {
+                    Vec::new()
+                } else {
+                    t.tools.iter().map(|t| t.to_json()).collect()
+                };
+                (prepared.as_slice(), list)
+            }
+            None => (messages, Vec::new()),
+        };
+        let tools_value = (!tool_list.is_empty()).then_some(tool_list);
         match (&self.loaded.template, options.raw) {
             (Some(template), false) => {
                 let text = if self.harmony.is_some() {
-                    let extra = minijinja::context! { reasoning_effort => options.reasoning_effort.as_str() };
+                    let extra = minijinja::context! {
+                        reasoning_effort => options.reasoning_effort.as_str(),
+                        tools => tools_value,
+                    };
                     template.render_with(messages, true, extra)?
+                } else if tools_value.is_some() {
+                    template.render_with(
+                        messages,
+                        true,
+                        minijinja::context! { tools => tools_value },
+                    )?
                 } else {
                     template.render(messages, true)?
                 };

@@ -283,6 +283,11 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The `tokenizers` tokenizer (structured output reads its vocabulary and decoder).
+    pub(crate) fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -235,18 +235,32 @@ pub fn chat_prompt(
     messages: &[Message],
     options: crate::engine::session::ChatOptions,
 ) -> Result<Vec<u32>, ApiError> {
+    chat_prompt_with_tools(session, messages, options, None)
+}
+
+/// The prompt of a conversation with the request's tools shown to the model.
+pub fn chat_prompt_with_tools(
+    session: &ModelSession,
+    messages: &[Message],
+    options: crate::engine::session::ChatOptions,
+    tools: Option<&crate::engine::tools::ToolRequest>,
+) -> Result<Vec<u32>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_param(
             "messages",
             "messages must not be empty",
         ));
     }
-    session.chat_prompt(messages, options).map_err(|e| {
-        ApiError::bad_param(
-            "messages",
-            format!("the conversation cannot be rendered with the model's chat template: {e:#}"),
-        )
-    })
+    session
+        .chat_prompt_with_tools(messages, options, tools)
+        .map_err(|e| {
+            ApiError::bad_param(
+                "messages",
+                format!(
+                    "the conversation cannot be rendered with the model's chat template: {e:#}"
+                ),
+            )
+        })
 }
 
 /// Raw text to prompt tokens (BOS added as the model wants).
@@ -268,4 +282,80 @@ pub fn system_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Compiles a grammar for `session` off the async threads (the first one builds the token
+/// trie); a grammar the engine refuses is a 400 on `param`.
+pub async fn compile_grammar(
+    session: &std::sync::Arc<ModelSession>,
+    grammar: crate::engine::structured::Grammar,
+    param: &str,
+) -> Result<crate::engine::structured::Constraint, ApiError> {
+    let s = session.clone();
+    let compiled = tokio::task::spawn_blocking(move || s.compile(&grammar))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    compiled.map_err(|e| ApiError::bad_param(param, format!("{param} cannot be used: {e:#}")))
+}
+
+/// Tools from a request's `tools` list (OpenAI `{type: "function", function: {name,
+/// description, parameters}}`, which Ollama also sends).
+pub fn parse_tools(
+    tools: &[serde_json::Value],
+) -> Result<Vec<crate::engine::tools::Tool>, ApiError> {
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let bad = |what: &str| ApiError::bad_param(&format!("tools[{i}]"), what.to_string());
+            if let Some(kind) = t.get("type").and_then(serde_json::Value::as_str) {
+                if kind != "function" {
+                    return Err(bad(&format!(
+                        "tool type '{kind}' is not supported (only 'function')"
+                    )));
+                }
+            }
+            let f = t
+                .get("function")
+                .ok_or_else(|| bad("a tool needs a 'function' object"))?;
+            let name = f
+                .get("name")
+                .and_then(serde_json::Value::as_str)
+                .ok_or_else(|| bad("a function needs a 'name'"))?;
+            Ok(crate::engine::tools::Tool {
+                name: name.to_string(),
+                description: f
+                    .get("description")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_string),
+                parameters: f
+                    .get("parameters")
+                    .cloned()
+                    .filter(|p| !p.is_null())
+                    .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}})),
+            })
+        })
+        .collect()
+}
+
+/// An assistant message's `tool_calls` as templates read them (arguments as objects; OpenAI
+/// sends them as JSON text).
+pub fn template_tool_calls(calls: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    calls
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            if let Some(args) = c
+                .pointer("/function/arguments")
+                .and_then(serde_json::Value::as_str)
+            {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(args) {
+                    c["function"]["arguments"] = v;
+                }
+            }
+            c.as_object_mut()
+                .map(|o| o.entry("type").or_insert_with(|| "function".into()));
+            c
+        })
+        .collect()
 }

@@ -17,8 +17,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::common::{
-    chat_prompt, json_response, nanos, rfc3339, stop_strings, stream_response, text_prompt,
-    tool_name, SamplingFields, StopField, OLLAMA_FIELDS,
+    chat_prompt, chat_prompt_with_tools, compile_grammar, json_response, nanos, parse_tools,
+    rfc3339, stop_strings, stream_response, template_tool_calls, text_prompt, tool_name,
+    SamplingFields, StopField, OLLAMA_FIELDS,
 };
 use super::error::{body_rejection, parse_body, ApiError};
 use super::generation::Generation;
@@ -30,6 +31,8 @@ use crate::engine::harmony::ReasoningEffort;
 use crate::engine::request::{GenerationRequest, Output, OutputMode, SeqEvent};
 use crate::engine::scheduler::Collected;
 use crate::engine::session::{ChatOptions, ModelSession};
+use crate::engine::structured::Grammar;
+use crate::engine::tools::{ToolChoice, ToolRequest};
 
 fn yes() -> bool {
     true
@@ -74,13 +77,16 @@ impl CommonFields {
             .transpose()
     }
 
-    fn check_format(&self) -> Result<(), ApiError> {
+    /// `format`: `"json"` (any JSON object) or a JSON Schema object.
+    fn grammar(&self) -> Result<Option<Grammar>, ApiError> {
         match &self.format {
-            None | Some(Value::Null) => Ok(()),
-            Some(Value::String(s)) if s.is_empty() => Ok(()),
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) if s == "json" => Ok(Some(Grammar::JsonObject)),
+            Some(schema @ Value::Object(_)) => Ok(Some(Grammar::JsonSchema(schema.clone()))),
             Some(_) => Err(ApiError::bad_param(
                 "format",
-                "structured output (format) is not supported yet",
+                "format must be \"json\" or a JSON Schema object",
             )),
         }
     }
@@ -174,12 +180,16 @@ struct ChatMessage {
     content: String,
     #[serde(default)]
     images: Vec<Value>,
+    tool_calls: Option<Vec<Value>>,
+    tool_name: Option<String>,
+    tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 struct ChatRequest {
     #[serde(default)]
     messages: Vec<ChatMessage>,
+    tools: Option<Vec<Value>>,
     #[serde(flatten)]
     common: CommonFields,
 }
@@ -231,7 +241,21 @@ async fn chat_inner(
     let body = body.map_err(|r| body_rejection(r, state.body_limit))?;
     let req: ChatRequest = parse_body(&body)?;
     let keep_alive = req.common.keep_alive()?;
-    req.common.check_format()?;
+    let grammar = req.common.grammar()?;
+    let tools = match req.tools.as_deref() {
+        Some(list) if !list.is_empty() => {
+            let tools = ToolRequest {
+                tools: parse_tools(list)?,
+                choice: ToolChoice::Auto,
+                parallel: true,
+            };
+            tools
+                .validate()
+                .map_err(|e| ApiError::bad_param("tools", e))?;
+            Some(tools)
+        }
+        _ => None,
+    };
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.into_iter().enumerate() {
         if !m.images.is_empty() {
@@ -249,7 +273,14 @@ async fn chat_inner(
                 ))
             }
         };
-        messages.push(Message::new(&role, m.content));
+        let mut message = Message::new(&role, m.content);
+        message.tool_calls = m
+            .tool_calls
+            .filter(|c| !c.is_empty())
+            .map(|c| template_tool_calls(&c));
+        message.name = m.tool_name;
+        message.tool_call_id = m.tool_call_id;
+        messages.push(message);
     }
     if messages.is_empty() {
         return load_or_unload(&state, &req.common, keep_alive, Kind::Chat).await;
@@ -260,15 +291,22 @@ async fn chat_inner(
         .await?;
     let session = lease.model.session()?.clone();
     let (show_thinking, effort) = req.common.think(&session)?;
-    let prompt = chat_prompt(
+    let prompt = chat_prompt_with_tools(
         &session,
         &messages,
         ChatOptions {
             raw: false,
             reasoning_effort: effort,
         },
+        tools.as_ref(),
     )?;
-    let request = req.common.request(&session, prompt.clone())?;
+    let mut request = req.common.request(&session, prompt.clone())?;
+    if let Some(g) = grammar {
+        request.constraint = Some(compile_grammar(&session, g, "format").await?);
+    }
+    if tools.is_some() {
+        request.tool_calls = Some(session.tool_syntax());
+    }
     run(
         state,
         request_id,
@@ -304,7 +342,7 @@ async fn generate_inner(
     let body = body.map_err(|r| body_rejection(r, state.body_limit))?;
     let req: GenerateRequest = parse_body(&body)?;
     let keep_alive = req.common.keep_alive()?;
-    req.common.check_format()?;
+    let grammar = req.common.grammar()?;
     if !req.images.is_empty() {
         return Err(ApiError::bad_param(
             "images",
@@ -347,7 +385,10 @@ async fn generate_inner(
         // The tokens of the earlier exchange (the deprecated `context`) come first.
         prompt = context.into_iter().chain(prompt).collect();
     }
-    let request = req.common.request(&session, prompt.clone())?;
+    let mut request = req.common.request(&session, prompt.clone())?;
+    if let Some(g) = grammar {
+        request.constraint = Some(compile_grammar(&session, g, "format").await?);
+    }
     run(
         state,
         request_id,
@@ -434,6 +475,7 @@ async fn run(
         queue: VecDeque::new(),
         done: false,
         request_id,
+        calls: 0,
     };
     if common.stream {
         return Ok(stream_response("application/x-ndjson", s.into_stream()));
@@ -518,6 +560,8 @@ struct NdjsonStream {
     queue: VecDeque<Bytes>,
     done: bool,
     request_id: RequestId,
+    /// Tool calls sent so far (their `index`).
+    calls: usize,
 }
 
 impl NdjsonStream {
@@ -592,7 +636,6 @@ impl NdjsonStream {
                 outputs, tokens, ..
             } => {
                 self.tokens.extend(tokens);
-                let mut calls = 0;
                 for output in outputs {
                     match output {
                         Output::Text(t) => self.piece(&t, None, None),
@@ -601,8 +644,8 @@ impl NdjsonStream {
                         }
                         Output::Reasoning(_) => {}
                         Output::ToolCall { name, arguments } => {
-                            let call = tool_call(calls, &name, &arguments);
-                            calls += 1;
+                            let call = tool_call(self.calls, &name, &arguments);
+                            self.calls += 1;
                             if self.kind == Kind::Chat {
                                 self.piece("", None, Some(json!([call])));
                             }
@@ -777,13 +820,14 @@ pub async fn show(
         let harmony = arch.replace('-', "_") == "gpt_oss";
         let embeds = facts.format == crate::store::ModelFormat::Safetensors
             && crate::engine::embed::embeds(&facts.dir, &arch);
+        // Every chat model takes tools: through its template, or the generic tool prompt.
         let mut capabilities = if embeds {
             vec!["embedding"]
         } else {
-            vec!["completion"]
+            vec!["completion", "tools"]
         };
         if harmony {
-            capabilities.extend(["tools", "thinking"]);
+            capabilities.push("thinking");
         }
         let template = {
             let f = facts.clone();

@@ -19,8 +19,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::common::{
-    chat_prompt, json_response, new_id, stop_strings, stream_response, text_prompt, token_text,
-    tool_name, unix_seconds, SamplingFields, StopField, OPENAI_FIELDS,
+    compile_grammar, json_response, new_id, parse_tools, stop_strings, stream_response,
+    template_tool_calls, text_prompt, token_text, tool_name, unix_seconds, SamplingFields,
+    StopField, OPENAI_FIELDS,
 };
 use super::error::{body_rejection, parse_body, ApiError};
 use super::generation::Generation;
@@ -32,6 +33,8 @@ use crate::engine::harmony::ReasoningEffort;
 use crate::engine::request::{GenerationRequest, Output, SeqEvent, TokenLogprob};
 use crate::engine::scheduler::Collected;
 use crate::engine::session::{ChatOptions, ModelSession};
+use crate::engine::structured::Grammar;
+use crate::engine::tools::{ToolChoice, ToolRequest};
 
 /// How often an idle stream gets an SSE comment (keeps proxies open, notices gone clients).
 const PING: Duration = Duration::from_secs(5);
@@ -170,6 +173,9 @@ struct ContentPart {
 struct ChatMessage {
     role: String,
     content: Option<Content>,
+    tool_calls: Option<Vec<Value>>,
+    tool_call_id: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +187,9 @@ struct ChatRequest {
     top_logprobs: Option<i64>,
     reasoning_effort: Option<String>,
     response_format: Option<Value>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
 }
 
 /// OpenAI messages as the chat template sees them.
@@ -218,9 +227,57 @@ fn messages(input: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
                     text
                 }
             };
-            Ok(Message::new(role, content))
+            let mut message = Message::new(role, content);
+            message.tool_calls = m
+                .tool_calls
+                .filter(|c| !c.is_empty())
+                .map(|c| template_tool_calls(&c));
+            message.tool_call_id = m.tool_call_id;
+            message.name = m.name;
+            Ok(message)
         })
         .collect()
+}
+
+/// `tool_choice`: `"none"`, `"auto"`, `"required"` or `{"type": "function", "function":
+/// {"name"}}`; the default is `auto` with tools and `none` without.
+fn tool_request(
+    tools: Option<&[Value]>,
+    choice: Option<&Value>,
+    parallel: Option<bool>,
+) -> Result<Option<ToolRequest>, ApiError> {
+    let tools = parse_tools(tools.unwrap_or(&[]))?;
+    let bad = || {
+        ApiError::bad_param(
+            "tool_choice",
+            "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+        )
+    };
+    let choice = match choice {
+        None | Some(Value::Null) if tools.is_empty() => return Ok(None),
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => return Err(bad()),
+        },
+        Some(v) => ToolChoice::Named(
+            v.pointer("/function/name")
+                .and_then(Value::as_str)
+                .ok_or_else(bad)?
+                .to_string(),
+        ),
+    };
+    let request = ToolRequest {
+        tools,
+        choice,
+        parallel: parallel.unwrap_or(true),
+    };
+    request
+        .validate()
+        .map_err(|e| ApiError::bad_param("tool_choice", e))?;
+    Ok(Some(request))
 }
 
 fn reasoning_effort(value: Option<&str>) -> Result<ReasoningEffort, ApiError> {
@@ -235,14 +292,34 @@ fn reasoning_effort(value: Option<&str>) -> Result<ReasoningEffort, ApiError> {
     }
 }
 
-fn check_response_format(value: Option<&Value>) -> Result<(), ApiError> {
-    let kind = value.and_then(|v| v.get("type")).and_then(Value::as_str);
-    match kind {
-        None | Some("text") => Ok(()),
-        Some(other) => Err(ApiError::bad_param(
-            "response_format",
-            format!("response_format '{other}' is not supported yet (only 'text')"),
-        )),
+/// `response_format`: `text`, `json_object`, or `json_schema` with `{name, schema, strict}`.
+fn response_format(value: Option<&Value>) -> Result<Option<Grammar>, ApiError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let bad = |m: &str| ApiError::bad_param("response_format", m.to_string());
+    match value.get("type").and_then(Value::as_str) {
+        None => Err(bad("response_format needs a 'type'")),
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::JsonObject)),
+        Some("json_schema") => {
+            let spec = value
+                .get("json_schema")
+                .filter(|v| v.is_object())
+                .ok_or_else(|| bad("response_format json_schema needs a 'json_schema' object"))?;
+            match spec.get("schema") {
+                None | Some(Value::Null) => Ok(Some(Grammar::JsonObject)),
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                    Ok(Some(Grammar::JsonSchema(schema.clone())))
+                }
+                Some(_) => Err(bad(
+                    "response_format json_schema.schema must be a JSON Schema object",
+                )),
+            }
+        }
+        Some(other) => Err(bad(&format!(
+            "response_format type '{other}' is not supported (text, json_object, json_schema)"
+        ))),
     }
 }
 
@@ -265,7 +342,22 @@ async fn chat_inner(
     let body = body.map_err(|r| body_rejection(r, state.body_limit))?;
     let req: ChatRequest = parse_body(&body)?;
     let n = req.common.n()?;
-    check_response_format(req.response_format.as_ref())?;
+    let grammar = response_format(req.response_format.as_ref())?;
+    let tools = tool_request(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    if grammar.is_some()
+        && tools
+            .as_ref()
+            .is_some_and(|t| matches!(t.choice, ToolChoice::Required | ToolChoice::Named(_)))
+    {
+        return Err(ApiError::bad_param(
+            "response_format",
+            "response_format cannot be combined with a required or named tool_choice",
+        ));
+    }
     let top = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(t)) if t > 0 => {
             return Err(ApiError::bad_param(
@@ -296,15 +388,29 @@ async fn chat_inner(
         )
         .await?;
     let session = lease.model.session()?.clone();
-    let prompt = chat_prompt(
+    let prompt = super::common::chat_prompt_with_tools(
         &session,
         &msgs,
         ChatOptions {
             raw: false,
             reasoning_effort: effort,
         },
+        tools.as_ref(),
     )?;
-    let requests = req.common.requests(&session, &prompt, None, top, n, 0)?;
+    let constraint = match (&grammar, &tools) {
+        (Some(g), _) => Some(compile_grammar(&session, g.clone(), "response_format").await?),
+        (None, Some(t)) => tool_constraint(&session, t).await?,
+        (None, None) => None,
+    };
+    let syntax = tools
+        .as_ref()
+        .filter(|t| t.choice != ToolChoice::None)
+        .map(|_| session.tool_syntax());
+    let mut requests = req.common.requests(&session, &prompt, None, top, n, 0)?;
+    for r in &mut requests {
+        r.constraint = constraint.clone();
+        r.tool_calls = syntax;
+    }
     let generation = Generation::submit(lease, requests, &state.metrics)?;
     let meta = ReplyMeta {
         id: new_id("chatcmpl-"),
@@ -360,6 +466,18 @@ async fn chat_inner(
     Ok(json_response(StatusCode::OK, &body))
 }
 
+/// The grammar forcing a tool call, compiled off the async threads.
+async fn tool_constraint(
+    session: &Arc<ModelSession>,
+    tools: &ToolRequest,
+) -> Result<Option<crate::engine::structured::Constraint>, ApiError> {
+    let (s, t) = (session.clone(), tools.clone());
+    tokio::task::spawn_blocking(move || s.tool_constraint(&t))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::bad_param("tool_choice", format!("{e:#}")))
+}
+
 #[derive(Debug, Deserialize)]
 struct CompletionRequest {
     prompt: Value,
@@ -368,6 +486,8 @@ struct CompletionRequest {
     logprobs: Option<i64>,
     #[serde(default)]
     echo: bool,
+    /// An extension (vLLM accepts it too): the completion follows the format.
+    response_format: Option<Value>,
 }
 
 /// `prompt`: a string, a list of strings, a token list or a list of token lists.
@@ -470,6 +590,10 @@ async fn completions_inner(
     if prompts.len() * n > 16 {
         return Err(ApiError::bad_param("n", "prompts × n must be at most 16"));
     }
+    let constraint = match response_format(req.response_format.as_ref())? {
+        Some(g) => Some(compile_grammar(&session, g, "response_format").await?),
+        None => None,
+    };
     let mut requests = Vec::new();
     for (p, (_, ids)) in prompts.iter().enumerate() {
         // OpenAI's default for completions is 16 tokens.
@@ -477,6 +601,9 @@ async fn completions_inner(
             req.common
                 .requests(&session, ids, Some(16), top, n, p * n)?,
         );
+    }
+    for r in &mut requests {
+        r.constraint = constraint.clone();
     }
     let generation = Generation::submit(lease, requests, &state.metrics)?;
     let meta = ReplyMeta {
