@@ -1,6 +1,6 @@
 //! The engine: one way to open a model ([`session`]), and a continuous-batching [`scheduler`]
 //! that advances many sequences per forward pass with per-sequence sampling, stops and output
-//! processing ([`postprocess`]: stop strings held back, harmony channels). Nothing here prints;
+//! processing ([`postprocess`]: stop strings held back, harmony channels, `<think>` reasoning). Nothing here prints;
 //! every event of a request goes to its sink.
 
 pub mod chat_template;
@@ -17,6 +17,7 @@ pub mod request;
 pub mod sampler;
 pub mod scheduler;
 pub mod session;
+pub mod think;
 pub mod threads;
 pub mod tokenizer;
 pub mod tokenizer_checks;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::generate::FinishReason;
 use super::harmony::{Channel, HarmonyEvent, HarmonyParser};
 use super::request::{Output, OutputMode};
+use super::think::{ThinkSplitter, ThinkStep, ThinkTags};
 use super::tokenizer::{StreamDecoder, TextTokenizer};
 
 /// Holds back text that may be the start of a stop string.
@@ -74,6 +75,7 @@ pub(crate) struct OutputStream {
     decoder: StreamDecoder,
     stop: StopFilter,
     harmony: Option<(HarmonyParser, HarmonySpecials)>,
+    think: Option<ThinkSplitter>,
     done: bool,
 }
 
@@ -82,17 +84,58 @@ impl OutputStream {
         mode: OutputMode,
         stop_strings: &[String],
         specials: Option<&HarmonySpecials>,
+        think_tags: Option<ThinkTags>,
     ) -> Self {
         let harmony = match (mode, specials) {
             (OutputMode::Harmony, Some(s)) => Some((HarmonyParser::new(), s.clone())),
+            _ => None,
+        };
+        let think = match (mode, think_tags) {
+            (OutputMode::Think { reasoning }, Some(tags)) => {
+                Some(ThinkSplitter::new(tags, reasoning))
+            }
             _ => None,
         };
         Self {
             decoder: StreamDecoder::default(),
             stop: StopFilter::new(stop_strings),
             harmony,
+            think,
             done: false,
         }
+    }
+
+    /// `<think>` mode: reasoning text goes out as it comes (stop strings apply to the answer
+    /// only, as for harmony's analysis channel); a tag flushes the text before it to its side.
+    fn push_think(
+        &mut self,
+        tokenizer: &TextTokenizer,
+        token: u32,
+    ) -> anyhow::Result<(Vec<Output>, Option<FinishReason>)> {
+        let mut outputs = Vec::new();
+        let splitter = self.think.as_mut().expect("think mode");
+        let was_inside = splitter.inside();
+        let (text, side_inside) = match splitter.step(token) {
+            ThinkStep::Tag => {
+                let tail = self.decoder.flush(tokenizer)?;
+                self.decoder = StreamDecoder::default();
+                (tail, was_inside)
+            }
+            ThinkStep::Reasoning => (self.decoder.push(tokenizer, token)?, true),
+            ThinkStep::Answer => (self.decoder.push(tokenizer, token)?, false),
+        };
+        if side_inside {
+            push_text(&mut outputs, Output::Reasoning(text));
+            return Ok((outputs, None));
+        }
+        let text = splitter.answer_text(text);
+        let (shown, stopped) = self.stop.push(&text);
+        push_text(&mut outputs, Output::Text(shown));
+        if stopped {
+            self.done = true;
+            return Ok((outputs, Some(FinishReason::StopString)));
+        }
+        Ok((outputs, None))
     }
 
     /// Feeds one generated token (end-of-sequence tokens are handled by the caller). Returns the
@@ -106,6 +149,9 @@ impl OutputStream {
         let mut outputs = Vec::new();
         if self.done {
             return Ok((outputs, Some(FinishReason::Stop)));
+        }
+        if self.think.is_some() {
+            return self.push_think(tokenizer, token);
         }
         let Some((parser, specials)) = &mut self.harmony else {
             let piece = self.decoder.push(tokenizer, token)?;
@@ -184,6 +230,18 @@ impl OutputStream {
         }
         self.done = true;
         let tail = self.decoder.flush(tokenizer)?;
+        if let Some(splitter) = &mut self.think {
+            if splitter.inside() {
+                // Generation ended inside the reasoning (a length limit): it stays reasoning.
+                push_text(&mut outputs, Output::Text(self.stop.flush()));
+                push_text(&mut outputs, Output::Reasoning(tail));
+                return Ok((outputs, false));
+            }
+        }
+        let tail = match &mut self.think {
+            Some(splitter) => splitter.answer_text(tail),
+            None => tail,
+        };
         let (tail_text, stopped) = match &mut self.harmony {
             None => self.stop.push(&tail),
             Some((parser, _)) => {
@@ -257,7 +315,7 @@ mod tests {
         .filter_map(|s| tokenizer.token_to_id(s).map(|id| (id, *s)))
         .collect();
         let specials = Arc::new(specials);
-        let mut stream = OutputStream::new(OutputMode::Harmony, stops, Some(&specials));
+        let mut stream = OutputStream::new(OutputMode::Harmony, stops, Some(&specials), None);
         let mut outputs = Vec::new();
         for id in tokenizer.encode(generated, false).unwrap() {
             let (out, finish) = stream.push(&tokenizer, id).unwrap();

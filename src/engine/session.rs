@@ -12,6 +12,7 @@ use super::harmony::{harmony_specials, ReasoningEffort};
 use super::load::{self, LoadOptions, LoadedModel};
 use super::postprocess::HarmonySpecials;
 use super::request::OutputMode;
+use super::think::ThinkTags;
 use crate::arch::ModelInfo;
 use crate::model::inspect::ModelMetadata;
 use crate::quant::KvProfile;
@@ -38,6 +39,8 @@ pub struct ModelSession {
     pub context: usize,
     /// The harmony control tokens, for gpt-oss-style models.
     pub harmony: Option<HarmonySpecials>,
+    /// The `<think>`/`</think>` tokens, for models whose template reasons in them (Nemotron).
+    pub think: Option<ThinkTags>,
 }
 
 /// Resolves `name` (store model `org/name[:token]`, a local folder, a `.gguf` file) and opens it.
@@ -87,11 +90,16 @@ fn open_with(
         .with_context(|| format!("cannot load model '{}'", resolved.display_name))?;
     let context = context_size(loaded.model.info(), options.ctx)?;
     let harmony = harmony_specials(&loaded).map(Arc::new);
+    let think = match harmony {
+        Some(_) => None,
+        None => ThinkTags::detect(&loaded.tokenizer, loaded.tokenizer.chat_template.as_deref()),
+    };
     Ok(ModelSession {
         resolved,
         loaded,
         context,
         harmony,
+        think,
     })
 }
 
@@ -115,6 +123,9 @@ pub struct ChatOptions {
     pub raw: bool,
     /// Harmony models: how much to reason (the template's `reasoning_effort`).
     pub reasoning_effort: ReasoningEffort,
+    /// `<think>` models: reason before answering (the template's `enable_thinking`); `None`:
+    /// the template's default.
+    pub thinking: Option<bool>,
 }
 
 impl ModelSession {
@@ -130,17 +141,33 @@ impl ModelSession {
         &self.resolved.display_name
     }
 
-    /// Whether generated tokens are read as harmony (gpt-oss).
+    /// How generated tokens are read: harmony (gpt-oss), `<think>` reasoning (open when the
+    /// template's generation prompt left it open), or plain text.
     pub fn output_mode(&self) -> OutputMode {
+        self.output_mode_for(&[])
+    }
+
+    /// [`Self::output_mode`] for a generation that continues `prompt`.
+    pub fn output_mode_for(&self, prompt: &[u32]) -> OutputMode {
         if self.harmony.is_some() {
             OutputMode::Harmony
+        } else if let Some(tags) = &self.think {
+            OutputMode::Think {
+                reasoning: tags.open_at_end(prompt),
+            }
         } else {
             OutputMode::Text
         }
     }
 
+    /// Whether the model can reason before answering (harmony or `<think>` models).
+    pub fn can_think(&self) -> bool {
+        self.harmony.is_some() || self.think.is_some()
+    }
+
     /// Prompt tokens for a conversation, ending with the assistant's turn opening: the chat
-    /// template (harmony with `reasoning_effort` for gpt-oss), or raw text.
+    /// template (harmony with `reasoning_effort` for gpt-oss, `enable_thinking` for `<think>`
+    /// models), or raw text.
     pub fn chat_prompt(
         &self,
         messages: &[Message],
@@ -152,6 +179,8 @@ impl ModelSession {
                 let text = if self.harmony.is_some() {
                     let extra = minijinja::context! { reasoning_effort => options.reasoning_effort.as_str() };
                     template.render_with(messages, true, extra)?
+                } else if let (Some(_), Some(on)) = (&self.think, options.thinking) {
+                    template.render_with(messages, true, minijinja::context! { enable_thinking => on })?
                 } else {
                     template.render(messages, true)?
                 };

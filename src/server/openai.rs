@@ -138,7 +138,7 @@ impl CommonFields {
                 r.ignore_eos = self.ignore_eos.unwrap_or(false);
                 r.stop_strings = stops.clone();
                 r.logprobs = logprobs;
-                r.output = session.output_mode();
+                r.output = session.output_mode_for(prompt);
                 Ok(r)
             })
             .collect()
@@ -222,14 +222,18 @@ fn messages(input: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
         .collect()
 }
 
-fn reasoning_effort(value: Option<&str>) -> Result<ReasoningEffort, ApiError> {
+/// `reasoning_effort`: gpt-oss's level, and for `<think>` models (Nemotron) whether to reason
+/// at all (`"none"` turns it off; any level turns it on; absent: the template's default).
+fn reasoning_effort(value: Option<&str>) -> Result<(ReasoningEffort, Option<bool>), ApiError> {
     match value {
-        None | Some("medium") => Ok(ReasoningEffort::Medium),
-        Some("low" | "minimal") => Ok(ReasoningEffort::Low),
-        Some("high") => Ok(ReasoningEffort::High),
+        None => Ok((ReasoningEffort::Medium, None)),
+        Some("medium") => Ok((ReasoningEffort::Medium, Some(true))),
+        Some("low" | "minimal") => Ok((ReasoningEffort::Low, Some(true))),
+        Some("high") => Ok((ReasoningEffort::High, Some(true))),
+        Some("none") => Ok((ReasoningEffort::Low, Some(false))),
         Some(other) => Err(ApiError::bad_param(
             "reasoning_effort",
-            format!("reasoning_effort must be low, medium or high, got '{other}'"),
+            format!("reasoning_effort must be none, low, medium or high, got '{other}'"),
         )),
     }
 }
@@ -281,7 +285,7 @@ async fn chat_inner(
         (true, t) => Some(t.unwrap_or(0) as usize),
         (false, _) => None,
     };
-    let effort = reasoning_effort(req.reasoning_effort.as_deref())?;
+    let (effort, thinking) = reasoning_effort(req.reasoning_effort.as_deref())?;
     let msgs = messages(req.messages)?;
     // Parameters are checked before a model is loaded for them.
     req.common.max_tokens(None)?;
@@ -294,6 +298,7 @@ async fn chat_inner(
         ChatOptions {
             raw: false,
             reasoning_effort: effort,
+            thinking,
         },
     )?;
     let requests = req.common.requests(&session, &prompt, None, top, n, 0)?;
