@@ -29,15 +29,16 @@ def prompt_ids(vocab, p):
 
 def xllm_round(exe, model, p, n, threads):
     """One `xllm bench` process (one warm-up, one measured repeat): decode tok/s, prefill tok/s,
-    peak RSS in bytes (the whole process, load included)."""
-    proc = subprocess.Popen([exe, "bench", model, "-p", str(p), "-n", str(n), "-r", "1",
-                             "--threads", str(threads), "--json"], stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"xllm bench failed ({status})")
-    j = json.loads(out)
-    return j["decode_tokens_per_second"], j["prefill_tokens_per_second"], usage.ru_maxrss * 1024
+    peak RSS in bytes (the whole process, load included), measured by /usr/bin/time: a child's
+    ru_maxrss from wait4 would include this Python process's pages (the high-water mark survives
+    the fork + exec), i.e. the transformers models loaded here."""
+    cmd = [exe, "bench", model, "-p", str(p), "-n", str(n), "-r", "1", "--threads", str(threads), "--json"]
+    out = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb %M"] + cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"xllm bench failed ({out.returncode}): {out.stderr}")
+    rss_kb = [int(l.split()[1]) for l in out.stderr.splitlines() if l.startswith("maxrss_kb ")][-1]
+    j = json.loads(out.stdout)
+    return j["decode_tokens_per_second"], j["prefill_tokens_per_second"], rss_kb * 1024
 
 
 class Transformers:

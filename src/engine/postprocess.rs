@@ -379,4 +379,79 @@ mod tests {
         assert_eq!(f.push(" E"), (" ".into(), false));
         assert_eq!(f.flush(), "E", "held text is released at the end");
     }
+
+    /// Runs `pieces` (text, or a tag id) through a `<think>` [`OutputStream`] of the tiny
+    /// Nemotron-H fixture's tokenizer (`<think>` = 5, `</think>` = 6 there).
+    fn think(
+        pieces: &[Result<&str, u32>],
+        reasoning: bool,
+        stops: &[String],
+    ) -> (Vec<Output>, Option<FinishReason>) {
+        let dir = std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/nemotron_h_a"
+        ));
+        let tokenizer = TextTokenizer::from_dir(dir, &[]).unwrap();
+        let tags = ThinkTags::detect(&tokenizer, Some("<think>")).unwrap();
+        assert_eq!((tags.open, tags.close), (5, 6));
+        let mut stream = OutputStream::new(
+            OutputMode::Think { reasoning },
+            stops,
+            None,
+            Some(tags),
+        );
+        let mut outputs = Vec::new();
+        for piece in pieces {
+            let ids = match piece {
+                Ok(text) => tokenizer.encode(text, false).unwrap(),
+                Err(id) => vec![*id],
+            };
+            for id in ids {
+                let (out, finish) = stream.push(&tokenizer, id).unwrap();
+                out.into_iter().for_each(|o| push_text(&mut outputs, o));
+                if finish.is_some() {
+                    return (outputs, finish);
+                }
+            }
+        }
+        let (out, _) = stream.finish(&tokenizer).unwrap();
+        out.into_iter().for_each(|o| push_text(&mut outputs, o));
+        (outputs, None)
+    }
+
+    #[test]
+    fn think_text_before_the_close_tag_is_reasoning() {
+        let (out, finish) = think(&[Ok("the river is long"), Err(6), Ok("\n\nit is long")], true, &[]);
+        assert_eq!(
+            out,
+            vec![
+                Output::Reasoning("the river is long".into()),
+                Output::Text("it is long".into())
+            ]
+        );
+        assert_eq!(finish, None);
+        // Reasoning off in the prompt: all answer; a stop string applies to it.
+        let (out, finish) = think(&[Ok("it is long")], false, &[" long".into()]);
+        assert_eq!(out, vec![Output::Text("it is".into())]);
+        assert_eq!(finish, Some(FinishReason::StopString));
+        // A stop string inside the reasoning does not end it.
+        let (out, _) = think(&[Ok("is long"), Err(6), Ok("the end")], true, &[" long".into()]);
+        assert_eq!(
+            out,
+            vec![Output::Reasoning("is long".into()), Output::Text("the end".into())]
+        );
+        // Cut off while reasoning (a length limit): it stays reasoning.
+        let (out, _) = think(&[Ok("the river")], true, &[]);
+        assert_eq!(out, vec![Output::Reasoning("the river".into())]);
+        // The model opens a block itself.
+        let (out, _) = think(&[Ok("so"), Err(5), Ok("hmm"), Err(6), Ok("yes")], false, &[]);
+        assert_eq!(
+            out,
+            vec![
+                Output::Text("so".into()),
+                Output::Reasoning("hmm".into()),
+                Output::Text("yes".into())
+            ]
+        );
+    }
 }
