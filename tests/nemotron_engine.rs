@@ -46,7 +46,10 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
 type Scored = (Vec<u32>, Vec<f32>);
 
 fn scored(c: &Collected) -> Scored {
-    (c.tokens.clone(), c.logprobs.iter().map(|l| l.logprob).collect())
+    (
+        c.tokens.clone(),
+        c.logprobs.iter().map(|l| l.logprob).collect(),
+    )
 }
 
 /// Same tokens, and log-probabilities within 1e-3 (a state restored wrongly moves them far more;
@@ -80,8 +83,7 @@ fn chat_turns_resume_from_recurrent_snapshots_with_identical_tokens() {
     for fixture in ["nemotron_h_a", "nemotron_h_b"] {
         let session = open(fixture);
         let vocab = session.info().vocab_size;
-        let mut scheduler =
-            Scheduler::new(session.clone(), EngineConfig::for_sequences(1, 512));
+        let mut scheduler = Scheduler::new(session.clone(), EngineConfig::for_sequences(1, 512));
         // Turn 1: 150 prompt tokens; its snapshot is taken at the last block boundary before
         // the final token (128), and the answer's at 192 (150 + 80 read tokens crosses it).
         let first = tokens(vocab, 150, 1);
@@ -105,7 +107,11 @@ fn chat_turns_resume_from_recurrent_snapshots_with_identical_tokens() {
         third.extend(tokens(vocab, 30, 3));
         let three = run(&mut scheduler, greedy(third.clone(), 12));
         assert_eq!(three.cached_tokens, 3 * BLOCK_TOKENS, "{fixture}");
-        assert_same(&scored(&three), &from_scratch(&session, &third, 12), fixture);
+        assert_same(
+            &scored(&three),
+            &from_scratch(&session, &third, 12),
+            fixture,
+        );
 
         // A prompt that shares less than a snapshot's prefix runs from the start.
         let mut other = first[..100].to_vec();
@@ -149,7 +155,11 @@ fn sequences_resume_from_a_snapshot_inside_a_mixed_batch() {
         let out = out.lock().unwrap();
         let cached = if i < 2 { 2 * BLOCK_TOKENS } else { 0 };
         assert_eq!(out.cached_tokens, cached, "sequence {i}");
-        assert_same(&scored(&out), &from_scratch(&session, p, 10), &format!("sequence {i}"));
+        assert_same(
+            &scored(&out),
+            &from_scratch(&session, p, 10),
+            &format!("sequence {i}"),
+        );
     }
 }
 
@@ -182,7 +192,9 @@ fn snapshots_beyond_the_limit_are_dropped_oldest_first() {
 #[test]
 fn think_template_switch_and_reasoning_split() {
     let session = open("nemotron_h_a");
-    let tags = session.think.expect("the fixture's template reasons in <think>");
+    let tags = session
+        .think
+        .expect("the fixture's template reasons in <think>");
     let chat = [Message::new("user", "Tell me about the river.")];
     let prompt = |thinking: Option<bool>| {
         session
@@ -199,7 +211,10 @@ fn think_template_switch_and_reasoning_split() {
     let on = prompt(None);
     assert_eq!(prompt(Some(true)), on, "the template's default is on");
     let off = prompt(Some(false));
-    assert_eq!(&on[on.len() - 2..], &[tags.open, tokenizer.encode("\n", false).unwrap()[0]]);
+    assert_eq!(
+        &on[on.len() - 2..],
+        &[tags.open, tokenizer.encode("\n", false).unwrap()[0]]
+    );
     assert_eq!(&off[off.len() - 2..], &[tags.open, tags.close]);
     assert_eq!(
         session.output_mode_for(&on),

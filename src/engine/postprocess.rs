@@ -394,12 +394,8 @@ mod tests {
         let tokenizer = TextTokenizer::from_dir(dir, &[]).unwrap();
         let tags = ThinkTags::detect(&tokenizer, Some("<think>")).unwrap();
         assert_eq!((tags.open, tags.close), (5, 6));
-        let mut stream = OutputStream::new(
-            OutputMode::Think { reasoning },
-            stops,
-            None,
-            Some(tags),
-        );
+        let mut stream =
+            OutputStream::new(OutputMode::Think { reasoning }, stops, None, Some(tags));
         let mut outputs = Vec::new();
         for piece in pieces {
             let ids = match piece {
@@ -421,7 +417,11 @@ mod tests {
 
     #[test]
     fn think_text_before_the_close_tag_is_reasoning() {
-        let (out, finish) = think(&[Ok("the river is long"), Err(6), Ok("\n\nit is long")], true, &[]);
+        let (out, finish) = think(
+            &[Ok("the river is long"), Err(6), Ok("\n\nit is long")],
+            true,
+            &[],
+        );
         assert_eq!(
             out,
             vec![
@@ -435,16 +435,27 @@ mod tests {
         assert_eq!(out, vec![Output::Text("it is".into())]);
         assert_eq!(finish, Some(FinishReason::StopString));
         // A stop string inside the reasoning does not end it.
-        let (out, _) = think(&[Ok("is long"), Err(6), Ok("the end")], true, &[" long".into()]);
+        let (out, _) = think(
+            &[Ok("is long"), Err(6), Ok("the end")],
+            true,
+            &[" long".into()],
+        );
         assert_eq!(
             out,
-            vec![Output::Reasoning("is long".into()), Output::Text("the end".into())]
+            vec![
+                Output::Reasoning("is long".into()),
+                Output::Text("the end".into())
+            ]
         );
         // Cut off while reasoning (a length limit): it stays reasoning.
         let (out, _) = think(&[Ok("the river")], true, &[]);
         assert_eq!(out, vec![Output::Reasoning("the river".into())]);
         // The model opens a block itself.
-        let (out, _) = think(&[Ok("so"), Err(5), Ok("hmm"), Err(6), Ok("yes")], false, &[]);
+        let (out, _) = think(
+            &[Ok("so"), Err(5), Ok("hmm"), Err(6), Ok("yes")],
+            false,
+            &[],
+        );
         assert_eq!(
             out,
             vec![

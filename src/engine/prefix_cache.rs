@@ -30,8 +30,6 @@ pub(crate) struct PrefixCache {
     max_snapshots: usize,
 }
 
-
-
 /// Key of the block holding `tokens` after the prefix whose key is `parent`.
 fn chain(parent: u64, tokens: &[u32]) -> u64 {
     let mut h = DefaultHasher::new();
@@ -156,7 +154,12 @@ impl PrefixCache {
                 .entries
                 .values_mut()
                 .filter(|e| e.block.recurrent.is_some())
-                .min_by_key(|e| (e.last_used, e.block.recurrent.as_ref().map_or(0, |s| s.blocks)))
+                .min_by_key(|e| {
+                    (
+                        e.last_used,
+                        e.block.recurrent.as_ref().map_or(0, |s| s.blocks),
+                    )
+                })
             else {
                 return;
             };

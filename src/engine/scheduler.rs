@@ -212,8 +212,8 @@ impl Scheduler {
             ..Default::default()
         };
         let boundary = (request.prompt.len() - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
-        let snapshot_at = (self.config.prefix_cache && state.has_recurrent() && boundary > 0)
-            .then_some(boundary);
+        let snapshot_at =
+            (self.config.prefix_cache && state.has_recurrent() && boundary > 0).then_some(boundary);
         self.waiting.push_back(Active {
             id,
             tokens: request.prompt.clone(),

@@ -180,7 +180,11 @@ impl ModelSession {
                     let extra = minijinja::context! { reasoning_effort => options.reasoning_effort.as_str() };
                     template.render_with(messages, true, extra)?
                 } else if let (Some(_), Some(on)) = (&self.think, options.thinking) {
-                    template.render_with(messages, true, minijinja::context! { enable_thinking => on })?
+                    template.render_with(
+                        messages,
+                        true,
+                        minijinja::context! { enable_thinking => on },
+                    )?
                 } else {
                     template.render(messages, true)?
                 };

@@ -635,9 +635,18 @@ pub fn ssm_conv1d(
     let (kernel, channels) = taps.dims2()?;
     let (tokens, stride) = x.dims2()?;
     if kernel == 0 || kernel > 8 || stride < channels || state.dims2()? != (kernel - 1, channels) {
-        bail!("ssm_conv1d: input {:?}, taps {:?} and state {:?} do not fit (kernel at most 8)", x.dims(), taps.dims(), state.dims());
+        bail!(
+            "ssm_conv1d: input {:?}, taps {:?} and state {:?} do not fit (kernel at most 8)",
+            x.dims(),
+            taps.dims(),
+            state.dims()
+        );
     }
-    for (t, what) in [(x, "conv input"), (taps, "conv taps"), (state, "conv state")] {
+    for (t, what) in [
+        (x, "conv input"),
+        (taps, "conv taps"),
+        (state, "conv state"),
+    ] {
         expect_f32(t, what)?;
     }
     if let Some(b) = bias {
@@ -661,8 +670,15 @@ pub fn ssm_conv1d(
     let ints = [stride, tokens, channels, kernel].map(|v| v as i32);
     let func = dev.get_or_load_custom_func("ssm_conv1d_f32", "xllm_ssm", ptx::SSM)?;
     let mut b = func.builder();
-    b.arg(&x_ptr).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]);
-    b.arg(&taps_ptr).arg(&bias_ptr).arg(&state_ptr).arg(&out_ptr);
+    b.arg(&x_ptr)
+        .arg(&ints[0])
+        .arg(&ints[1])
+        .arg(&ints[2])
+        .arg(&ints[3]);
+    b.arg(&taps_ptr)
+        .arg(&bias_ptr)
+        .arg(&state_ptr)
+        .arg(&out_ptr);
     // SAFETY: matches ssm_conv1d_f32 in ssm.cu; every buffer is contiguous f32 of the checked shape.
     unsafe { b.launch(grid(channels.div_ceil(256), 1, 1, 256, 0)) }.w()?;
     Ok(out)
@@ -703,12 +719,22 @@ pub fn ssm_scan(xbc: &Tensor, dt: &Tensor, scan: &DeviceScan, state: &Tensor) ->
             state.dims()
         );
     }
-    for (t, what) in [(xbc, "scan input"), (dt, "scan dt"), (state, "scan state"), (scan.a, "A"), (scan.d, "D"), (scan.dt_bias, "dt_bias")] {
+    for (t, what) in [
+        (xbc, "scan input"),
+        (dt, "scan dt"),
+        (state, "scan state"),
+        (scan.a, "A"),
+        (scan.d, "D"),
+        (scan.dt_bias, "dt_bias"),
+    ] {
         expect_f32(t, what)?;
     }
     for (t, what) in [(scan.a, "A"), (scan.d, "D"), (scan.dt_bias, "dt_bias")] {
         if t.dims1()? != heads {
-            bail!("ssm_scan: {what} holds {} values for {heads} heads", t.dims1()?);
+            bail!(
+                "ssm_scan: {what} holds {} values for {heads} heads",
+                t.dims1()?
+            );
         }
     }
     let (xbc, dt) = (xbc.contiguous()?, dt.contiguous()?);
@@ -726,8 +752,15 @@ pub fn ssm_scan(xbc: &Tensor, dt: &Tensor, scan: &DeviceScan, state: &Tensor) ->
     let func = dev.get_or_load_custom_func("ssm_scan_f32", "xllm_ssm", ptx::SSM)?;
     let mut b = func.builder();
     b.arg(&ptrs[0]).arg(&ints[0]).arg(&ptrs[1]);
-    b.arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&ints[5]);
-    b.arg(&ptrs[2]).arg(&ptrs[3]).arg(&ptrs[4]).arg(&scan.dt_min);
+    b.arg(&ints[1])
+        .arg(&ints[2])
+        .arg(&ints[3])
+        .arg(&ints[4])
+        .arg(&ints[5]);
+    b.arg(&ptrs[2])
+        .arg(&ptrs[3])
+        .arg(&ptrs[4])
+        .arg(&scan.dt_min);
     b.arg(&ptrs[5]).arg(&ptrs[6]);
     // SAFETY: matches ssm_scan_f32 in ssm.cu; shapes checked above, buffers contiguous f32.
     unsafe { b.launch(grid((inner * 32).div_ceil(256), 1, 1, 256, 0)) }.w()?;
@@ -736,11 +769,22 @@ pub fn ssm_scan(xbc: &Tensor, dt: &Tensor, scan: &DeviceScan, state: &Tensor) ->
 
 /// The grouped gated RMSNorm: `y [tokens, width] · silu(z)` (gate rows `z [tokens, ≥ width]`,
 /// the first `width` features used), RMS-normalised per group of `group` features, `· weight`.
-pub fn ssm_gated_norm(y: &Tensor, z: &Tensor, weight: &Tensor, group: usize, eps: f32) -> Result<Tensor> {
+pub fn ssm_gated_norm(
+    y: &Tensor,
+    z: &Tensor,
+    weight: &Tensor,
+    group: usize,
+    eps: f32,
+) -> Result<Tensor> {
     let dev = cuda_device(y)?;
     let (tokens, width) = y.dims2()?;
     let (z_tokens, z_stride) = z.dims2()?;
-    if group == 0 || width % group != 0 || z_tokens != tokens || z_stride < width || weight.dims1()? != width {
+    if group == 0
+        || width % group != 0
+        || z_tokens != tokens
+        || z_stride < width
+        || weight.dims1()? != width
+    {
         bail!(
             "ssm_gated_norm: y {:?}, gate {:?} and weight {:?} do not fit groups of {group}",
             y.dims(),
@@ -753,11 +797,21 @@ pub fn ssm_gated_norm(y: &Tensor, z: &Tensor, weight: &Tensor, group: usize, eps
     }
     let (y, z) = (y.contiguous()?, z.contiguous()?);
     let out = Tensor::zeros((tokens, width), DType::F32, y.device())?;
-    let ptrs = [ptr(&y, "norm input")?, ptr(&z, "norm gate")?, ptr(weight, "norm weight")?, ptr(&out, "norm output")?];
+    let ptrs = [
+        ptr(&y, "norm input")?,
+        ptr(&z, "norm gate")?,
+        ptr(weight, "norm weight")?,
+        ptr(&out, "norm output")?,
+    ];
     let ints = [z_stride, width, group].map(|v| v as i32);
     let func = dev.get_or_load_custom_func("ssm_gated_norm_f32", "xllm_ssm", ptx::SSM)?;
     let mut b = func.builder();
-    b.arg(&ptrs[0]).arg(&ptrs[1]).arg(&ints[0]).arg(&ptrs[2]).arg(&ints[1]).arg(&ints[2]);
+    b.arg(&ptrs[0])
+        .arg(&ptrs[1])
+        .arg(&ints[0])
+        .arg(&ptrs[2])
+        .arg(&ints[1])
+        .arg(&ints[2]);
     b.arg(&eps).arg(&ptrs[3]);
     // SAFETY: matches ssm_gated_norm_f32 in ssm.cu; shapes checked above, buffers contiguous f32.
     unsafe { b.launch(grid(tokens * (width / group), 1, 1, 256, 0)) }.w()?;

@@ -894,7 +894,10 @@ fn ssm_kernels_match_the_cpu() {
             taps[j * cd + c] = weight[c * k + j];
         }
     }
-    let a: Vec<f32> = vals(heads, 1.0).iter().map(|v| -(v.abs() * 15.0 + 1.0)).collect();
+    let a: Vec<f32> = vals(heads, 1.0)
+        .iter()
+        .map(|v| -(v.abs() * 15.0 + 1.0))
+        .collect();
     let d = vals(heads, 1.0);
     let dt_bias: Vec<f32> = vals(heads, 0.5).iter().map(|v| v - 3.0).collect();
     let scan = SsmScan {
@@ -928,7 +931,11 @@ fn ssm_kernels_match_the_cpu() {
     let mut cpu_ssm_state = vec![0f32; heads * p * n];
     let gpu_conv_state = up(&cpu_conv_state, &[k - 1, cd]);
     let gpu_ssm_state = up(&cpu_ssm_state, &[heads, p, n]);
-    let (taps_t, bias_t2, norm_w) = (up(&taps, &[k, cd]), up(&bias, &[cd]), up(&norm_weight, &[inner]));
+    let (taps_t, bias_t2, norm_w) = (
+        up(&taps, &[k, cd]),
+        up(&bias, &[cd]),
+        up(&norm_weight, &[inner]),
+    );
     for tokens in [37usize, 1] {
         let stride = cd + 5;
         let x = vals(tokens * stride, 1.0);
@@ -948,13 +955,44 @@ fn ssm_kernels_match_the_cpu() {
         let mut normed = vec![0f32; tokens * inner];
         norm.forward(&y, &z, inner + 3, &mut normed).unwrap();
 
-        let g_xbc = ssm_conv1d(&up(&x, &[tokens, stride]), &taps_t, Some(&bias_t2), &gpu_conv_state).unwrap();
-        assert!(rel_err(&to_vec(&g_xbc), &xbc) < 1e-5, "conv ({tokens} tokens)");
-        assert!(rel_err(&to_vec(&gpu_conv_state), &cpu_conv_state) < 1e-6, "conv state");
-        let g_y = ssm_scan(&g_xbc, &up(&dt, &[tokens, heads]), &device_scan, &gpu_ssm_state).unwrap();
+        let g_xbc = ssm_conv1d(
+            &up(&x, &[tokens, stride]),
+            &taps_t,
+            Some(&bias_t2),
+            &gpu_conv_state,
+        )
+        .unwrap();
+        assert!(
+            rel_err(&to_vec(&g_xbc), &xbc) < 1e-5,
+            "conv ({tokens} tokens)"
+        );
+        assert!(
+            rel_err(&to_vec(&gpu_conv_state), &cpu_conv_state) < 1e-6,
+            "conv state"
+        );
+        let g_y = ssm_scan(
+            &g_xbc,
+            &up(&dt, &[tokens, heads]),
+            &device_scan,
+            &gpu_ssm_state,
+        )
+        .unwrap();
         assert!(rel_err(&to_vec(&g_y), &y) < 1e-4, "scan ({tokens} tokens)");
-        assert!(rel_err(&to_vec(&gpu_ssm_state), &cpu_ssm_state) < 1e-4, "ssm state");
-        let g_norm = ssm_gated_norm(&g_y, &up(&z, &[tokens, inner + 3]), &norm_w, inner / g, 1e-5).unwrap();
-        assert!(rel_err(&to_vec(&g_norm), &normed) < 1e-4, "gated norm ({tokens} tokens)");
+        assert!(
+            rel_err(&to_vec(&gpu_ssm_state), &cpu_ssm_state) < 1e-4,
+            "ssm state"
+        );
+        let g_norm = ssm_gated_norm(
+            &g_y,
+            &up(&z, &[tokens, inner + 3]),
+            &norm_w,
+            inner / g,
+            1e-5,
+        )
+        .unwrap();
+        assert!(
+            rel_err(&to_vec(&g_norm), &normed) < 1e-4,
+            "gated norm ({tokens} tokens)"
+        );
     }
 }

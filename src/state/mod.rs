@@ -264,7 +264,10 @@ pub struct RecurrentSnapshot {
 impl RecurrentSnapshot {
     /// Bytes it holds.
     pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().map(RecurrentState::allocated_bytes).sum()
+        self.layers
+            .iter()
+            .map(RecurrentState::allocated_bytes)
+            .sum()
     }
 }
 
@@ -581,7 +584,11 @@ impl SequenceState {
                         candle_core::Error::Msg("internal error: snapshot layers".into())
                     })?;
                     if from.buffers.len() != r.buffers.len()
-                        || from.buffers.iter().zip(&r.buffers).any(|(a, b)| a.len() != b.len())
+                        || from
+                            .buffers
+                            .iter()
+                            .zip(&r.buffers)
+                            .any(|(a, b)| a.len() != b.len())
                     {
                         candle_core::bail!("internal error: a snapshot of another shape");
                     }
