@@ -535,7 +535,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__run)
-            opts="-v -n -h -V --raw --system --format --verbose --max-tokens --stop --hide-thinking --reasoning-effort --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --presence-penalty --frequency-penalty --seed --device --threads --ctx --help --version"
+            opts="-v -n -h -V --raw --system --format --verbose --max-tokens --stop --hide-thinking --think --no-think --reasoning-effort --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --presence-penalty --frequency-penalty --seed --device --threads --ctx --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -72,7 +72,9 @@ complete -c xllm -n "__fish_xllm_using_subcommand run" -l threads -d 'CPU thread
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l ctx -d 'Context length to allocate (default: the model\'s, capped for memory)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l raw -d 'Feed the prompt as is, without the chat template'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -s v -l verbose -d 'Print timing statistics to stderr'
-complete -c xllm -n "__fish_xllm_using_subcommand run" -l hide-thinking -d 'gpt-oss: hide the reasoning ("analysis") channel'
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l hide-thinking -d 'Hide the reasoning (gpt-oss\'s "analysis" channel, `<think>` text) and show only the answer'
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l think -d '`<think>` models (Nemotron): reason before answering (the template\'s `enable_thinking`; on by default in Nemotron\'s template)'
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l no-think -d '`<think>` models: answer without reasoning (`enable_thinking` false)'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand serve" -l host -d 'Address to listen on (`XLLM_HOST` may also give `host:port`)' -r
