@@ -13,6 +13,7 @@ Run: $XLLM_PEERS/venv/bin/python scripts/make_synthetic_nemotron.py [out_dir] [p
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -128,6 +129,11 @@ def main():
             total += v.numel() * v.element_size()
     with open(os.path.join(OUT, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    # The tiny fixture's tokenizer and chat template (ids above its vocabulary never occur in the
+    # benchmarks' prompts' text; `xllm bench` feeds ids directly).
+    fixture = os.path.join(HERE, "..", "tests", "fixtures", "nemotron_h_a")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(os.path.join(fixture, name), os.path.join(OUT, name))
     print(f"wrote {OUT}: {total / 1e9:.3f} GB of tensors, pattern {PATTERN}, {EXPERTS} experts")
 
 

@@ -17,8 +17,8 @@
 //! block order): a Mamba layer keeps a [`crate::state::RecurrentState`] of two f32 buffers, the conv
 //! window `[kernel − 1, conv_dim]` and the SSM state `[heads, head_dim, state]`; an attention layer
 //! keeps keys/values. A recurrent state summarises every token it has read, so it cannot be rewound
-//! to an earlier position: such a sequence is never shared as a prefix, and a rewind goes back to
-//! the start (see docs/architecture.md).
+//! to an earlier position: the engine snapshots it at block boundaries, and a prefix is shared (or
+//! a rewind lands) only where a snapshot was taken (see docs/architecture.md).
 
 use std::sync::Arc;
 

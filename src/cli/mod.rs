@@ -191,9 +191,16 @@ pub struct RunArgs {
     /// Stop when this text is generated (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
-    /// gpt-oss: hide the reasoning ("analysis") channel.
+    /// Hide the reasoning (gpt-oss's "analysis" channel, `<think>` text) and show only the answer.
     #[arg(long)]
     pub hide_thinking: bool,
+    /// `<think>` models (Nemotron): reason before answering (the template's `enable_thinking`;
+    /// on by default in Nemotron's template).
+    #[arg(long, overrides_with = "no_think")]
+    pub think: bool,
+    /// `<think>` models: answer without reasoning (`enable_thinking` false).
+    #[arg(long, overrides_with = "think")]
+    pub no_think: bool,
     /// gpt-oss: reasoning effort.
     #[arg(long, value_enum)]
     pub reasoning_effort: Option<ReasoningEffort>,

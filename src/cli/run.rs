@@ -323,15 +323,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sampling = sampling_params(&session.loaded.sampling, &args.sampling);
     validate_sampling(&sampling)?;
     let harmony = !args.raw && session.harmony.is_some();
-    let mode = if harmony {
-        OutputMode::Harmony
-    } else {
-        OutputMode::Text
-    };
-    if !harmony && (args.hide_thinking || args.reasoning_effort.is_some()) {
-        eprintln!(
-            "note: --hide-thinking and --reasoning-effort apply to gpt-oss (harmony) chat only; ignored"
-        );
+    let thinks = !args.raw && session.think.is_some();
+    if !harmony && args.reasoning_effort.is_some() {
+        eprintln!("note: --reasoning-effort applies to gpt-oss (harmony) chat only; ignored");
+    }
+    if !harmony && !thinks && args.hide_thinking {
+        eprintln!("note: --hide-thinking applies to models that reason (gpt-oss, <think> templates); ignored");
+    }
+    if !thinks && (args.think || args.no_think) {
+        eprintln!("note: --think/--no-think apply to models whose chat template reasons in <think> (Nemotron); ignored");
     }
     if !args.raw && session.loaded.template.is_none() {
         eprintln!("note: the model has no chat template; the prompt is used as raw text");
@@ -339,6 +339,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let options = ChatOptions {
         raw: args.raw,
         reasoning_effort: effort(&args),
+        thinking: if args.no_think {
+            Some(false)
+        } else if args.think {
+            Some(true)
+        } else {
+            None
+        },
     };
     let constraint = constraint_from_args(&session, &args.constraint)?;
     let mut scheduler = Scheduler::new(session.clone(), EngineConfig::for_sequences(1, ctx));
@@ -346,10 +353,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut max_tokens = args.max_tokens;
     let interrupts = Interrupts::install(one_shot.is_none());
     let request_for = |prompt: Vec<u32>, sampling: &SamplingParams, max_tokens: Option<usize>| {
+        let output = if args.raw {
+            OutputMode::Text
+        } else {
+            session.output_mode_for(&prompt)
+        };
         let mut r = GenerationRequest::new(prompt, sampling.clone());
         r.max_tokens = max_tokens;
         r.stop_strings = args.stop.clone();
-        r.output = mode;
+        r.output = output;
         // Each turn starts the grammar afresh.
         r.constraint = constraint.clone();
         r
@@ -374,6 +386,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 "finish_reason": reason.as_str(),
                 "stats": stats_json(&session, &result.stats),
             });
+            if thinks {
+                value["thinking"] = result.reasoning.clone().into();
+            }
             if harmony {
                 let tool_calls: Vec<_> = result
                     .tool_calls

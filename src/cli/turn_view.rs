@@ -1,5 +1,5 @@
-//! How `xllm run` shows a turn as it streams: the answer text; for harmony (gpt-oss) models
-//! reasoning under a `Thinking...` line, dimmed on a terminal (hidden with `--hide-thinking`),
+//! How `xllm run` shows a turn as it streams: the answer text; for models that reason (gpt-oss's
+//! analysis channel, `<think>` text of Nemotron-style templates) the reasoning under a `Thinking...` line, dimmed on a terminal (hidden with `--hide-thinking`),
 //! and tool calls on their own line.
 
 use std::io::{IsTerminal, Write};

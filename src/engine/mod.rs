@@ -1,7 +1,7 @@
 //! The engine: one way to open a model ([`session`]), and a continuous-batching [`scheduler`]
 //! that advances many sequences per forward pass with per-sequence sampling, stops and output
-//! processing ([`postprocess`]: stop strings held back, harmony channels, tool calls) and
-//! grammar constraints ([`structured`]). Nothing here prints;
+//! processing ([`postprocess`]: stop strings held back, harmony channels, `<think>` reasoning, tool
+//! calls) and grammar constraints ([`structured`]). Nothing here prints;
 //! every event of a request goes to its sink.
 
 pub mod chat_template;
@@ -20,6 +20,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod session;
 pub mod structured;
+pub mod think;
 pub mod threads;
 pub mod tokenizer;
 pub mod tokenizer_checks;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::generate::FinishReason;
 use super::harmony::{Channel, HarmonyEvent, HarmonyParser};
 use super::request::{Output, OutputMode};
+use super::think::{ThinkSplitter, ThinkStep, ThinkTags};
 use super::tokenizer::{StreamDecoder, TextTokenizer};
 use super::tools::{CallParser, Piece, ToolSyntax};
 
@@ -77,6 +78,7 @@ pub(crate) struct OutputStream {
     harmony: Option<(HarmonyParser, HarmonySpecials)>,
     /// Tool calls in the text (non-harmony syntaxes).
     calls: Option<CallParser>,
+    think: Option<ThinkSplitter>,
     done: bool,
 }
 
@@ -86,6 +88,7 @@ impl OutputStream {
         stop_strings: &[String],
         specials: Option<&HarmonySpecials>,
         tool_calls: Option<ToolSyntax>,
+        think_tags: Option<ThinkTags>,
     ) -> Self {
         let harmony = match (mode, specials) {
             (OutputMode::Harmony, Some(s)) => Some((HarmonyParser::new(), s.clone())),
@@ -95,11 +98,18 @@ impl OutputStream {
             (None, Some(syntax)) if syntax != ToolSyntax::Harmony => Some(CallParser::new(syntax)),
             _ => None,
         };
+        let think = match (mode, think_tags) {
+            (OutputMode::Think { reasoning }, Some(tags)) => {
+                Some(ThinkSplitter::new(tags, reasoning))
+            }
+            _ => None,
+        };
         Self {
             decoder: StreamDecoder::default(),
             stop: StopFilter::new(stop_strings),
             harmony,
             calls,
+            think,
             done: false,
         }
     }
@@ -129,6 +139,38 @@ impl OutputStream {
         }
     }
 
+    /// `<think>` mode: reasoning text goes out as it comes (stop strings apply to the answer
+    /// only, as for harmony's analysis channel); a tag flushes the text before it to its side.
+    fn push_think(
+        &mut self,
+        tokenizer: &TextTokenizer,
+        token: u32,
+    ) -> anyhow::Result<(Vec<Output>, Option<FinishReason>)> {
+        let mut outputs = Vec::new();
+        let splitter = self.think.as_mut().expect("think mode");
+        let was_inside = splitter.inside();
+        let (text, side_inside) = match splitter.step(token) {
+            ThinkStep::Tag => {
+                let tail = self.decoder.flush(tokenizer)?;
+                self.decoder = StreamDecoder::default();
+                (tail, was_inside)
+            }
+            ThinkStep::Reasoning => (self.decoder.push(tokenizer, token)?, true),
+            ThinkStep::Answer => (self.decoder.push(tokenizer, token)?, false),
+        };
+        if side_inside {
+            push_text(&mut outputs, Output::Reasoning(text));
+            return Ok((outputs, None));
+        }
+        let text = splitter.answer_text(text);
+        let pieces = self.pieces(&text);
+        if self.text(pieces, &mut outputs) {
+            self.done = true;
+            return Ok((outputs, Some(FinishReason::StopString)));
+        }
+        Ok((outputs, None))
+    }
+
     /// Feeds one generated token (end-of-sequence tokens are handled by the caller). Returns the
     /// outputs it completes and, when the answer is over (a stop string, a harmony stop token),
     /// why.
@@ -140,6 +182,9 @@ impl OutputStream {
         let mut outputs = Vec::new();
         if self.done {
             return Ok((outputs, Some(FinishReason::Stop)));
+        }
+        if self.think.is_some() {
+            return self.push_think(tokenizer, token);
         }
         if self.harmony.is_none() {
             let piece = self.decoder.push(tokenizer, token)?;
@@ -220,6 +265,18 @@ impl OutputStream {
         }
         self.done = true;
         let tail = self.decoder.flush(tokenizer)?;
+        if let Some(splitter) = &mut self.think {
+            if splitter.inside() {
+                // Generation ended inside the reasoning (a length limit): it stays reasoning.
+                push_text(&mut outputs, Output::Text(self.stop.flush()));
+                push_text(&mut outputs, Output::Reasoning(tail));
+                return Ok((outputs, false));
+            }
+        }
+        let tail = match &mut self.think {
+            Some(splitter) => splitter.answer_text(tail),
+            None => tail,
+        };
         if self.harmony.is_none() && self.calls.is_some() {
             let mut pieces = self.pieces(&tail);
             if let Some(p) = &mut self.calls {
@@ -304,7 +361,7 @@ mod tests {
         .filter_map(|s| tokenizer.token_to_id(s).map(|id| (id, *s)))
         .collect();
         let specials = Arc::new(specials);
-        let mut stream = OutputStream::new(OutputMode::Harmony, stops, Some(&specials), None);
+        let mut stream = OutputStream::new(OutputMode::Harmony, stops, Some(&specials), None, None);
         let mut outputs = Vec::new();
         for id in tokenizer.encode(generated, false).unwrap() {
             let (out, finish) = stream.push(&tokenizer, id).unwrap();
@@ -367,5 +424,96 @@ mod tests {
         assert_eq!(f.push("ough"), ("ENough".into(), false));
         assert_eq!(f.push(" E"), (" ".into(), false));
         assert_eq!(f.flush(), "E", "held text is released at the end");
+    }
+
+    /// Runs `pieces` (text, or a tag id) through a `<think>` [`OutputStream`] of the tiny
+    /// Nemotron-H fixture's tokenizer (`<think>` = 5, `</think>` = 6 there).
+    fn think(
+        pieces: &[Result<&str, u32>],
+        reasoning: bool,
+        stops: &[String],
+    ) -> (Vec<Output>, Option<FinishReason>) {
+        let dir = std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/nemotron_h_a"
+        ));
+        let tokenizer = TextTokenizer::from_dir(dir, &[]).unwrap();
+        let tags = ThinkTags::detect(&tokenizer, Some("<think>")).unwrap();
+        assert_eq!((tags.open, tags.close), (5, 6));
+        let mut stream = OutputStream::new(
+            OutputMode::Think { reasoning },
+            stops,
+            None,
+            None,
+            Some(tags),
+        );
+        let mut outputs = Vec::new();
+        for piece in pieces {
+            let ids = match piece {
+                Ok(text) => tokenizer.encode(text, false).unwrap(),
+                Err(id) => vec![*id],
+            };
+            for id in ids {
+                let (out, finish) = stream.push(&tokenizer, id).unwrap();
+                out.into_iter().for_each(|o| push_text(&mut outputs, o));
+                if finish.is_some() {
+                    return (outputs, finish);
+                }
+            }
+        }
+        let (out, _) = stream.finish(&tokenizer).unwrap();
+        out.into_iter().for_each(|o| push_text(&mut outputs, o));
+        (outputs, None)
+    }
+
+    #[test]
+    fn think_text_before_the_close_tag_is_reasoning() {
+        let (out, finish) = think(
+            &[Ok("the river is long"), Err(6), Ok("\n\nit is long")],
+            true,
+            &[],
+        );
+        assert_eq!(
+            out,
+            vec![
+                Output::Reasoning("the river is long".into()),
+                Output::Text("it is long".into())
+            ]
+        );
+        assert_eq!(finish, None);
+        // Reasoning off in the prompt: all answer; a stop string applies to it.
+        let (out, finish) = think(&[Ok("it is long")], false, &[" long".into()]);
+        assert_eq!(out, vec![Output::Text("it is".into())]);
+        assert_eq!(finish, Some(FinishReason::StopString));
+        // A stop string inside the reasoning does not end it.
+        let (out, _) = think(
+            &[Ok("is long"), Err(6), Ok("the end")],
+            true,
+            &[" long".into()],
+        );
+        assert_eq!(
+            out,
+            vec![
+                Output::Reasoning("is long".into()),
+                Output::Text("the end".into())
+            ]
+        );
+        // Cut off while reasoning (a length limit): it stays reasoning.
+        let (out, _) = think(&[Ok("the river")], true, &[]);
+        assert_eq!(out, vec![Output::Reasoning("the river".into())]);
+        // The model opens a block itself.
+        let (out, _) = think(
+            &[Ok("so"), Err(5), Ok("hmm"), Err(6), Ok("yes")],
+            false,
+            &[],
+        );
+        assert_eq!(
+            out,
+            vec![
+                Output::Text("so".into()),
+                Output::Reasoning("hmm".into()),
+                Output::Text("yes".into())
+            ]
+        );
     }
 }

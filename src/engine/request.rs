@@ -14,6 +14,9 @@ pub enum OutputMode {
     Text,
     /// The harmony format (gpt-oss): reasoning, answer and tool calls split by channel.
     Harmony,
+    /// `<think>…</think>` reasoning before the answer (Nemotron-style templates); `reasoning`:
+    /// the prompt left a reasoning block open, so generation starts inside it.
+    Think { reasoning: bool },
 }
 
 /// One generation to run.
@@ -67,7 +70,7 @@ impl GenerationRequest {
 pub enum Output {
     /// Answer text.
     Text(String),
-    /// Reasoning text (harmony `analysis`).
+    /// Reasoning text (harmony `analysis`, or inside `<think>…</think>`).
     Reasoning(String),
     /// A complete tool call (harmony: `recipient` like `functions.get_weather`; other syntaxes:
     /// the function name), its arguments as JSON text.

@@ -25,7 +25,7 @@ use super::session::ModelSession;
 use super::structured::Constraint;
 use super::tokenizer::TextTokenizer;
 use crate::arch::{BatchSeq, Logits, PROMPT_CHUNK};
-use crate::state::{blocks_for, BlockPool, SequenceState};
+use crate::state::{blocks_for, BlockPool, SequenceState, BLOCK_TOKENS};
 
 /// How the scheduler batches and how much it may hold.
 #[derive(Debug, Clone)]
@@ -40,6 +40,9 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Reuse computed prompt prefixes across sequences.
     pub prefix_cache: bool,
+    /// Recurrent-state snapshots the prefix cache keeps (models with recurrent layers; each is
+    /// one sequence's recurrent state, outside the KV pool).
+    pub recurrent_snapshots: usize,
 }
 
 impl EngineConfig {
@@ -52,6 +55,8 @@ impl EngineConfig {
             kv_tokens: max_sequences.saturating_mul(context),
             max_waiting: 256,
             prefix_cache: true,
+            // Per running sequence its prompt's and its answer's latest, and one turn back.
+            recurrent_snapshots: 2 * max_sequences + 2,
         }
     }
 }
@@ -95,6 +100,9 @@ struct Active {
     admitted_at: Instant,
     first_logits_at: Option<Instant>,
     cancelled: bool,
+    /// Recurrent models: the prompt's last block boundary (before its last token), where the
+    /// recurrent state is snapshotted for reuse by a later prompt that extends this one.
+    snapshot_at: Option<usize>,
 }
 
 impl Active {
@@ -128,11 +136,12 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(session: Arc<ModelSession>, config: EngineConfig) -> Self {
         let pool = BlockPool::new(blocks_for(config.kv_tokens.max(1)));
+        let prefix = PrefixCache::new(config.recurrent_snapshots);
         Self {
             session,
             config,
             pool,
-            prefix: PrefixCache::default(),
+            prefix,
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
@@ -202,11 +211,15 @@ impl Scheduler {
             &request.stop_strings,
             self.session.harmony.as_ref(),
             request.tool_calls,
+            self.session.think,
         );
         let stats = GenerationStats {
             prompt_tokens: request.prompt.len(),
             ..Default::default()
         };
+        let boundary = (request.prompt.len() - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
+        let snapshot_at =
+            (self.config.prefix_cache && state.has_recurrent() && boundary > 0).then_some(boundary);
         self.waiting.push_back(Active {
             id,
             tokens: request.prompt.clone(),
@@ -223,6 +236,7 @@ impl Scheduler {
             admitted_at: Instant::now(),
             first_logits_at: None,
             cancelled: false,
+            snapshot_at,
         });
     }
 
@@ -293,6 +307,15 @@ impl Scheduler {
         let mut rows: Vec<Option<Vec<f32>>> = (0..self.running.len()).map(|_| None).collect();
         for &(i, n) in &plan {
             let a = &mut self.running[i];
+            if self.config.prefix_cache && a.state.has_recurrent() {
+                if a.snapshot_at == Some(a.state.len()) {
+                    a.state.snapshot(false);
+                } else if a.first_logits_at.is_some() {
+                    // While answering: the latest block boundary (a next turn that quotes the
+                    // answer resumes from there).
+                    a.state.snapshot(true);
+                }
+            }
             let was_prefill = a.first_logits_at.is_none();
             if a.pending() > 0 {
                 // A prompt chunk that did not reach the end: no logits yet.
@@ -466,7 +489,11 @@ impl Scheduler {
             for (i, a) in self.running.iter().enumerate() {
                 let pending = a.pending();
                 if pending > 1 && budget > 0 {
-                    let n = pending.min(budget).min(PROMPT_CHUNK);
+                    let mut n = pending.min(budget).min(PROMPT_CHUNK);
+                    // A chunk ends at the snapshot boundary, so the state is seen there.
+                    if let Some(at) = a.snapshot_at.filter(|&at| at > a.state.len()) {
+                        n = n.min(at - a.state.len());
+                    }
                     plan.push((i, n));
                     budget -= n;
                 }

@@ -13,6 +13,7 @@ use super::load::{self, LoadOptions, LoadedModel};
 use super::postprocess::HarmonySpecials;
 use super::request::OutputMode;
 use super::structured::{Constraint, Grammar, GrammarCompiler};
+use super::think::ThinkTags;
 use super::tools::{ToolChoice, ToolRequest, ToolSyntax};
 use crate::arch::ModelInfo;
 use crate::model::inspect::ModelMetadata;
@@ -47,6 +48,8 @@ pub struct ModelSession {
     grammars: OnceLock<Result<Arc<GrammarCompiler>, String>>,
     /// How the model writes tool calls (found from its template on first use).
     tool_syntax: OnceLock<ToolSyntax>,
+    /// The `<think>`/`</think>` tokens, for models whose template reasons in them (Nemotron).
+    pub think: Option<ThinkTags>,
 }
 
 /// Resolves `name` (store model `org/name[:token]`, a local folder, a `.gguf` file) and opens it.
@@ -97,6 +100,10 @@ fn open_with(
         .with_context(|| format!("cannot load model '{}'", resolved.display_name))?;
     let context = context_size(loaded.model.info(), options.ctx)?;
     let harmony = harmony_specials(&loaded).map(Arc::new);
+    let think = match harmony {
+        Some(_) => None,
+        None => ThinkTags::detect(&loaded.tokenizer, loaded.tokenizer.chat_template.as_deref()),
+    };
     Ok(ModelSession {
         resolved,
         loaded,
@@ -104,6 +111,7 @@ fn open_with(
         harmony,
         grammars: OnceLock::new(),
         tool_syntax: OnceLock::new(),
+        think,
     })
 }
 
@@ -127,6 +135,9 @@ pub struct ChatOptions {
     pub raw: bool,
     /// Harmony models: how much to reason (the template's `reasoning_effort`).
     pub reasoning_effort: ReasoningEffort,
+    /// `<think>` models: reason before answering (the template's `enable_thinking`); `None`:
+    /// the template's default.
+    pub thinking: Option<bool>,
 }
 
 impl ModelSession {
@@ -155,10 +166,20 @@ impl ModelSession {
         }
     }
 
-    /// Whether generated tokens are read as harmony (gpt-oss).
+    /// How generated tokens are read: harmony (gpt-oss), `<think>` reasoning (open when the
+    /// template's generation prompt left it open), or plain text.
     pub fn output_mode(&self) -> OutputMode {
+        self.output_mode_for(&[])
+    }
+
+    /// [`Self::output_mode`] for a generation that continues `prompt`.
+    pub fn output_mode_for(&self, prompt: &[u32]) -> OutputMode {
         if self.harmony.is_some() {
             OutputMode::Harmony
+        } else if let Some(tags) = &self.think {
+            OutputMode::Think {
+                reasoning: tags.open_at_end(prompt),
+            }
         } else {
             OutputMode::Text
         }
@@ -195,8 +216,14 @@ impl ModelSession {
         }
     }
 
+    /// Whether the model can reason before answering (harmony or `<think>` models).
+    pub fn can_think(&self) -> bool {
+        self.harmony.is_some() || self.think.is_some()
+    }
+
     /// Prompt tokens for a conversation, ending with the assistant's turn opening: the chat
-    /// template (harmony with `reasoning_effort` for gpt-oss), or raw text.
+    /// template (harmony with `reasoning_effort` for gpt-oss, `enable_thinking` for `<think>`
+    /// models), or raw text.
     pub fn chat_prompt(
         &self,
         messages: &[Message],
@@ -238,12 +265,17 @@ impl ModelSession {
                         tools => tools_value,
                     };
                     template.render_with(messages, true, extra)?
-                } else if tools_value.is_some() {
-                    template.render_with(
-                        messages,
-                        true,
-                        minijinja::context! { tools => tools_value },
-                    )?
+                } else if tools_value.is_some()
+                    || (self.think.is_some() && options.thinking.is_some())
+                {
+                    let thinking = self.think.and(options.thinking);
+                    let extra = match thinking {
+                        Some(on) => {
+                            minijinja::context! { tools => tools_value, enable_thinking => on }
+                        }
+                        None => minijinja::context! { tools => tools_value },
+                    };
+                    template.render_with(messages, true, extra)?
                 } else {
                     template.render(messages, true)?
                 };

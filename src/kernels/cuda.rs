@@ -12,7 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKer
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 
-/// The PTX of each kernel module (`MXFP4`, `MOE`, `KV_QUANT`, `ATTENTION`).
+/// The PTX of each kernel module (`MXFP4`, `MOE`, `KV_QUANT`, `ATTENTION`, `SSM`).
 pub mod ptx {
     include!(concat!(env!("OUT_DIR"), "/cuda_kernels.rs"));
 }
@@ -611,6 +611,210 @@ pub fn attention(q: &Tensor, kv: &KvView, params: &AttentionParams) -> Result<Te
     b.arg(&params.softmax_scale);
     // SAFETY: matches attention_{dense,int8,fp8}_* in attention.cu; shapes checked above.
     unsafe { b.launch(grid(q_len, heads, 1, 128, 0)) }.w()?;
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mamba2 (Nemotron-H): twins of `kernels::ssm` (ssm.cu), f32 throughout, one sequence per call.
+
+fn expect_f32(t: &Tensor, what: &str) -> Result<()> {
+    expect_dtype(t, &[DType::F32], what)
+}
+
+/// Causal depthwise conv1d + SiLU of `x [tokens, stride]` (the first `taps.dim(1)` features of
+/// each row) with `taps [kernel, channels]` (tap-major, as [`crate::kernels::ssm::CausalConv1d`]
+/// keeps them) and `bias [channels]`, continuing from `state [kernel − 1, channels]`, which is
+/// updated in place. Returns `[tokens, channels]`.
+pub fn ssm_conv1d(
+    x: &Tensor,
+    taps: &Tensor,
+    bias: Option<&Tensor>,
+    state: &Tensor,
+) -> Result<Tensor> {
+    let dev = cuda_device(x)?;
+    let (kernel, channels) = taps.dims2()?;
+    let (tokens, stride) = x.dims2()?;
+    if kernel == 0 || kernel > 8 || stride < channels || state.dims2()? != (kernel - 1, channels) {
+        bail!(
+            "ssm_conv1d: input {:?}, taps {:?} and state {:?} do not fit (kernel at most 8)",
+            x.dims(),
+            taps.dims(),
+            state.dims()
+        );
+    }
+    for (t, what) in [
+        (x, "conv input"),
+        (taps, "conv taps"),
+        (state, "conv state"),
+    ] {
+        expect_f32(t, what)?;
+    }
+    if let Some(b) = bias {
+        expect_f32(b, "conv bias")?;
+        if b.dims1()? != channels {
+            bail!("ssm_conv1d: bias of {} for {channels} channels", b.dims1()?);
+        }
+    }
+    let x = x.contiguous()?;
+    let out = Tensor::zeros((tokens, channels), DType::F32, x.device())?;
+    let bias_ptr = match bias {
+        Some(b) => ptr(b, "conv bias")?,
+        None => 0,
+    };
+    let (x_ptr, taps_ptr, state_ptr, out_ptr) = (
+        ptr(&x, "conv input")?,
+        ptr(taps, "conv taps")?,
+        ptr(state, "conv state")?,
+        ptr(&out, "conv output")?,
+    );
+    let ints = [stride, tokens, channels, kernel].map(|v| v as i32);
+    let func = dev.get_or_load_custom_func("ssm_conv1d_f32", "xllm_ssm", ptx::SSM)?;
+    let mut b = func.builder();
+    b.arg(&x_ptr)
+        .arg(&ints[0])
+        .arg(&ints[1])
+        .arg(&ints[2])
+        .arg(&ints[3]);
+    b.arg(&taps_ptr)
+        .arg(&bias_ptr)
+        .arg(&state_ptr)
+        .arg(&out_ptr);
+    // SAFETY: matches ssm_conv1d_f32 in ssm.cu; every buffer is contiguous f32 of the checked shape.
+    unsafe { b.launch(grid(channels.div_ceil(256), 1, 1, 256, 0)) }.w()?;
+    Ok(out)
+}
+
+/// Per-head constants of [`ssm_scan`] (`[heads]` f32 tensors on the device) and its shapes.
+pub struct DeviceScan<'a> {
+    /// `A = −exp(A_log)`.
+    pub a: &'a Tensor,
+    pub d: &'a Tensor,
+    pub dt_bias: &'a Tensor,
+    pub head_dim: usize,
+    pub groups: usize,
+    pub state: usize,
+    pub dt_min: f32,
+}
+
+/// The selective-scan recurrence over `xbc [tokens, stride]` (`x [H·P] | B [G·N] | C [G·N]` at
+/// the start of each row) and raw `dt [tokens, H]`, continuing from `state [H, P, N]` (updated in
+/// place). Returns `y [tokens, H·P]` (the D skip included), as [`crate::kernels::ssm::SsmScan`].
+pub fn ssm_scan(xbc: &Tensor, dt: &Tensor, scan: &DeviceScan, state: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(xbc)?;
+    let (tokens, heads) = dt.dims2()?;
+    let (p, g, n) = (scan.head_dim, scan.groups, scan.state);
+    let inner = heads * p;
+    let (x_tokens, stride) = xbc.dims2()?;
+    if g == 0
+        || heads % g != 0
+        || n > 256
+        || x_tokens != tokens
+        || stride < inner + 2 * g * n
+        || state.dims3()? != (heads, p, n)
+    {
+        bail!(
+            "ssm_scan: xbc {:?}, dt {:?} and state {:?} do not fit {heads} heads × {p}, {g} groups × {n} (state at most 256)",
+            xbc.dims(),
+            dt.dims(),
+            state.dims()
+        );
+    }
+    for (t, what) in [
+        (xbc, "scan input"),
+        (dt, "scan dt"),
+        (state, "scan state"),
+        (scan.a, "A"),
+        (scan.d, "D"),
+        (scan.dt_bias, "dt_bias"),
+    ] {
+        expect_f32(t, what)?;
+    }
+    for (t, what) in [(scan.a, "A"), (scan.d, "D"), (scan.dt_bias, "dt_bias")] {
+        if t.dims1()? != heads {
+            bail!(
+                "ssm_scan: {what} holds {} values for {heads} heads",
+                t.dims1()?
+            );
+        }
+    }
+    let (xbc, dt) = (xbc.contiguous()?, dt.contiguous()?);
+    let y = Tensor::zeros((tokens, inner), DType::F32, xbc.device())?;
+    let ptrs = [
+        ptr(&xbc, "scan input")?,
+        ptr(&dt, "scan dt")?,
+        ptr(scan.a, "A")?,
+        ptr(scan.d, "D")?,
+        ptr(scan.dt_bias, "dt_bias")?,
+        ptr(state, "scan state")?,
+        ptr(&y, "scan output")?,
+    ];
+    let ints = [stride, tokens, heads, p, g, n].map(|v| v as i32);
+    let func = dev.get_or_load_custom_func("ssm_scan_f32", "xllm_ssm", ptx::SSM)?;
+    let mut b = func.builder();
+    b.arg(&ptrs[0]).arg(&ints[0]).arg(&ptrs[1]);
+    b.arg(&ints[1])
+        .arg(&ints[2])
+        .arg(&ints[3])
+        .arg(&ints[4])
+        .arg(&ints[5]);
+    b.arg(&ptrs[2])
+        .arg(&ptrs[3])
+        .arg(&ptrs[4])
+        .arg(&scan.dt_min);
+    b.arg(&ptrs[5]).arg(&ptrs[6]);
+    // SAFETY: matches ssm_scan_f32 in ssm.cu; shapes checked above, buffers contiguous f32.
+    unsafe { b.launch(grid((inner * 32).div_ceil(256), 1, 1, 256, 0)) }.w()?;
+    Ok(y)
+}
+
+/// The grouped gated RMSNorm: `y [tokens, width] · silu(z)` (gate rows `z [tokens, ≥ width]`,
+/// the first `width` features used), RMS-normalised per group of `group` features, `· weight`.
+pub fn ssm_gated_norm(
+    y: &Tensor,
+    z: &Tensor,
+    weight: &Tensor,
+    group: usize,
+    eps: f32,
+) -> Result<Tensor> {
+    let dev = cuda_device(y)?;
+    let (tokens, width) = y.dims2()?;
+    let (z_tokens, z_stride) = z.dims2()?;
+    if group == 0
+        || width % group != 0
+        || z_tokens != tokens
+        || z_stride < width
+        || weight.dims1()? != width
+    {
+        bail!(
+            "ssm_gated_norm: y {:?}, gate {:?} and weight {:?} do not fit groups of {group}",
+            y.dims(),
+            z.dims(),
+            weight.dims()
+        );
+    }
+    for (t, what) in [(y, "norm input"), (z, "norm gate"), (weight, "norm weight")] {
+        expect_f32(t, what)?;
+    }
+    let (y, z) = (y.contiguous()?, z.contiguous()?);
+    let out = Tensor::zeros((tokens, width), DType::F32, y.device())?;
+    let ptrs = [
+        ptr(&y, "norm input")?,
+        ptr(&z, "norm gate")?,
+        ptr(weight, "norm weight")?,
+        ptr(&out, "norm output")?,
+    ];
+    let ints = [z_stride, width, group].map(|v| v as i32);
+    let func = dev.get_or_load_custom_func("ssm_gated_norm_f32", "xllm_ssm", ptx::SSM)?;
+    let mut b = func.builder();
+    b.arg(&ptrs[0])
+        .arg(&ptrs[1])
+        .arg(&ints[0])
+        .arg(&ptrs[2])
+        .arg(&ints[1])
+        .arg(&ints[2]);
+    b.arg(&eps).arg(&ptrs[3]);
+    // SAFETY: matches ssm_gated_norm_f32 in ssm.cu; shapes checked above, buffers contiguous f32.
+    unsafe { b.launch(grid(tokens * (width / group), 1, 1, 256, 0)) }.w()?;
     Ok(out)
 }
 

@@ -867,3 +867,132 @@ fn quantized_kv_stores_on_cuda_match_cpu_and_save_device_memory() {
         "quantized caches must use less device memory: {used:?}"
     );
 }
+
+/// ssm.cu against the CPU Mamba2 kernels (`kernels::ssm`) at Nemotron 3 Nano's widths: conv with
+/// its state, the scan over a prompt and then one decode token (states carried on each side),
+/// and the grouped gated norm.
+#[test]
+fn ssm_kernels_match_the_cpu() {
+    use crate::kernels::ssm::{CausalConv1d, GatedGroupNorm, ScanInput, SsmScan};
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut vals = |len: usize, scale: f32| -> Vec<f32> {
+        (0..len)
+            .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+            .collect()
+    };
+    let (heads, p, g, n, k) = (64usize, 64usize, 8usize, 128usize, 4usize);
+    let inner = heads * p;
+    let cd = inner + 2 * g * n;
+    let up = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &dev).unwrap();
+    let weight = vals(cd * k, 0.5);
+    let bias = vals(cd, 0.1);
+    let conv = CausalConv1d::new(&weight, Some(&bias), cd, k).unwrap();
+    let mut taps = vec![0f32; k * cd];
+    for c in 0..cd {
+        for j in 0..k {
+            taps[j * cd + c] = weight[c * k + j];
+        }
+    }
+    let a: Vec<f32> = vals(heads, 1.0)
+        .iter()
+        .map(|v| -(v.abs() * 15.0 + 1.0))
+        .collect();
+    let d = vals(heads, 1.0);
+    let dt_bias: Vec<f32> = vals(heads, 0.5).iter().map(|v| v - 3.0).collect();
+    let scan = SsmScan {
+        heads,
+        head_dim: p,
+        groups: g,
+        state: n,
+        a: a.clone(),
+        d: d.clone(),
+        dt_bias: dt_bias.clone(),
+        dt_min: 0.001,
+        chunk: 16,
+    };
+    let (a_t, d_t, bias_t) = (up(&a, &[heads]), up(&d, &[heads]), up(&dt_bias, &[heads]));
+    let device_scan = DeviceScan {
+        a: &a_t,
+        d: &d_t,
+        dt_bias: &bias_t,
+        head_dim: p,
+        groups: g,
+        state: n,
+        dt_min: 0.001,
+    };
+    let norm_weight = vals(inner, 1.0);
+    let norm = GatedGroupNorm {
+        weight: norm_weight.clone(),
+        group_size: inner / g,
+        eps: 1e-5,
+    };
+    let mut cpu_conv_state = vals((k - 1) * cd, 1.0);
+    let mut cpu_ssm_state = vec![0f32; heads * p * n];
+    let gpu_conv_state = up(&cpu_conv_state, &[k - 1, cd]);
+    let gpu_ssm_state = up(&cpu_ssm_state, &[heads, p, n]);
+    let (taps_t, bias_t2, norm_w) = (
+        up(&taps, &[k, cd]),
+        up(&bias, &[cd]),
+        up(&norm_weight, &[inner]),
+    );
+    for tokens in [37usize, 1] {
+        let stride = cd + 5;
+        let x = vals(tokens * stride, 1.0);
+        let dt = vals(tokens * heads, 1.0);
+        let z = vals(tokens * (inner + 3), 1.0);
+        let mut xbc = vec![0f32; tokens * cd];
+        conv.forward(&x, stride, tokens, &mut cpu_conv_state, &mut xbc)
+            .unwrap();
+        let mut y = vec![0f32; tokens * inner];
+        let input = ScanInput {
+            xbc: &xbc,
+            stride: cd,
+            dt: &dt,
+            tokens,
+        };
+        scan.forward(input, &mut cpu_ssm_state, &mut y).unwrap();
+        let mut normed = vec![0f32; tokens * inner];
+        norm.forward(&y, &z, inner + 3, &mut normed).unwrap();
+
+        let g_xbc = ssm_conv1d(
+            &up(&x, &[tokens, stride]),
+            &taps_t,
+            Some(&bias_t2),
+            &gpu_conv_state,
+        )
+        .unwrap();
+        assert!(
+            rel_err(&to_vec(&g_xbc), &xbc) < 1e-5,
+            "conv ({tokens} tokens)"
+        );
+        assert!(
+            rel_err(&to_vec(&gpu_conv_state), &cpu_conv_state) < 1e-6,
+            "conv state"
+        );
+        let g_y = ssm_scan(
+            &g_xbc,
+            &up(&dt, &[tokens, heads]),
+            &device_scan,
+            &gpu_ssm_state,
+        )
+        .unwrap();
+        assert!(rel_err(&to_vec(&g_y), &y) < 1e-4, "scan ({tokens} tokens)");
+        assert!(
+            rel_err(&to_vec(&gpu_ssm_state), &cpu_ssm_state) < 1e-4,
+            "ssm state"
+        );
+        let g_norm = ssm_gated_norm(
+            &g_y,
+            &up(&z, &[tokens, inner + 3]),
+            &norm_w,
+            inner / g,
+            1e-5,
+        )
+        .unwrap();
+        assert!(
+            rel_err(&to_vec(&g_norm), &normed) < 1e-4,
+            "gated norm ({tokens} tokens)"
+        );
+    }
+}

@@ -91,8 +91,13 @@ impl CommonFields {
         }
     }
 
-    /// `think`: `true`/`false`, or `"low"|"medium"|"high"` (gpt-oss reasoning effort).
-    fn think(&self, session: &ModelSession) -> Result<(bool, ReasoningEffort), ApiError> {
+    /// `think`: `true`/`false`, or `"low"|"medium"|"high"` (gpt-oss reasoning effort). Returns
+    /// whether reasoning is shown, the effort (gpt-oss) and the template's `enable_thinking`
+    /// (`<think>` models: `false` turns reasoning off; `None` keeps the template's default).
+    fn think(
+        &self,
+        session: &ModelSession,
+    ) -> Result<(bool, ReasoningEffort, Option<bool>), ApiError> {
         let harmony = session.output_mode() == OutputMode::Harmony;
         let (wanted, effort) = match &self.think {
             None | Some(Value::Null) => (None, ReasoningEffort::Medium),
@@ -117,14 +122,18 @@ impl CommonFields {
                 ))
             }
         };
-        if wanted == Some(true) && !harmony {
+        if wanted == Some(true) && !session.can_think() {
             return Err(ApiError::bad_param(
                 "think",
                 format!("\"{}\" does not support thinking", self.model),
             ));
         }
+        if session.think.is_some() {
+            // `<think>` models reason unless told not to; `think: false` turns it off.
+            return Ok((wanted.unwrap_or(true), effort, wanted));
+        }
         // gpt-oss always reasons; `think: false` only hides it.
-        Ok((wanted.unwrap_or(harmony), effort))
+        Ok((wanted.unwrap_or(harmony), effort, None))
     }
 
     fn request(
@@ -168,7 +177,7 @@ impl CommonFields {
             }
         };
         r.stop_strings = stop_strings(o.stop.clone())?;
-        r.output = session.output_mode();
+        r.output = session.output_mode_for(&r.prompt);
         Ok(r)
     }
 }
@@ -290,13 +299,14 @@ async fn chat_inner(
         .acquire(&req.common.model, keep_alive, Purpose::Generate("chat"))
         .await?;
     let session = lease.model.session()?.clone();
-    let (show_thinking, effort) = req.common.think(&session)?;
+    let (show_thinking, effort, thinking) = req.common.think(&session)?;
     let prompt = chat_prompt_with_tools(
         &session,
         &messages,
         ChatOptions {
             raw: false,
             reasoning_effort: effort,
+            thinking,
         },
         tools.as_ref(),
     )?;
@@ -363,7 +373,7 @@ async fn generate_inner(
         .acquire(&req.common.model, keep_alive, Purpose::Generate("generate"))
         .await?;
     let session = lease.model.session()?.clone();
-    let (show_thinking, effort) = req.common.think(&session)?;
+    let (show_thinking, effort, thinking) = req.common.think(&session)?;
     let mut prompt = if req.raw {
         text_prompt(&session, &req.prompt)?
     } else {
@@ -378,6 +388,7 @@ async fn generate_inner(
             ChatOptions {
                 raw: false,
                 reasoning_effort: effort,
+                thinking,
             },
         )?
     };
@@ -817,7 +828,7 @@ pub async fn show(
                 info.insert(format!("{arch}.{k}"), v.into());
             }
         }
-        let harmony = arch.replace('-', "_") == "gpt_oss";
+        let arch_name = arch.replace('-', "_");
         let embeds = facts.format == crate::store::ModelFormat::Safetensors
             && crate::engine::embed::embeds(&facts.dir, &arch);
         // Every chat model takes tools: through its template, or the generic tool prompt.
@@ -826,7 +837,7 @@ pub async fn show(
         } else {
             vec!["completion", "tools"]
         };
-        if harmony {
+        if !embeds && (arch_name == "gpt_oss" || arch_name == "nemotron_h") {
             capabilities.push("thinking");
         }
         let template = {

@@ -142,7 +142,7 @@ impl CommonFields {
                 r.ignore_eos = self.ignore_eos.unwrap_or(false);
                 r.stop_strings = stops.clone();
                 r.logprobs = logprobs;
-                r.output = session.output_mode();
+                r.output = session.output_mode_for(prompt);
                 Ok(r)
             })
             .collect()
@@ -280,14 +280,18 @@ fn tool_request(
     Ok(Some(request))
 }
 
-fn reasoning_effort(value: Option<&str>) -> Result<ReasoningEffort, ApiError> {
+/// `reasoning_effort`: gpt-oss's level, and for `<think>` models (Nemotron) whether to reason
+/// at all (`"none"` turns it off; any level turns it on; absent: the template's default).
+fn reasoning_effort(value: Option<&str>) -> Result<(ReasoningEffort, Option<bool>), ApiError> {
     match value {
-        None | Some("medium") => Ok(ReasoningEffort::Medium),
-        Some("low" | "minimal") => Ok(ReasoningEffort::Low),
-        Some("high") => Ok(ReasoningEffort::High),
+        None => Ok((ReasoningEffort::Medium, None)),
+        Some("medium") => Ok((ReasoningEffort::Medium, Some(true))),
+        Some("low" | "minimal") => Ok((ReasoningEffort::Low, Some(true))),
+        Some("high") => Ok((ReasoningEffort::High, Some(true))),
+        Some("none") => Ok((ReasoningEffort::Low, Some(false))),
         Some(other) => Err(ApiError::bad_param(
             "reasoning_effort",
-            format!("reasoning_effort must be low, medium or high, got '{other}'"),
+            format!("reasoning_effort must be none, low, medium or high, got '{other}'"),
         )),
     }
 }
@@ -374,7 +378,7 @@ async fn chat_inner(
         (true, t) => Some(t.unwrap_or(0) as usize),
         (false, _) => None,
     };
-    let effort = reasoning_effort(req.reasoning_effort.as_deref())?;
+    let (effort, thinking) = reasoning_effort(req.reasoning_effort.as_deref())?;
     let msgs = messages(req.messages)?;
     // Parameters are checked before a model is loaded for them.
     req.common.max_tokens(None)?;
@@ -394,6 +398,7 @@ async fn chat_inner(
         ChatOptions {
             raw: false,
             reasoning_effort: effort,
+            thinking,
         },
         tools.as_ref(),
     )?;

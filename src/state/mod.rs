@@ -10,6 +10,12 @@
 //! engine's prefix cache keeps `Arc`s of them, and a new sequence adopts them instead of
 //! recomputing the prompt. Only the last, partially filled block of a sequence is ever written,
 //! and it is never shared.
+//!
+//! A recurrent state cannot be cut back to an earlier token, so a model with recurrent layers
+//! shares a prefix only up to a block boundary where a [`RecurrentSnapshot`] was taken (a copy of
+//! every recurrent layer's state right after that block): the engine takes them at chosen
+//! boundaries (the last one of a prompt, the latest one while generating) and a sequence that
+//! adopts the prefix starts from a copy.
 
 pub mod kv_cache;
 pub mod kv_quant;
@@ -222,7 +228,7 @@ impl PagedKv {
 
 /// State a recurrent layer (a Mamba mixer: conv window and SSM state) keeps per sequence instead
 /// of keys/values: f32 buffers whose sizes and meaning the model gives. It summarises every token
-/// read, so without a snapshot it can only be rewound to the start.
+/// read, so it can only be rewound to a [`RecurrentSnapshot`] or to the start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecurrentState {
     pub buffers: Vec<Vec<f32>>,
@@ -241,20 +247,27 @@ impl RecurrentState {
         self.buffers.iter().map(|b| 4 * b.len()).sum()
     }
 
-    /// Rewinds to at most `len` of `current` tokens and returns the length kept: all of them,
-    /// or none (the state is reset and the caller re-reads what it wanted kept).
-    pub fn rewind(&mut self, len: usize, current: usize) -> usize {
-        if len >= current {
-            current
-        } else {
-            self.reset();
-            0
-        }
-    }
-
     /// Forgets everything.
     pub fn reset(&mut self) {
         self.buffers.iter_mut().for_each(|b| b.fill(0.0));
+    }
+}
+
+/// Every recurrent layer's state (in layer order) right after block `blocks` of a sequence.
+#[derive(Debug, Clone)]
+pub struct RecurrentSnapshot {
+    /// Whole blocks read when it was taken: the state holds `blocks * BLOCK_TOKENS` tokens.
+    pub blocks: usize,
+    pub layers: Arc<Vec<RecurrentState>>,
+}
+
+impl RecurrentSnapshot {
+    /// Bytes it holds.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(RecurrentState::allocated_bytes)
+            .sum()
     }
 }
 
@@ -272,14 +285,20 @@ pub struct SequenceState {
     len: usize,
     /// Hard limit on the sequence's length (the context allocated to it).
     max_tokens: usize,
+    /// Recurrent layers' snapshots at block boundaries, oldest first (see [`Self::snapshot`]).
+    snapshots: Vec<RecurrentSnapshot>,
+    /// The newest snapshot may be replaced by the next one.
+    last_replaceable: bool,
 }
 
 /// Full blocks of a sequence's prefix, shareable with another sequence of the same model.
 #[derive(Clone)]
 pub struct SharedBlocks {
-    /// Per layer (KV layers only; recurrent layers make a state unshareable), per block.
+    /// Per layer, per block (empty for recurrent layers).
     pub layers: Vec<Vec<KvBlock>>,
     pub leases: Vec<Arc<BlockLease>>,
+    /// The recurrent layers' state after the last block (models with recurrent layers only).
+    pub recurrent: Option<RecurrentSnapshot>,
 }
 
 impl SharedBlocks {
@@ -300,6 +319,8 @@ impl SequenceState {
             leases: Vec::new(),
             len: 0,
             max_tokens,
+            snapshots: Vec::new(),
+            last_replaceable: false,
         }
     }
 
@@ -391,6 +412,28 @@ impl SequenceState {
     pub fn truncate(&mut self, len: usize) -> usize {
         let current = self.len;
         let mut kept = len.min(current);
+        if kept < current && self.has_recurrent() {
+            // A recurrent state goes back only to a snapshot (block-aligned, so the KV layers
+            // cut exactly there), or to the start.
+            let snap = self
+                .snapshots
+                .iter()
+                .rev()
+                .find(|s| s.blocks * BLOCK_TOKENS <= kept)
+                .cloned();
+            kept = snap.as_ref().map_or(0, |s| s.blocks * BLOCK_TOKENS);
+            let mut from = snap.as_ref().map(|s| s.layers.iter());
+            for layer in &mut self.layers {
+                if let LayerState::Recurrent(r) = layer {
+                    match from.as_mut().and_then(|f| f.next()) {
+                        Some(state) => r.clone_from(state),
+                        None => r.reset(),
+                    }
+                }
+            }
+            self.snapshots.retain(|s| s.blocks * BLOCK_TOKENS <= kept);
+            self.last_replaceable = false;
+        }
         // Layers may keep less than asked (a shared block, a recurrent state without a snapshot
         // there); cut again until every layer agrees on the shortest.
         loop {
@@ -401,7 +444,8 @@ impl SequenceState {
                         kv.truncate(agreed);
                         kv.len()
                     }
-                    LayerState::Recurrent(r) => r.rewind(agreed, current),
+                    // Already at `kept` (above).
+                    LayerState::Recurrent(_) => agreed,
                 });
             }
             if agreed == kept {
@@ -423,6 +467,8 @@ impl SequenceState {
             }
         }
         self.leases.clear();
+        self.snapshots.clear();
+        self.last_replaceable = false;
         self.len = 0;
     }
 
@@ -437,43 +483,125 @@ impl SequenceState {
             .sum()
     }
 
-    /// Whether full blocks of this state can be shared (every layer keeps keys/values).
-    pub fn shareable(&self) -> bool {
-        self.layers.iter().all(|l| matches!(l, LayerState::Kv(_)))
+    /// Whether some layer keeps a recurrent state (its prefix is shared only at snapshots).
+    pub fn has_recurrent(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| matches!(l, LayerState::Recurrent(_)))
     }
 
-    /// The first `n` full blocks, to share (`None` when the state cannot be shared).
-    pub fn share(&self, n: usize) -> Option<SharedBlocks> {
-        if !self.shareable() {
-            return None;
+    /// Copies every recurrent layer's state, when the sequence stands at a block boundary
+    /// (`false` otherwise, or without recurrent layers). `replaceable`: the next snapshot taken
+    /// replaces this one (the engine keeps a prompt's snapshot and only the latest of an answer).
+    pub fn snapshot(&mut self, replaceable: bool) -> bool {
+        if !self.has_recurrent() || self.len == 0 || self.len % BLOCK_TOKENS != 0 {
+            return false;
         }
-        let n = n.min(self.len / BLOCK_TOKENS);
+        let blocks = self.len / BLOCK_TOKENS;
+        if self.snapshots.last().is_some_and(|s| s.blocks == blocks) {
+            return true;
+        }
+        if self.last_replaceable {
+            self.snapshots.pop();
+        }
+        self.last_replaceable = replaceable;
+        let layers = self
+            .layers
+            .iter()
+            .filter_map(|l| match l {
+                LayerState::Recurrent(r) => Some(r.clone()),
+                LayerState::Kv(_) => None,
+            })
+            .collect();
+        self.snapshots.push(RecurrentSnapshot {
+            blocks,
+            layers: Arc::new(layers),
+        });
+        true
+    }
+
+    /// The snapshots taken, oldest first.
+    pub fn snapshots(&self) -> &[RecurrentSnapshot] {
+        &self.snapshots
+    }
+
+    /// Whether full blocks of this state can be shared: every layer keeps keys/values, or the
+    /// recurrent layers have a snapshot to share with them.
+    pub fn shareable(&self) -> bool {
+        !self.has_recurrent() || !self.snapshots.is_empty()
+    }
+
+    /// The first `n` full blocks, to share (`None` when the state cannot be shared). With
+    /// recurrent layers: as many blocks as the deepest snapshot within `n` covers, with it.
+    pub fn share(&self, n: usize) -> Option<SharedBlocks> {
+        let mut n = n.min(self.len / BLOCK_TOKENS);
+        let recurrent = if self.has_recurrent() {
+            let snap = self.snapshots.iter().rev().find(|s| s.blocks <= n)?;
+            n = snap.blocks;
+            Some(snap.clone())
+        } else {
+            None
+        };
         let layers = self
             .layers
             .iter()
             .map(|l| match l {
                 LayerState::Kv(kv) => kv.full_blocks(n),
-                LayerState::Recurrent(_) => unreachable!("checked by shareable"),
+                LayerState::Recurrent(_) => Vec::new(),
             })
             .collect();
         Some(SharedBlocks {
             layers,
             leases: self.leases[..n].to_vec(),
+            recurrent,
         })
     }
 
-    /// Starts an empty sequence from shared full blocks (a reused prompt prefix).
+    /// Starts an empty sequence from shared full blocks (a reused prompt prefix); recurrent
+    /// layers start from a copy of the shared snapshot.
     pub fn adopt(&mut self, shared: &SharedBlocks) -> Result<()> {
-        if !self.is_empty() || !self.shareable() || shared.layers.len() != self.layers.len() {
+        let recurrent_fits = match &shared.recurrent {
+            None => !self.has_recurrent(),
+            Some(snap) => {
+                snap.blocks == shared.len()
+                    && snap.layers.len()
+                        == self
+                            .layers
+                            .iter()
+                            .filter(|l| matches!(l, LayerState::Recurrent(_)))
+                            .count()
+            }
+        };
+        if !self.is_empty() || !recurrent_fits || shared.layers.len() != self.layers.len() {
             candle_core::bail!("internal error: prefix blocks adopted by an unfit sequence");
         }
+        let mut snapshot = shared.recurrent.as_ref().map(|s| s.layers.iter());
         for (layer, blocks) in self.layers.iter_mut().zip(&shared.layers) {
-            if let LayerState::Kv(kv) = layer {
-                kv.adopt(blocks);
+            match layer {
+                LayerState::Kv(kv) => kv.adopt(blocks),
+                LayerState::Recurrent(r) => {
+                    let from = snapshot.as_mut().and_then(|s| s.next()).ok_or_else(|| {
+                        candle_core::Error::Msg("internal error: snapshot layers".into())
+                    })?;
+                    if from.buffers.len() != r.buffers.len()
+                        || from
+                            .buffers
+                            .iter()
+                            .zip(&r.buffers)
+                            .any(|(a, b)| a.len() != b.len())
+                    {
+                        candle_core::bail!("internal error: a snapshot of another shape");
+                    }
+                    r.clone_from(from);
+                }
             }
         }
         self.leases = shared.leases.clone();
         self.len = shared.len() * BLOCK_TOKENS;
+        if let Some(snap) = &shared.recurrent {
+            self.snapshots = vec![snap.clone()];
+            self.last_replaceable = false;
+        }
         Ok(())
     }
 }
@@ -602,5 +730,79 @@ mod tests {
         assert_eq!(a.blocks(), 2);
         assert_eq!(a.truncate(30), 30);
         assert_eq!((a.blocks(), pool.used_blocks()), (1, 1));
+    }
+
+    /// One KV layer and one recurrent layer whose "state" is the sum of the tokens' values.
+    fn hybrid(pool: &Arc<BlockPool>) -> SequenceState {
+        let layers = vec![
+            LayerState::Kv(PagedKv::new(
+                KvProfile::Default,
+                2,
+                4,
+                DType::F32,
+                &Device::Cpu,
+            )),
+            LayerState::Recurrent(RecurrentState::zeros(&[2])),
+        ];
+        SequenceState::new(layers, pool.clone(), 1024)
+    }
+
+    fn write_hybrid(s: &mut SequenceState, t: usize, base: f32) {
+        s.begin(t).unwrap();
+        let x = kv(t, base);
+        s.kv_mut(0).unwrap().write(&x, &x).unwrap();
+        let r = s.recurrent_mut(1).unwrap();
+        r.buffers[0][0] += t as f32;
+        r.buffers[0][1] += base;
+        s.commit(t);
+    }
+
+    #[test]
+    fn recurrent_states_share_and_rewind_only_at_snapshots() {
+        let pool = BlockPool::new(16);
+        let mut a = hybrid(&pool);
+        write_hybrid(&mut a, BLOCK_TOKENS + 3, 1.0);
+        assert!(!a.snapshot(false), "not at a block boundary");
+        assert!(a.share(1).is_none(), "no snapshot: nothing to share");
+        write_hybrid(&mut a, BLOCK_TOKENS - 3, 2.0);
+        assert!(a.snapshot(false));
+        let at_two = a.recurrent_mut(1).unwrap().clone();
+        write_hybrid(&mut a, BLOCK_TOKENS, 3.0);
+        assert!(a.snapshot(true));
+        write_hybrid(&mut a, BLOCK_TOKENS, 4.0);
+        assert!(a.snapshot(true), "replaces the previous replaceable one");
+        let blocks: Vec<usize> = a.snapshots().iter().map(|s| s.blocks).collect();
+        assert_eq!(blocks, [2, 4]);
+
+        // Sharing 3 blocks gives the 2 the snapshot covers, with the state at block 2.
+        let shared = a.share(3).unwrap();
+        assert_eq!(shared.len(), 2);
+        let mut b = hybrid(&pool);
+        b.adopt(&shared).unwrap();
+        assert_eq!(b.len(), 2 * BLOCK_TOKENS);
+        assert_eq!(b.recurrent_mut(1).unwrap(), &at_two);
+        // b's copy is its own: writing it leaves the snapshot (and a) alone.
+        write_hybrid(&mut b, 5, 9.0);
+        assert_eq!(a.share(3).unwrap().recurrent.unwrap().layers[0], at_two);
+
+        // Rewinding goes back to the deepest snapshot at or before the cut.
+        assert_eq!(a.truncate(3 * BLOCK_TOKENS + 1), 2 * BLOCK_TOKENS);
+        assert_eq!(a.recurrent_mut(1).unwrap(), &at_two);
+        assert_eq!(a.truncate(BLOCK_TOKENS), 0, "no snapshot before: the start");
+        assert_eq!(a.recurrent_mut(1).unwrap(), &RecurrentState::zeros(&[2]));
+        assert!(a.snapshots().is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_of_another_shape_is_refused() {
+        let pool = BlockPool::new(8);
+        let mut a = hybrid(&pool);
+        write_hybrid(&mut a, BLOCK_TOKENS, 1.0);
+        a.snapshot(false);
+        let mut shared = a.share(1).unwrap();
+        let snap = shared.recurrent.as_mut().unwrap();
+        snap.layers = Arc::new(vec![RecurrentState::zeros(&[3])]);
+        let mut b = hybrid(&pool);
+        assert!(b.adopt(&shared).is_err());
     }
 }
