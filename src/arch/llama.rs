@@ -41,6 +41,10 @@ pub enum Role {
     PostAttnNorm,
     PreFfnNorm,
     PostFfnNorm,
+    /// BitNet's norms of the attention output (before `o_proj`) and of the gated MLP activation
+    /// (before `down_proj`).
+    AttnSubNorm,
+    FfnSubNorm,
     Gate,
     Up,
     Down,
@@ -64,6 +68,8 @@ impl Role {
             Role::FfnNorm | Role::PostAttnNorm => format!("{l}.post_attention_layernorm"),
             Role::PreFfnNorm => format!("{l}.pre_feedforward_layernorm"),
             Role::PostFfnNorm => format!("{l}.post_feedforward_layernorm"),
+            Role::AttnSubNorm => format!("{l}.self_attn.attn_sub_norm"),
+            Role::FfnSubNorm => format!("{l}.mlp.ffn_sub_norm"),
             Role::Gate => format!("{l}.mlp.gate_proj"),
             Role::Up => format!("{l}.mlp.up_proj"),
             Role::Down => format!("{l}.mlp.down_proj"),
@@ -87,6 +93,8 @@ impl Role {
             Role::FfnNorm | Role::PreFfnNorm => format!("{l}.ffn_norm"),
             Role::PostAttnNorm => format!("{l}.post_attention_norm"),
             Role::PostFfnNorm => format!("{l}.post_ffw_norm"),
+            Role::AttnSubNorm => format!("{l}.attn_sub_norm"),
+            Role::FfnSubNorm => format!("{l}.ffn_sub_norm"),
             Role::Gate => format!("{l}.ffn_gate"),
             Role::Up => format!("{l}.ffn_up"),
             Role::Down => format!("{l}.ffn_down"),
@@ -367,6 +375,9 @@ impl Loader for GgufLoader<'_> {
 
     fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight> {
         let name = format!("{}.weight", role.gguf_name(layer));
+        if let Some(own) = own_quant_matrix(self.file, &name, shape, &self.options.device)? {
+            return Ok(own);
+        }
         let q = self.file.tensor(&name, &self.options.device)?;
         if q.shape().dims() != shape {
             bail!(
@@ -422,12 +433,47 @@ impl Loader for GgufLoader<'_> {
                     .or_insert(0usize) += 1;
             }
         }
+        for info in self.file.own_tensors.values() {
+            if info.shape.len() == 2 {
+                *counts.entry(info.ty.name.to_string()).or_insert(0usize) += 1;
+            }
+        }
         counts
             .into_iter()
             .max_by_key(|(_, n)| *n)
             .map(|(t, _)| t)
             .unwrap_or_default()
     }
+}
+
+/// A matrix of a type candle's GGUF reader does not know (ternary), through our kernels; `None`
+/// when candle reads the tensor.
+pub(crate) fn own_quant_matrix(
+    file: &GgufFile,
+    name: &str,
+    shape: [usize; 2],
+    device: &Device,
+) -> anyhow::Result<Option<Weight>> {
+    let Some((info, data)) = file.own_tensor(name)? else {
+        return Ok(None);
+    };
+    if info.shape != shape {
+        bail!(
+            "tensor '{name}' in {} has shape {:?}, expected {shape:?} from the metadata",
+            file.path.display(),
+            info.shape
+        );
+    }
+    if !device.is_cpu() {
+        bail!(
+            "tensor '{name}' in {} is {}, which only the CPU kernels read; run on the CPU (--device cpu)",
+            file.path.display(),
+            info.ty
+        );
+    }
+    let m = QuantMatrix::new(info.ty, data, shape[0], shape[1])
+        .with_context(|| format!("tensor '{name}' in {}", file.path.display()))?;
+    Ok(Some(Weight::OwnQuant(Arc::new(m))))
 }
 
 /// Builds a Llama-family model from safetensors or GGUF.

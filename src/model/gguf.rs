@@ -6,6 +6,11 @@
 //! shapes, types and byte ranges to whoever reads them. After the walk every tensor is known to
 //! have a supported type, a shape whose rows are whole blocks, and bytes inside the file, so a
 //! truncated download is reported (file, tensor, bytes missing) before loading starts.
+//!
+//! Tensors of types candle's reader does not know but our kernels read (the ternary `TQ1_0`,
+//! `TQ2_0`: [`own_read_type`]) are kept apart as [`OwnTensor`]s: candle parses a copy of the header
+//! in which their type is F32 (it reads nothing past the header), and their bytes are read by
+//! [`GgufFile::own_tensor`].
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -16,6 +21,8 @@ use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
+
+use crate::kernels::ggml_types::GgmlType;
 
 /// Longest metadata key or tensor name accepted.
 const MAX_NAME_LEN: u64 = 1 << 16;
@@ -37,8 +44,31 @@ impl<T: Read + Seek + Send> Source for T {}
 /// An open GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
+    /// The header as candle reads it, without the [`OwnTensor`]s.
     pub content: Content,
+    /// Tensors whose type candle cannot read but our kernels can, by name.
+    pub own_tensors: std::collections::HashMap<String, OwnTensor>,
     reader: Mutex<Box<dyn Source>>,
+}
+
+/// A tensor read by our own path (see the module doc).
+#[derive(Clone, Debug)]
+pub struct OwnTensor {
+    pub ty: GgmlType,
+    /// Dimensions, outermost first (candle's order: `[rows, cols]` for a matrix).
+    pub shape: Vec<usize>,
+    /// Offset in the data section.
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+/// The types read by our own path rather than candle's: those our CPU kernels read that candle's
+/// GGUF reader refuses. One table for every such type (the ternary ones today).
+pub fn own_read_type(type_id: u32) -> Option<GgmlType> {
+    if ggml_dtype(type_id).is_some() {
+        return None;
+    }
+    GgmlType::from_id(type_id).filter(|t| t.has_cpu_kernel())
 }
 
 impl GgufFile {
@@ -62,22 +92,55 @@ impl GgufFile {
         mut reader: Box<dyn Source>,
         file_size: u64,
     ) -> anyhow::Result<Self> {
-        check_header(&mut reader, file_size).map_err(|e| {
+        let scan = check_header(&mut reader, file_size).map_err(|e| {
             anyhow::anyhow!(
                 "{} is not a valid GGUF file: {e:#}; it may be truncated or corrupt: download it again",
                 path.display()
             )
         })?;
         reader.seek(SeekFrom::Start(0))?;
-        let content = Content::read(&mut reader).map_err(|e| {
+        let parsed = if scan.own.is_empty() {
+            Content::read(&mut reader)
+        } else {
+            // candle refuses types it does not know: it parses a copy of the header in which
+            // those tensors are F32 (the header alone; their bytes are ours to read).
+            let mut header = vec![0u8; scan.data_start as usize];
+            reader.read_exact(&mut header)?;
+            for (_, at) in &scan.own {
+                header[*at as usize..*at as usize + 4].copy_from_slice(&0u32.to_le_bytes());
+            }
+            Content::read(&mut std::io::Cursor::new(header))
+        };
+        let mut content = parsed.map_err(|e| {
             anyhow::anyhow!(
                 "{} is not a valid GGUF file ({e}); it may be truncated or corrupt: download it again",
                 path.display()
             )
         })?;
+        let mut own_tensors = std::collections::HashMap::new();
+        for (name, _) in scan.own {
+            let info = content
+                .tensor_infos
+                .remove(&name)
+                .with_context(|| format!("tensor '{name}' vanished from the header"))?;
+            let ty = scan.types[&name];
+            let shape = info.shape.dims().to_vec();
+            let elems: usize = shape.iter().product();
+            let bytes = (elems / ty.block_elems * ty.block_bytes) as u64;
+            own_tensors.insert(
+                name,
+                OwnTensor {
+                    ty,
+                    shape,
+                    offset: info.offset,
+                    bytes,
+                },
+            );
+        }
         Ok(Self {
             path: path.to_path_buf(),
             content,
+            own_tensors,
             reader: Mutex::new(reader),
         })
     }
@@ -177,11 +240,54 @@ impl GgufFile {
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.content.tensor_infos.contains_key(name) || self.own_tensors.contains_key(name)
+    }
+
+    /// The raw blocks of a tensor read by our own path (`None`: candle reads it, use [`Self::tensor`]).
+    pub fn own_tensor(&self, name: &str) -> anyhow::Result<Option<(OwnTensor, Vec<u8>)>> {
+        let Some(info) = self.own_tensors.get(name) else {
+            return Ok(None);
+        };
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        reader.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
+        let mut data = vec![0u8; info.bytes as usize];
+        reader
+            .read_exact(&mut data)
+            .with_context(|| format!("cannot read tensor '{name}' from {}", self.path.display()))?;
+        Ok(Some((info.clone(), data)))
+    }
+
+    /// Every tensor's name and GGML type (candle's and ours).
+    pub fn tensor_types(&self) -> Vec<(&str, GgmlType, usize)> {
+        let mut v: Vec<(&str, GgmlType, usize)> = self
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| {
+                (
+                    n.as_str(),
+                    GgmlType::from_candle(i.ggml_dtype),
+                    i.shape.elem_count(),
+                )
+            })
+            .collect();
+        v.extend(
+            self.own_tensors
+                .iter()
+                .map(|(n, t)| (n.as_str(), t.ty, t.shape.iter().product())),
+        );
+        v
     }
 
     /// Reads one tensor onto `device` (quantized blocks stay quantized).
     pub fn tensor(&self, name: &str, device: &Device) -> anyhow::Result<QTensor> {
+        if let Some(t) = self.own_tensors.get(name) {
+            bail!(
+                "tensor '{name}' in {} has type {}, which only the matmul kernels read",
+                self.path.display(),
+                t.ty
+            );
+        }
         if !self.has_tensor(name) {
             bail!("tensor '{name}' is missing from {}", self.path.display());
         }
@@ -256,9 +362,10 @@ fn scalar_size(value_type: u32) -> anyhow::Result<Option<u64>> {
 /// Reads the GGUF header with bounds of our own, allocating nothing sized by the file (strings
 /// are skipped, not read): magic and version, counts, every metadata value (arrays bounded,
 /// `general.alignment` a power of two), and every tensor (at most 4 dimensions, a type candle
-/// knows, rows of whole blocks, byte range inside the file). What it accepts, candle's reader
-/// can parse without panicking or allocating beyond a small multiple of the file size.
-pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result<()> {
+/// knows or [`own_read_type`] lists, rows of whole blocks, byte range inside the file). What it
+/// accepts, candle's reader can parse without panicking or allocating beyond a small multiple of
+/// the file size (once the own-read types are replaced, at the positions returned).
+pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result<HeaderScan> {
     let mut h = Header {
         r,
         file_size,
@@ -310,6 +417,7 @@ pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result
             .with_context(|| format!("in metadata '{key}'"))?;
     }
     let mut ranges = Vec::new();
+    let mut scan = HeaderScan::default();
     for _ in 0..tensors {
         let name = h.name("tensor name")?;
         let dims = h.u32()?;
@@ -320,29 +428,41 @@ pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result
         for _ in 0..dims {
             shape.push(if h.wide { h.u64()? } else { h.u32()? as u64 });
         }
+        let type_at = h.r.stream_position()?;
         let type_id = h.u32()?;
-        let dtype = ggml_dtype(type_id).with_context(|| {
-            format!("tensor '{name}' has type id {type_id}, which candle cannot read")
-        })?;
+        let ty = match (ggml_dtype(type_id), own_read_type(type_id)) {
+            (Some(dtype), _) => GgmlType::from_candle(dtype),
+            (None, Some(ty)) => {
+                scan.own.push((name.clone(), type_at));
+                scan.types.insert(name.clone(), ty);
+                ty
+            }
+            (None, None) => bail!(
+                "tensor '{name}' has type {}, which xllm cannot read",
+                GgmlType::from_id(type_id)
+                    .map_or_else(|| format!("id {type_id}"), |t| t.to_string())
+            ),
+        };
         let offset = h.u64()?;
         let elems = shape
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|n| *n <= MAX_TENSOR_ELEMS)
             .with_context(|| format!("tensor '{name}' has an absurd shape {shape:?}"))?;
-        let block = dtype.block_size() as u64;
+        let block = ty.block_elems as u64;
         // GGUF lists dimensions innermost first: rows are `shape[0]` long and must be whole blocks.
         if shape.first().is_some_and(|&row| row % block != 0) {
             bail!(
-                "tensor '{name}' ({dtype:?}) has rows of {} values, not a multiple of its block size {block}",
+                "tensor '{name}' ({ty}) has rows of {} values, not a multiple of its block size {block}",
                 shape[0]
             );
         }
-        let bytes = elems / block * dtype.type_size() as u64;
+        let bytes = elems / block * ty.block_bytes as u64;
         ranges.push((name, offset, bytes));
     }
     let position = h.r.stream_position()?;
     let data_start = position.div_ceil(alignment) * alignment;
+    scan.data_start = data_start;
     for (name, offset, bytes) in ranges {
         let end = data_start
             .checked_add(offset)
@@ -355,7 +475,17 @@ pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result
             );
         }
     }
-    Ok(())
+    Ok(scan)
+}
+
+/// What [`check_header`] found besides validity.
+#[derive(Default, Debug)]
+pub struct HeaderScan {
+    /// Tensors of an [`own_read_type`], with the header position of their type id.
+    pub own: Vec<(String, u64)>,
+    types: std::collections::HashMap<String, GgmlType>,
+    /// Where tensor data starts (the aligned end of the header).
+    pub data_start: u64,
 }
 
 /// Little-endian reads over the header with the file size at hand.
@@ -468,7 +598,7 @@ mod tests {
     }
 
     fn check(bytes: &[u8]) -> anyhow::Result<()> {
-        check_header(&mut std::io::Cursor::new(bytes), bytes.len() as u64)
+        check_header(&mut std::io::Cursor::new(bytes), bytes.len() as u64).map(|_| ())
     }
 
     #[test]

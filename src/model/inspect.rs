@@ -154,6 +154,12 @@ pub fn inspect_gguf(path: &Path) -> anyhow::Result<ModelMetadata> {
         *dtype_elems.entry(ty.to_string()).or_default() += n;
         *meta.tensor_types.entry(ty.to_string()).or_default() += 1;
     }
+    for (name, info) in &file.own_tensors {
+        let n = info.shape.iter().product::<usize>() as u64;
+        counts.add(name, n, name.contains("_exps"));
+        *dtype_elems.entry(info.ty.name.to_string()).or_default() += n;
+        *meta.tensor_types.entry(info.ty.name.to_string()).or_default() += 1;
+    }
     meta.parameters = Some(counts.total);
     meta.active_parameters = counts.active(meta.experts, meta.experts_active);
     meta.quantization = md
