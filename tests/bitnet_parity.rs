@@ -37,6 +37,7 @@ fn check(what: &str, model: &dyn CausalLm, ids: &[u32], reference: &Tensor) {
     let logits = model.forward(ids, &mut cache, false).unwrap();
     assert_eq!(logits.dims(), reference.dims());
     let err = relative_error(&logits, reference);
+    eprintln!("{what}: max relative logit error {err:.2e}");
     assert!(err <= 1e-3, "{what}: logits differ by {err} (relative)");
 
     let mut cache = info.new_cache(KvProfile::Default, 256).unwrap();
