@@ -336,12 +336,7 @@ fn ternary_kernels(ty: GgmlType, avx2: bool) -> RowKernels<BlockQ8K> {
                         // SAFETY (each closure): AVX2, FMA and F16C were detected at run time.
                         return RowKernels {
                             dot: |w, x| unsafe { ternary::avx2::dot_n::<$id, 1>(w, [x])[0] },
-                            dot2: |w0, w1, x| unsafe {
-                                [
-                                    ternary::avx2::dot_n::<$id, 1>(w0, [x])[0],
-                                    ternary::avx2::dot_n::<$id, 1>(w1, [x])[0],
-                                ]
-                            },
+                            dot2: |w0, w1, x| unsafe { ternary::avx2::dot2::<$id>(w0, w1, x) },
                             dot4: |w, x| unsafe { ternary::avx2::dot_n::<$id, 4>(w, x) },
                         };
                     }

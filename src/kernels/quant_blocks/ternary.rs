@@ -143,7 +143,6 @@ pub mod avx2 {
 
     use super::super::q8::BlockQ8K;
     use crate::kernels::cpu_matmul::hsum;
-    use half::f16;
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -158,19 +157,24 @@ pub mod avx2 {
         _mm256_add_epi8(_mm256_add_epi8(v, v), v)
     }
 
-    /// The top trit of each byte: `⌊3q/256⌋ = [q ≥ 86] + [q ≥ 171]` (unsigned).
+    /// The top trit of each byte: `⌊3q/256⌋ = [q ≥ 86] + [q ≥ 171]` (unsigned; no closures here:
+    /// a closure would not inherit the target features, and every intrinsic would become a call).
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn top_trit(q: __m256i) -> __m256i {
-        let ge = |t: i8| {
-            let t = _mm256_set1_epi8(t);
-            _mm256_cmpeq_epi8(_mm256_max_epu8(q, t), q)
-        };
+        let ge86 = _mm256_cmpeq_epi8(_mm256_max_epu8(q, _mm256_set1_epi8(86)), q);
+        let ge171 = _mm256_cmpeq_epi8(_mm256_max_epu8(q, _mm256_set1_epi8(171u8 as i8)), q);
         // Each comparison is −1 where true: 0 − (−1) − (−1).
-        _mm256_sub_epi8(
-            _mm256_sub_epi8(_mm256_setzero_si256(), ge(86)),
-            ge(171u8 as i8),
-        )
+        _mm256_sub_epi8(_mm256_sub_epi8(_mm256_setzero_si256(), ge86), ge171)
+    }
+
+    /// The f16 at `b + at` (F16C).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn f16_at(b: *const u8, at: usize) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (b.add(at) as *const u16).read_unaligned() as i32,
+        )))
     }
 
     /// Eight vectors of 32 levels (elements `32k..32k + 32`) and the block scale.
@@ -188,7 +192,7 @@ pub mod avx2 {
                 q[4 * j + 2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
                 q[4 * j + 3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
             }
-            (q, f16::from_le_bytes([*b.add(64), *b.add(65)]).to_f32())
+            (q, f16_at(b, 64))
         } else {
             // TQ1_0: qs[0..32] (5 trits: elements 32n + m), qs[32..48] (5 trits: elements
             // 160 + 16n + m), qh[0..4] (4 trits: elements 240 + 4n + j), d.
@@ -215,7 +219,7 @@ pub mod avx2 {
             let hq = _mm_blend_epi32(_mm_blend_epi32(hv, h1, 0b0010), _mm_blend_epi32(h2, h3, 0b1000), 0b1100);
             let last = _mm256_set_m128i(hq, _mm256_castsi256_si128(w));
             q[7] = top_trit(last);
-            (q, f16::from_le_bytes([*b.add(52), *b.add(53)]).to_f32())
+            (q, f16_at(b, 52))
         }
     }
 
@@ -259,6 +263,39 @@ pub mod avx2 {
             }
         }
         std::array::from_fn(|r| hsum(acc[r]))
+    }
+
+    /// Two weight rows dotted with one activation row (decode): each activation vector is loaded
+    /// once for both. Per row the same operations in the same order as [`dot_n`], so a row's
+    /// result does not depend on which kernel computed it.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot2<const F: u32>(w0: &[u8], w1: &[u8], x: &[BlockQ8K]) -> [f32; 2] {
+        let bb = bytes::<F>();
+        let blocks = w0.len() / bb;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for i in 0..blocks {
+            let (q0, d0) = unpack::<F>(w0.as_ptr().add(i * bb));
+            let (q1, d1) = unpack::<F>(w1.as_ptr().add(i * bb));
+            let xb = x.get_unchecked(i);
+            let xq = xb.qs.as_ptr();
+            let mut s0 = _mm256_setzero_si256();
+            let mut s1 = _mm256_setzero_si256();
+            for k in 0..8 {
+                let x8 = _mm256_load_si256(xq.add(32 * k) as *const __m256i);
+                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(q0[k], x8));
+                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(q1[k], x8));
+            }
+            let bs = _mm256_madd_epi16(
+                _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i),
+                ones,
+            );
+            let i0 = _mm256_sub_epi32(_mm256_madd_epi16(s0, ones), bs);
+            let i1 = _mm256_sub_epi32(_mm256_madd_epi16(s1, ones), bs);
+            acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xb.d), _mm256_cvtepi32_ps(i0), acc[0]);
+            acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xb.d), _mm256_cvtepi32_ps(i1), acc[1]);
+        }
+        [hsum(acc[0]), hsum(acc[1])]
     }
 }
 
