@@ -48,7 +48,10 @@ fn check(what: &str, model: &dyn CausalLm, ids: &[u32], reference: &Tensor) {
     for (i, &id) in ids.iter().enumerate().skip(split) {
         let step = model.forward(&[id], &mut cache, true).unwrap();
         let err = relative_error(&step, &reference.narrow(0, i, 1).unwrap());
-        assert!(err <= 1e-3, "{what}: decode at position {i} differs by {err}");
+        assert!(
+            err <= 1e-3,
+            "{what}: decode at position {i} differs by {err}"
+        );
     }
 }
 
@@ -67,7 +70,12 @@ fn check_fixture(name: &str) {
     let (ids, reference) = common::reference_ids_and_logits(&dir);
     let model = common::build_f32_cpu(&dir);
     assert_eq!(model.info().architecture, "bitnet");
-    check(&format!("{name} (safetensors)"), model.as_ref(), &ids, &reference);
+    check(
+        &format!("{name} (safetensors)"),
+        model.as_ref(),
+        &ids,
+        &reference,
+    );
 
     let env = Env::new("http://127.0.0.1:9");
     for ty in ["TQ2_0", "TQ1_0"] {
@@ -88,7 +96,12 @@ fn check_fixture(name: &str) {
         assert!(file.has_tensor("blk.0.attn_q.scale"));
         assert!(!file.own_tensors.contains_key("token_embd.weight"));
         let model = gguf_model(&out);
-        check(&format!("{name} ({ty} GGUF)"), model.as_ref(), &ids, &reference);
+        check(
+            &format!("{name} ({ty} GGUF)"),
+            model.as_ref(),
+            &ids,
+            &reference,
+        );
     }
 }
 

@@ -57,7 +57,9 @@ fn tensors() -> Vec<(String, Vec<u64>)> {
 }
 
 fn tensor_values(name: &str, ne: &[u64]) -> Vec<f32> {
-    let seed = name.bytes().fold(7u64, |h, b| h.wrapping_mul(31) + b as u64);
+    let seed = name
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31) + b as u64);
     values(seed, ne.iter().product::<u64>() as usize)
 }
 
@@ -144,7 +146,9 @@ fn stats_report_both_ternary_scales_and_absmean_channel_writes_row_scales() {
         .ok();
     // Two JSON documents: the plan, then the statistics.
     let text = stats.stdout;
-    let at = text.find("{\n  \"reconstruction\"").expect("stats document");
+    let at = text
+        .find("{\n  \"reconstruction\"")
+        .expect("stats document");
     let doc: serde_json::Value = serde_json::from_str(&text[at..]).unwrap();
     let rows = doc["reconstruction"].as_array().unwrap();
     let mut ternary = 0;
@@ -158,11 +162,19 @@ fn stats_report_both_ternary_scales_and_absmean_channel_writes_row_scales() {
         ternary += 1;
         let w = tensor_values(&name, &ne);
         let got_max = row["relative_rms_error"]["absmax"].as_f64().unwrap();
-        let got_mean = row["relative_rms_error"]["absmean-channel"].as_f64().unwrap();
+        let got_mean = row["relative_rms_error"]["absmean-channel"]
+            .as_f64()
+            .unwrap();
         let want_max = relative_error(&w, &absmax(&w));
         let want_mean = relative_error(&w, &absmean_channel(&w, ne[0] as usize));
-        assert!((got_max - want_max).abs() < 1e-6, "{name}: absmax {got_max} vs {want_max}");
-        assert!((got_mean - want_mean).abs() < 1e-6, "{name}: absmean {got_mean} vs {want_mean}");
+        assert!(
+            (got_max - want_max).abs() < 1e-6,
+            "{name}: absmax {got_max} vs {want_max}"
+        );
+        assert!(
+            (got_mean - want_mean).abs() < 1e-6,
+            "{name}: absmean {got_mean} vs {want_mean}"
+        );
         // On Gaussian weights the absmean rule keeps more of the matrix.
         assert!(want_mean < want_max, "{name}: {want_mean} !< {want_max}");
     }

@@ -16,7 +16,6 @@
 //!
 //! Without a `quantization_config` transformers runs plain linears, and so do we.
 
-
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::Value;
@@ -348,7 +347,10 @@ impl BitSource for GgufBits<'_> {
         } else {
             1.0
         };
-        Ok(Some((QuantMatrix::new(info.ty, data, shape[0], shape[1])?, scale)))
+        Ok(Some((
+            QuantMatrix::new(info.ty, data, shape[0], shape[1])?,
+            scale,
+        )))
     }
 }
 
@@ -432,7 +434,8 @@ impl BitNet {
                 mats.pop().expect("one").0
             } else {
                 let refs: Vec<&QuantMatrix> = mats.iter().map(|(m, _)| m).collect();
-                QuantMatrix::stack(&refs).context("BitLinear weights of one input differ in type")?
+                QuantMatrix::stack(&refs)
+                    .context("BitLinear weights of one input differ in type")?
             };
             let parts = scales;
             Ok(Proj::Bit(BitProjections { matrix, parts }))
@@ -442,7 +445,14 @@ impl BitNet {
         for i in 0..cfg.num_layers {
             layers.push(Layer {
                 attn_norm: loader.vector(Role::AttnNorm, i, "weight", h)?,
-                qkv: group(i, &[(Role::Q, q_out, h), (Role::K, kv_out, h), (Role::V, kv_out, h)])?,
+                qkv: group(
+                    i,
+                    &[
+                        (Role::Q, q_out, h),
+                        (Role::K, kv_out, h),
+                        (Role::V, kv_out, h),
+                    ],
+                )?,
                 attn_sub_norm: loader.vector(Role::AttnSubNorm, i, "weight", q_out)?,
                 o: group(i, &[(Role::O, h, q_out)])?,
                 ffn_norm: loader.vector(Role::FfnNorm, i, "weight", h)?,

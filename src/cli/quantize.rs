@@ -155,8 +155,8 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let source = quantize::open_source(&path)?;
     let mut prepared = quantize::prepare(source.as_ref(), ftype)?;
     prepared.ternary_scale = quantize::blocks::ternary::TernaryScale::parse(&a.ternary_scale)?;
-    let bitnet_source = source.metadata().get_str("general.architecture") == Some("bitnet")
-        && !path.is_file();
+    let bitnet_source =
+        source.metadata().get_str("general.architecture") == Some("bitnet") && !path.is_file();
     if bitnet_source && prepared.ternary_scale != Default::default() {
         bail!(
             "--ternary-scale {}: this BitNet checkpoint is already ternary; its BitLinear weights are written \
@@ -167,7 +167,10 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     if a.dry_run {
         print_plan(&prepared, a.json)?;
         if a.stats {
-            print_stats(&quantize::reconstruction_errors(source.as_ref(), &prepared)?, a.json)?;
+            print_stats(
+                &quantize::reconstruction_errors(source.as_ref(), &prepared)?,
+                a.json,
+            )?;
         }
         return Ok(());
     }

@@ -249,7 +249,9 @@ impl GgufFile {
             return Ok(None);
         };
         let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        reader.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
+        reader.seek(SeekFrom::Start(
+            self.content.tensor_data_offset + info.offset,
+        ))?;
         let mut data = vec![0u8; info.bytes as usize];
         reader
             .read_exact(&mut data)

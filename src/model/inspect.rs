@@ -158,7 +158,10 @@ pub fn inspect_gguf(path: &Path) -> anyhow::Result<ModelMetadata> {
         let n = info.shape.iter().product::<usize>() as u64;
         counts.add(name, n, name.contains("_exps"));
         *dtype_elems.entry(info.ty.name.to_string()).or_default() += n;
-        *meta.tensor_types.entry(info.ty.name.to_string()).or_default() += 1;
+        *meta
+            .tensor_types
+            .entry(info.ty.name.to_string())
+            .or_default() += 1;
     }
     meta.parameters = Some(counts.total);
     meta.active_parameters = counts.active(meta.experts, meta.experts_active);

@@ -199,7 +199,13 @@ impl HfSource {
             let bit_linear = bitnet.as_ref().filter(|_| {
                 name.starts_with("model.layers.")
                     && [
-                        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                        "q_proj",
+                        "k_proj",
+                        "v_proj",
+                        "o_proj",
+                        "gate_proj",
+                        "up_proj",
+                        "down_proj",
                     ]
                     .iter()
                     .any(|p| name.ends_with(&format!(".{p}.weight")))
@@ -288,11 +294,12 @@ impl HfSource {
                 levels: None,
             });
             // BitNet's embedding and LM head are full precision in training: kept as stored.
-            let keep_type = if bitnet.is_some() && (gname == "token_embd.weight" || gname == "output.weight") {
-                ty
-            } else {
-                GgmlType::F32
-            };
+            let keep_type =
+                if bitnet.is_some() && (gname == "token_embd.weight" || gname == "output.weight") {
+                    ty
+                } else {
+                    GgmlType::F32
+                };
             tensors.push(SourceTensor {
                 name: gname,
                 ne,

@@ -270,7 +270,10 @@ pub fn reconstruction_errors(
                 .iter()
                 .zip(err)
                 .map(|((name, _), e)| {
-                    (name.clone(), if norm > 0.0 { (e / norm).sqrt() } else { 0.0 })
+                    (
+                        name.clone(),
+                        if norm > 0.0 { (e / norm).sqrt() } else { 0.0 },
+                    )
                 })
                 .collect(),
         });

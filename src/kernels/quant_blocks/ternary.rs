@@ -216,7 +216,11 @@ pub mod avx2 {
             let h1 = _mm_add_epi8(_mm_add_epi8(hv, hv), hv);
             let h2 = _mm_add_epi8(_mm_add_epi8(h1, h1), h1);
             let h3 = _mm_add_epi8(_mm_add_epi8(h2, h2), h2);
-            let hq = _mm_blend_epi32(_mm_blend_epi32(hv, h1, 0b0010), _mm_blend_epi32(h2, h3, 0b1000), 0b1100);
+            let hq = _mm_blend_epi32(
+                _mm_blend_epi32(hv, h1, 0b0010),
+                _mm_blend_epi32(h2, h3, 0b1000),
+                0b1100,
+            );
             let last = _mm256_set_m128i(hq, _mm256_castsi256_si128(w));
             q[7] = top_trit(last);
             (q, f16_at(b, 52))
@@ -251,15 +255,10 @@ pub mod avx2 {
                     s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(q[k], x8));
                 }
                 let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
-                let sumi = _mm256_sub_epi32(
-                    _mm256_madd_epi16(s16, ones),
-                    _mm256_madd_epi16(bs, ones),
-                );
-                acc[r] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(d * xb.d),
-                    _mm256_cvtepi32_ps(sumi),
-                    acc[r],
-                );
+                let sumi =
+                    _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_madd_epi16(bs, ones));
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(sumi), acc[r]);
             }
         }
         std::array::from_fn(|r| hsum(acc[r]))
@@ -350,9 +349,15 @@ mod tests {
             // SAFETY: features detected above.
             let (one, four) = unsafe {
                 if ty == GgmlType::TQ1_0 {
-                    (avx2::dot_n::<34, 1>(&w, [x[0]]), avx2::dot_n::<34, 4>(&w, x))
+                    (
+                        avx2::dot_n::<34, 1>(&w, [x[0]]),
+                        avx2::dot_n::<34, 4>(&w, x),
+                    )
                 } else {
-                    (avx2::dot_n::<35, 1>(&w, [x[0]]), avx2::dot_n::<35, 4>(&w, x))
+                    (
+                        avx2::dot_n::<35, 1>(&w, [x[0]]),
+                        avx2::dot_n::<35, 4>(&w, x),
+                    )
                 }
             };
             for (a, b) in four.iter().chain(&one).zip(want.iter().chain(&want[..1])) {

@@ -242,8 +242,15 @@ mod tests {
         for ty in [GgmlType::TQ1_0, GgmlType::TQ2_0] {
             let rb = ty.row_bytes(256).unwrap();
             let mut q = vec![0u8; 2 * rb];
-            quantize_rows_scaled(ty, &x, 256, None, ternary::TernaryScale::AbsmeanChannel, &mut q)
-                .unwrap();
+            quantize_rows_scaled(
+                ty,
+                &x,
+                256,
+                None,
+                ternary::TernaryScale::AbsmeanChannel,
+                &mut q,
+            )
+            .unwrap();
             let mut y = vec![0f32; 512];
             dequantize(ty, &q, &mut y).unwrap();
             let d = half::f16::from_f32(mean).to_f32();

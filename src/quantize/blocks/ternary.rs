@@ -164,4 +164,3 @@ pub fn absmean_row(ty: super::super::types::GgmlType, x: &[f32], out: &mut [u8])
         }
     }
 }
-
