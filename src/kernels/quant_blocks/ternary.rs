@@ -237,6 +237,10 @@ pub mod avx2 {
 
     /// One weight row dotted with `N` activation rows: each weight super-block is unpacked once
     /// for all of them, and every row sees the same operations in the same order.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `w` holds whole blocks of type `F` and every `x[r]`
+    /// at least as many activation blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::needless_range_loop)]
     pub unsafe fn dot_n<const F: u32, const N: usize>(w: &[u8], x: [&[BlockQ8K]; N]) -> [f32; N] {
@@ -267,6 +271,10 @@ pub mod avx2 {
     /// Two weight rows dotted with one activation row (decode): each activation vector is loaded
     /// once for both. Per row the same operations in the same order as [`dot_n`], so a row's
     /// result does not depend on which kernel computed it.
+    ///
+    /// # Safety
+    /// As [`dot_n`]: AVX2, FMA and F16C available, `w0`/`w1` of equal length in whole blocks,
+    /// `x` at least as many blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot2<const F: u32>(w0: &[u8], w1: &[u8], x: &[BlockQ8K]) -> [f32; 2] {
         let bb = bytes::<F>();
