@@ -8,6 +8,8 @@ measures after its prefill — so llama.cpp decodes at the same depth (`llama-be
 
 Usage: scripts/bench_gguf.py [-p 128] [-n 32] [-r 5] [--threads 2] [--xllm target/release/xllm]
        MODEL.gguf [MODEL.gguf ...]
+A MODEL may be `OURS::PEER.gguf`: xllm runs OURS (e.g. a safetensors folder) and llama-bench
+PEER.gguf (llama.cpp's conversion of the same weights; the gpt-oss comparison).
 llama-bench is taken from $XLLM_PEERS/llama.cpp/build/bin (default .peers/, scripts/peers.sh).
 Only the standard library is needed.
 """
@@ -50,17 +52,18 @@ def main():
         sys.exit(f"no {bench}: run scripts/peers.sh llama.cpp (or set XLLM_PEERS)")
     rows = []
     for model in a.models:
+        ours, peer = model.split("::", 1) if "::" in model else (model, model)
         xp, xd, lp, ld = [], [], [], []
         weights = "?"
         for _ in range(a.r):
-            p, d, weights = xllm_run(a.xllm, model, a.p, a.n, a.threads)
+            p, d, weights = xllm_run(a.xllm, ours, a.p, a.n, a.threads)
             xp.append(p)
             xd.append(d)
-            lp.append(llama_bench(bench, model, ["-p", str(a.p), "-n", "0"], a.threads))
-            ld.append(llama_bench(bench, model, ["-p", "0", "-n", str(a.n), "-d", str(a.p)],
+            lp.append(llama_bench(bench, peer, ["-p", str(a.p), "-n", "0"], a.threads))
+            ld.append(llama_bench(bench, peer, ["-p", "0", "-n", str(a.n), "-d", str(a.p)],
                                   a.threads))
         m = statistics.median
-        rows.append((os.path.basename(model), weights, m(xp), m(lp), m(xd), m(ld)))
+        rows.append((os.path.basename(ours.rstrip("/")), weights, m(xp), m(lp), m(xd), m(ld)))
         print(json.dumps({"model": model, "weights": weights, "xllm_prefill": xp,
                           "llama_prefill": lp, "xllm_decode": xd, "llama_decode": ld}),
               file=sys.stderr)

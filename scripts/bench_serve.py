@@ -2,9 +2,11 @@
 """Serving benchmark: `xllm serve` against llama.cpp's `llama-server -np 8` on the same GGUF, in
 the same run, through the same OpenAI streaming client code (stdlib only).
 
-For each concurrency level (default 1, 4, 8, 16) it sends `--rounds` x concurrency chat
-requests, `concurrency` at a time, each streaming exactly `--tokens` tokens (`ignore_eos`), and
-reports aggregate output tokens/s (all tokens / wall time) and time to first token p50/p99
+Both servers run side by side; for each concurrency level (default 1, 4, 8, 16) it runs
+`--rounds` rounds, interleaved between the servers (A B, B A, ...), each of `concurrency` chat
+requests at once, each streaming exactly `--tokens` tokens (`ignore_eos`), and
+reports the median over rounds of aggregate output tokens/s (all tokens / wall time) and time
+to first token p50/p99 over all rounds' requests
 (first chunk with content, as vLLM's benchmark stamps it). Prompts differ per request but share
 a system prompt, so both servers' prompt caches warm the same way.
 
@@ -123,29 +125,34 @@ def run_level(port, model, concurrency, rounds, tokens, offset):
 
     return {"concurrency": concurrency, "requests": len(results), "tokens": total,
             "wall_s": wall, "tok_s": total / wall, "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
-            "ttft_p99": pct(99)}
+            "ttft_p99": pct(99), "ttfts": ttfts}
 
 
-def bench(name, cmd, port, model, levels, rounds, tokens):
+def start(name, cmd, port, model):
     print(f"# starting {name}: {' '.join(cmd)}", file=sys.stderr)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(port, proc)
+    warm = []
+    one_request(port, model, "Warm up.", 8, warm)
+    return proc
+
+
+def stop(proc):
+    proc.terminate()
     try:
-        wait_ready(port, proc)
-        warm = []
-        one_request(port, model, "Warm up.", 8, warm)
-        rows = []
-        for i, c in enumerate(levels):
-            r = run_level(port, model, c, rounds, tokens, offset=1000 * i)
-            print(f"# {name} c={c}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s",
-                  file=sys.stderr)
-            rows.append(r)
-        return rows
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def merge(rounds):
+    """One row from several interleaved rounds of a level: median throughput, pooled TTFTs."""
+    tok_s = statistics.median(r["tok_s"] for r in rounds)
+    ttfts = sorted(t for r in rounds for t in r["ttfts"])
+    k = min(len(ttfts) - 1, max(0, round(0.99 * (len(ttfts) - 1)))) if ttfts else 0
+    return {"concurrency": rounds[0]["concurrency"], "tok_s": tok_s, "rounds_tok_s": [r["tok_s"] for r in rounds],
+            "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
+            "ttft_p99": ttfts[k] if ttfts else float("nan")}
 
 
 def main():
@@ -164,19 +171,38 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
-    results = {}
-    if a.only != "llama":
-        port = free_port()
-        cmd = [a.xllm, "serve", "--port", str(port), "--model", f"bench={a.gguf}", "--threads", str(a.threads),
-               "--parallel", str(a.xllm_parallel), "--ctx", str(a.ctx), "--preload", "bench"]
-        results["xllm"] = bench("xllm", cmd, port, "bench", levels, a.rounds, a.tokens)
-    if a.only != "xllm":
-        if not os.path.exists(a.llama_server):
-            raise SystemExit(f"no llama-server at {a.llama_server} (scripts/peers.sh llama.cpp)")
-        port = free_port()
-        cmd = [a.llama_server, "-m", a.gguf, "--port", str(port), "--host", "127.0.0.1", "-np", "8",
-               "-c", str(8 * a.ctx), "-t", str(a.threads), "-tb", str(a.threads)]
-        results["llama-server"] = bench("llama-server -np 8", cmd, port, "bench", levels, a.rounds, a.tokens)
+    servers = {}
+    procs = []
+    try:
+        if a.only != "llama":
+            port = free_port()
+            cmd = [a.xllm, "serve", "--port", str(port), "--model", f"bench={a.gguf}", "--threads", str(a.threads),
+                   "--parallel", str(a.xllm_parallel), "--ctx", str(a.ctx), "--preload", "bench"]
+            procs.append(start("xllm", cmd, port, "bench"))
+            servers["xllm"] = port
+        if a.only != "xllm":
+            if not os.path.exists(a.llama_server):
+                raise SystemExit(f"no llama-server at {a.llama_server} (scripts/peers.sh llama.cpp)")
+            port = free_port()
+            cmd = [a.llama_server, "-m", a.gguf, "--port", str(port), "--host", "127.0.0.1", "-np", "8",
+                   "-c", str(8 * a.ctx), "-t", str(a.threads), "-tb", str(a.threads)]
+            procs.append(start("llama-server -np 8", cmd, port, "bench"))
+            servers["llama-server"] = port
+        # Both servers stay up (an idle one sleeps); every level runs its rounds interleaved,
+        # A B then B A, because this machine's speed drifts within minutes.
+        per = {name: [[] for _ in levels] for name in servers}
+        for i, c in enumerate(levels):
+            for r in range(a.rounds):
+                order = list(servers) if r % 2 == 0 else list(reversed(servers))
+                for name in order:
+                    res = run_level(servers[name], "bench", c, 1, a.tokens, offset=1000 * i + 100 * r)
+                    print(f"# {name} c={c} round {r + 1}: {res['tok_s']:.1f} tok/s, "
+                          f"TTFT p50 {res['ttft_p50']:.3f}s p99 {res['ttft_p99']:.3f}s", file=sys.stderr)
+                    per[name][i].append(res)
+        results = {name: [merge(rows) for rows in per[name]] for name in per}
+    finally:
+        for p in procs:
+            stop(p)
     print("| concurrency | xllm tok/s | llama-server tok/s | ratio | xllm TTFT p50 / p99 (s) | llama-server TTFT p50 / p99 (s) |")
     print("|---|---|---|---|---|---|")
     for i, c in enumerate(levels):

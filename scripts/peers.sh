@@ -40,8 +40,18 @@ setup_llama_cpp() {
     else python3 -m pip install -q --target "$dir/cmake-py" cmake; cmake="$dir/cmake-py/bin/cmake"
       export PYTHONPATH="$dir/cmake-py${PYTHONPATH:+:$PYTHONPATH}"; fi
   fi
+  # The CPU features by name instead of GGML_NATIVE: `-march=native` turns on AMX where the CPU
+  # reports it, and in VMs whose kernel does not grant the AMX tile state ggml's AMX matmul dies
+  # on its first `ldtilecfg` (seen here: SIGSEGV/SIGILL in ggml_backend_amx_mul_mat). AMX stays off.
+  local flags=(-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  local cpu; cpu=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
+  has() { [[ " $cpu " == *" $1 "* ]] && echo ON || echo OFF; }
+  flags+=(-DGGML_SSE42="$(has sse4_2)" -DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)" -DGGML_BMI2="$(has bmi2)"
+    -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)" -DGGML_AVX_VNNI="$(has avx_vnni)"
+    -DGGML_AVX512="$(has avx512f)" -DGGML_AVX512_VBMI="$(has avx512vbmi)"
+    -DGGML_AVX512_VNNI="$(has avx512_vnni)" -DGGML_AVX512_BF16="$(has avx512_bf16)")
   "$cmake" -S "$dir/src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-    -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON >/dev/null
+    "${flags[@]}" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON >/dev/null
   "$cmake" --build "$dir/build" -j "${JOBS:-2}" --target llama-bench llama-batched-bench llama-server \
     llama-perplexity llama-quantize llama-imatrix llama-tokenize llama-cli
   echo "llama.cpp tools: $dir/build/bin"

@@ -10,7 +10,7 @@
 //! `tests/fuzz_smoke.rs` runs a few seconds of each target in CI. docs/robustness.md has the
 //! commands and counts.
 //!
-//! Adding a target (e.g. HTTP request bodies once `xllm serve` lands): write a
+//! Adding a target: write a
 //! `fn(&[u8]) -> bool` (true when the input got past parsing) that must never panic, abort or
 //! hang, add seeds to [`seeds`], and a row to [`TARGETS`].
 
@@ -147,8 +147,12 @@ pub const TARGETS: &[Target] = &[
         json: false,
         dictionary: NAME_DICT,
     },
-    // HTTP request bodies: add `Target { name: "http_request", run: targets::http_request, json:
-    // true, dictionary: &[] }` with seeds of OpenAI/Ollama request bodies once src/server/ exists.
+    Target {
+        name: "http_request",
+        run: targets::http_request,
+        json: true,
+        dictionary: &[],
+    },
 ];
 
 pub fn target(name: &str) -> Option<&'static Target> {
@@ -294,6 +298,25 @@ pub mod targets {
         t.render(&messages, true).is_ok()
     }
 
+    /// An HTTP request body, sent in-process through the server's real router (every layer,
+    /// handler and the engine) to a route chosen by the body's shape, with the tiny llama
+    /// fixture loaded under the name `tiny` (context capped so accepted requests stay cheap).
+    /// A handler panic surfaces here as a panic; one caught by tokio (a 500 naming a panic) is
+    /// turned back into one, so both count as findings.
+    pub fn http_request(data: &[u8]) -> bool {
+        let Some(server) = http::server() else {
+            return false;
+        };
+        let (status, body) = server.send(http::route_for(data), data.to_vec());
+        if status == 500 && String::from_utf8_lossy(&body).contains("panic") {
+            panic!(
+                "the server answered 500 with a panic: {}",
+                String::from_utf8_lossy(&body[..body.len().min(400)])
+            );
+        }
+        (200..300).contains(&status)
+    }
+
     pub fn model_name(data: &[u8]) -> bool {
         use crate::store::reference::ModelRef;
         let Ok(text) = std::str::from_utf8(data) else {
@@ -317,6 +340,127 @@ pub mod targets {
             Ok(_) => true,
             Err(_) => false,
         }
+    }
+}
+
+/// The in-process server the `http_request` target talks to.
+pub mod http {
+    use std::sync::OnceLock;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use crate::server::registry::{Alias, KeepAlive, Registry, RegistryOptions};
+    use crate::server::{router, AppState};
+
+    /// Routes that take a JSON body. `/api/pull` is left out: it would reach for the network.
+    pub const ROUTES: &[&str] = &[
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/api/chat",
+        "/api/generate",
+        "/api/show",
+        "/api/delete",
+        "/v1/embeddings",
+        "/api/embed",
+        "/api/embeddings",
+    ];
+
+    pub struct FuzzServer {
+        runtime: tokio::runtime::Runtime,
+        app: axum::Router,
+    }
+
+    impl FuzzServer {
+        /// Sends one POST and reads the whole answer (a stream runs to its end).
+        pub fn send(&self, route: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+            let request = Request::post(route)
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .expect("a valid request line");
+            self.runtime.block_on(async {
+                let response = match self.app.clone().oneshot(request).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                let status = response.status().as_u16();
+                let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
+                    .await
+                    .map(|b| b.to_vec())
+                    .unwrap_or_default();
+                (status, bytes)
+            })
+        }
+    }
+
+    /// The route for a body: chat bodies to the two chat APIs, prompts to the two completion
+    /// APIs, embedding inputs to the embedding routes, a bare model name to `/api/show`,
+    /// anything else to any route (picked by a hash of the body).
+    pub fn route_for(data: &[u8]) -> &'static str {
+        let h = super::fnv(data) as usize;
+        let value: Option<serde_json::Value> = serde_json::from_slice(data).ok();
+        let has = |k: &str| value.as_ref().and_then(|v| v.get(k)).is_some();
+        let pick = |choices: &[&'static str]| choices[h % choices.len()];
+        if has("messages") {
+            pick(&["/v1/chat/completions", "/api/chat"])
+        } else if has("prompt") {
+            pick(&["/v1/completions", "/api/generate"])
+        } else if has("input") {
+            pick(&["/v1/embeddings", "/api/embed"])
+        } else if has("model") || has("name") {
+            "/api/show"
+        } else {
+            pick(ROUTES)
+        }
+    }
+
+    /// Started once per process: the tiny llama fixture as `tiny`, a throwaway store.
+    pub fn server() -> Option<&'static FuzzServer> {
+        static SERVER: OnceLock<Option<FuzzServer>> = OnceLock::new();
+        SERVER.get_or_init(start).as_ref()
+    }
+
+    fn start() -> Option<FuzzServer> {
+        let fixture =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let store_dir =
+            std::env::temp_dir().join(format!("xllm-fuzz-store-{}", std::process::id()));
+        std::fs::create_dir_all(&store_dir).ok()?;
+        crate::server::set_logging(false);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        let registry = Registry::new(
+            crate::store::Store::at(store_dir),
+            vec![Alias {
+                name: "tiny".into(),
+                path: fixture,
+            }],
+            RegistryOptions {
+                device: Some("cpu".into()),
+                ctx: Some(48),
+                threads: Some(1),
+                parallel: 4,
+                max_waiting: 16,
+                max_models: 1,
+                memory_limit: None,
+                keep_alive: KeepAlive::Forever,
+            },
+        )
+        .ok()?;
+        let state = std::sync::Arc::new(AppState::new(
+            std::sync::Arc::new(registry),
+            None,
+            1 << 20,
+            Vec::new(),
+        ));
+        state.set_ready();
+        Some(FuzzServer {
+            runtime,
+            app: router::router(state),
+        })
     }
 }
 
@@ -396,6 +540,31 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         ]
         .iter()
         .map(|s| s.as_bytes().to_vec())
+        .collect(),
+        "http_request" => [
+            json!({"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}),
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "Count"}], "stream": true,
+                "stream_options": {"include_usage": true}, "max_completion_tokens": 3, "seed": 3,
+                "temperature": 0.8, "top_p": 0.9, "stop": ["\n", "x"], "n": 2, "logprobs": true,
+                "top_logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": 0.1,
+                "ignore_eos": true, "min_tokens": 1}),
+            json!({"model": "tiny", "prompt": ["Once upon", "a time"], "max_tokens": 3, "echo": true,
+                "logprobs": 1, "stream": false}),
+            json!({"model": "tiny", "prompt": "Hello", "max_tokens": 2, "stream": true, "stop": "l"}),
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": false,
+                "options": {"num_predict": 3, "temperature": 0, "seed": 1, "top_k": 5, "stop": ["a"]},
+                "keep_alive": "5m", "think": false}),
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                "options": {"num_predict": 2}}),
+            json!({"model": "tiny", "prompt": "Why", "system": "Be brief.", "stream": false,
+                "raw": false, "options": {"num_predict": 3, "repeat_penalty": 1.1}}),
+            json!({"model": "tiny:latest", "prompt": "Why", "options": {"num_predict": 2}}),
+            json!({"model": "tiny"}),
+            json!({"name": "tiny", "verbose": true}),
+        ]
+        .iter()
+        .map(|v| v.to_string().into_bytes())
         .collect(),
         _ => Vec::new(),
     };

@@ -91,10 +91,10 @@ fn check_fixture(name: &str) {
         .ok();
         let file = xllm::model::gguf::GgufFile::open(&out).unwrap();
         // Every BitLinear is ternary, with its scale beside it; embeddings and head as stored.
-        let q = &file.own_tensors["blk.0.attn_q.weight"];
+        let q = file.side_tensor("blk.0.attn_q.weight").unwrap();
         assert_eq!(q.ty.name, ty);
         assert!(file.has_tensor("blk.0.attn_q.scale"));
-        assert!(!file.own_tensors.contains_key("token_embd.weight"));
+        assert!(file.side_tensor("token_embd.weight").is_none());
         let model = gguf_model(&out);
         check(
             &format!("{name} ({ty} GGUF)"),

@@ -195,9 +195,10 @@ fn stats_report_both_ternary_scales_and_absmean_channel_writes_row_scales() {
         .ok();
         let file = xllm::model::gguf::GgufFile::open(&out).unwrap();
         let name = "blk.0.ffn_down.weight";
-        let (info, data) = file.own_tensor(name).unwrap().unwrap();
+        let info = file.side_tensor(name).unwrap().clone();
+        let data = file.side_bytes(name).unwrap();
         assert_eq!(info.ty.name, ty);
-        let mut got = vec![0f32; info.shape.iter().product()];
+        let mut got = vec![0f32; info.dims.iter().product()];
         xllm::kernels::quant_blocks::dequantize(info.ty, &data, &mut got).unwrap();
         let w = tensor_values(name, &[FF, HIDDEN]);
         assert_eq!(got, absmean_channel(&w, FF as usize), "{ty}");

@@ -317,21 +317,22 @@ impl BitSource for GgufBits<'_> {
         shape: [usize; 2],
     ) -> anyhow::Result<Option<(QuantMatrix, f32)>> {
         let name = format!("{}.weight", role.gguf_name(layer));
-        let Some((info, data)) = self.file.own_tensor(&name)? else {
+        let Some(info) = self.file.side_tensor(&name).cloned() else {
             bail!(
                 "tensor '{name}' in {} is not TQ1_0/TQ2_0; bitnet GGUF files hold ternary BitLinear weights \
                  (make one with `xllm quantize MODEL --type TQ2_0`)",
                 self.file.path.display()
             );
         };
-        if !matches!(info.ty, GgmlType::TQ1_0 | GgmlType::TQ2_0) || info.shape != shape {
+        if !matches!(info.ty, GgmlType::TQ1_0 | GgmlType::TQ2_0) || info.dims != shape {
             bail!(
                 "tensor '{name}' in {} is {} {:?}, expected TQ1_0/TQ2_0 {shape:?}",
                 self.file.path.display(),
                 info.ty,
-                info.shape
+                info.dims
             );
         }
+        let data = self.file.side_bytes(&name)?;
         let scale_name = format!("{}.scale", role.gguf_name(layer));
         let scale = if self.file.has_tensor(&scale_name) {
             let v = self

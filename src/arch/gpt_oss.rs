@@ -17,14 +17,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::Linear;
+use candle_core::{DType, Device, Result, Tensor, D};
 use serde::Deserialize;
 
+use crate::arch::llama::{Linear, Projections, Weight};
 use crate::arch::mask::causal_mask;
 use crate::arch::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, Span, WeightSource};
 use crate::kernels::bytes::SharedBytes;
+use crate::kernels::ggml_types::GgmlType;
 use crate::kernels::moe::{MoeExperts, SwigluParams};
+use crate::model::gguf::GgufFile;
 use crate::model::safetensors::{shard_files, SafetensorsWeights};
 use crate::state::PagedKv;
 
@@ -413,9 +415,8 @@ impl PackedTensors {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k, v.
+    qkv: Projections,
     o: Linear,
     /// `[heads, 1, 1]` in the compute dtype.
     sinks: Tensor,
@@ -436,13 +437,309 @@ pub struct GptOss {
     info: ModelInfo,
     device: Device,
     dtype: DType,
-    /// Kept in the checkpoint's dtype: rows are widened on lookup.
-    embed: Tensor,
+    /// Kept as stored: rows are widened (or dequantized) on lookup.
+    embed: Weight,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
     inv_freq: Vec<f32>,
     rope_scaling: f32,
+}
+
+/// Where the weights come from, by transformers name (the GGUF side maps names to llama.cpp's).
+trait GptOssWeights {
+    fn has(&self, name: &str) -> bool;
+    /// A small tensor (norm, bias, sinks) in `dtype`, checked against `shape`.
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> anyhow::Result<Tensor>;
+    /// A matrix `[out, in]`, through our own CPU kernels where its format allows.
+    fn matrix(&self, name: &str, shape: [usize; 2]) -> anyhow::Result<Weight>;
+    /// Layer `l`'s MXFP4 experts in the checkpoint layout of [`crate::kernels::moe`].
+    fn experts(&self, l: usize, c: &GptOssConfig) -> anyhow::Result<MoeExperts>;
+    fn format(&self) -> String;
+}
+
+struct SafetensorsSource<'a> {
+    weights: &'a SafetensorsWeights,
+    packed: &'a PackedTensors,
+    options: &'a BuildOptions,
+}
+
+impl GptOssWeights for SafetensorsSource<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.weights.contains(name)
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> anyhow::Result<Tensor> {
+        self.weights
+            .load_shaped(name, shape, dtype, &self.options.device)
+    }
+
+    fn matrix(&self, name: &str, shape: [usize; 2]) -> anyhow::Result<Weight> {
+        super::llama::safetensors_matrix(self.weights, name, shape, self.options)
+    }
+
+    fn experts(&self, l: usize, c: &GptOssConfig) -> anyhow::Result<MoeExperts> {
+        let (h, i, e) = (c.hidden_size, c.intermediate_size, c.num_local_experts);
+        let x = format!("model.layers.{l}.mlp.experts");
+        if !self.weights.contains(&format!("{x}.gate_up_proj_blocks")) {
+            bail!(
+                "layer {l}: experts are not MXFP4 ('{x}.gate_up_proj_blocks' missing); \
+                 xllm runs gpt-oss checkpoints as openai ships them (quant_method mxfp4)"
+            );
+        }
+        let f32_vec = |name: &str, shape: &[usize]| -> anyhow::Result<Vec<f32>> {
+            Ok(self
+                .weights
+                .load_shaped(name, shape, DType::F32, &Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        let packed = self.packed;
+        Ok(MoeExperts {
+            experts: e,
+            hidden: h,
+            intermediate: i,
+            top_k: c.top_k(),
+            gate_up_blocks: packed
+                .bytes(&format!("{x}.gate_up_proj_blocks"), &[e, 2 * i, h / 32, 16])?,
+            gate_up_scales: packed
+                .bytes(&format!("{x}.gate_up_proj_scales"), &[e, 2 * i, h / 32])?,
+            gate_up_bias: f32_vec(&format!("{x}.gate_up_proj_bias"), &[e, 2 * i])?,
+            down_blocks: packed.bytes(&format!("{x}.down_proj_blocks"), &[e, h, i / 32, 16])?,
+            down_scales: packed.bytes(&format!("{x}.down_proj_scales"), &[e, h, i / 32])?,
+            down_bias: f32_vec(&format!("{x}.down_proj_bias"), &[e, h])?,
+            swiglu: SwigluParams {
+                limit: c.swiglu_limit as f32,
+                alpha: c.swiglu_alpha as f32,
+            },
+        })
+    }
+
+    fn format(&self) -> String {
+        "mxfp4+bf16".into()
+    }
+}
+
+/// A GGUF file as llama.cpp's `convert_hf_to_gguf.py` writes gpt-oss (`general.architecture`
+/// `gpt-oss`): llama.cpp's tensor names, experts as ggml MXFP4 blocks (type 39) with gate and
+/// up split into two tensors, which are repacked into the checkpoint layout at load.
+struct GgufSource<'a> {
+    file: &'a GgufFile,
+    options: &'a BuildOptions,
+}
+
+/// The llama.cpp name of a transformers tensor name (those the loader asks for).
+fn gguf_name(hf: &str) -> String {
+    match hf {
+        "model.embed_tokens.weight" => return "token_embd.weight".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        "model.norm.weight" => return "output_norm.weight".into(),
+        _ => {}
+    }
+    let Some(rest) = hf.strip_prefix("model.layers.") else {
+        return hf.into();
+    };
+    let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    let tail = match tail {
+        "input_layernorm.weight" => "attn_norm.weight".to_string(),
+        "post_attention_layernorm.weight" => "post_attention_norm.weight".to_string(),
+        "self_attn.sinks" => "attn_sinks.weight".to_string(),
+        t => {
+            let (module, suffix) = t.rsplit_once('.').unwrap_or((t, ""));
+            let module = match module {
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.router" => "ffn_gate_inp",
+                other => other,
+            };
+            format!("{module}.{suffix}")
+        }
+    };
+    format!("blk.{layer}.{tail}")
+}
+
+impl GgufSource<'_> {
+    /// One expert tensor `[experts, rows, cols]` of ggml MXFP4 blocks, repacked: `(blocks,
+    /// scales)` of `experts · rows` checkpoint rows.
+    fn mxfp4(&self, name: &str, shape: [usize; 3]) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        let path = self.file.path.display();
+        let Some(t) = self.file.side_tensor(name) else {
+            if self.file.has_tensor(name) {
+                bail!(
+                    "tensor '{name}' in {path} is not MXFP4; xllm runs gpt-oss experts in MXFP4 only \
+                     (as llama.cpp's converter and openai ship them)"
+                );
+            }
+            bail!("tensor '{name}' is missing from {path}");
+        };
+        if t.ty != GgmlType::MXFP4 {
+            bail!(
+                "tensor '{name}' in {path}: {}",
+                crate::kernels::quant_blocks::unsupported_reason(t.ty)
+            );
+        }
+        if t.dims != shape {
+            bail!(
+                "tensor '{name}' in {path} has shape {:?}, expected {shape:?} from the metadata",
+                t.dims
+            );
+        }
+        Ok(crate::kernels::mxfp4::from_ggml_blocks(
+            &self.file.side_bytes(name)?,
+        )?)
+    }
+
+    fn f32_vec(&self, name: &str, shape: &[usize]) -> anyhow::Result<Vec<f32>> {
+        Ok(self
+            .tensor_named(name, shape, DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
+    fn tensor_named(&self, name: &str, shape: &[usize], dtype: DType) -> anyhow::Result<Tensor> {
+        let t = self
+            .file
+            .tensor(name, &Device::Cpu)?
+            .dequantize(&Device::Cpu)?;
+        if t.dims() != shape {
+            bail!(
+                "tensor '{name}' in {} has shape {:?}, expected {shape:?} from the metadata",
+                self.file.path.display(),
+                t.dims()
+            );
+        }
+        Ok(t.to_dtype(dtype)?.to_device(&self.options.device)?)
+    }
+}
+
+impl GptOssWeights for GgufSource<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.file.has_tensor(&gguf_name(name))
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> anyhow::Result<Tensor> {
+        self.tensor_named(&gguf_name(name), shape, dtype)
+    }
+
+    fn matrix(&self, name: &str, shape: [usize; 2]) -> anyhow::Result<Weight> {
+        super::llama::gguf_matrix(self.file, &gguf_name(name), shape, self.options)
+    }
+
+    fn experts(&self, l: usize, c: &GptOssConfig) -> anyhow::Result<MoeExperts> {
+        let (h, i, e) = (c.hidden_size, c.intermediate_size, c.num_local_experts);
+        let p = format!("blk.{l}");
+        let (gate_b, gate_s) = self.mxfp4(&format!("{p}.ffn_gate_exps.weight"), [e, i, h])?;
+        let (up_b, up_s) = self.mxfp4(&format!("{p}.ffn_up_exps.weight"), [e, i, h])?;
+        let (down_b, down_s) = self.mxfp4(&format!("{p}.ffn_down_exps.weight"), [e, h, i])?;
+        let gate_bias = self.f32_vec(&format!("{p}.ffn_gate_exps.bias"), &[e, i])?;
+        let up_bias = self.f32_vec(&format!("{p}.ffn_up_exps.bias"), &[e, i])?;
+        // The checkpoint interleaves gate and up rows (gate = even rows, up = odd rows).
+        let interleave = |gate: &[u8], up: &[u8], row: usize| -> Vec<u8> {
+            gate.chunks_exact(row)
+                .zip(up.chunks_exact(row))
+                .flat_map(|(g, u)| g.iter().chain(u).copied())
+                .collect()
+        };
+        let groups = h / 32;
+        let gate_up_blocks = interleave(&gate_b, &up_b, groups * 16);
+        let gate_up_scales = interleave(&gate_s, &up_s, groups);
+        let gate_up_bias = gate_bias
+            .iter()
+            .zip(&up_bias)
+            .flat_map(|(g, u)| [*g, *u])
+            .collect();
+        Ok(MoeExperts {
+            experts: e,
+            hidden: h,
+            intermediate: i,
+            top_k: c.top_k(),
+            gate_up_blocks: SharedBytes::from_vec(gate_up_blocks),
+            gate_up_scales: SharedBytes::from_vec(gate_up_scales),
+            gate_up_bias,
+            down_blocks: SharedBytes::from_vec(down_b),
+            down_scales: SharedBytes::from_vec(down_s),
+            down_bias: self.f32_vec(&format!("{p}.ffn_down_exps.bias"), &[e, h])?,
+            swiglu: SwigluParams {
+                limit: c.swiglu_limit as f32,
+                alpha: c.swiglu_alpha as f32,
+            },
+        })
+    }
+
+    fn format(&self) -> String {
+        self.file.format_name()
+    }
+}
+
+/// The gpt-oss config from GGUF metadata (`gpt-oss.*` keys), as the transformers config.json
+/// it was converted from would say, so that the same validation runs.
+///
+/// The GGUF records neither `layer_types` nor YaRN's `truncate`: layers alternate sliding / full
+/// from layer 0 (llama.cpp's gpt-oss pattern, and openai's), and `truncate` is `false`, as every
+/// openai gpt-oss config.json says (llama.cpp itself always rounds YaRN's correction range).
+/// `swiglu_limit` and `alpha` are not stored either; gpt-oss's 7.0 and 1.702 apply.
+pub fn config_from_gguf(file: &GgufFile) -> anyhow::Result<GptOssConfig> {
+    let arch = file.architecture()?.to_string();
+    let key = |k: &str| format!("{arch}.{k}");
+    let req = |k: &str| file.require_usize(&key(k));
+    let hidden = req("embedding_length")?;
+    let vocab = match file.get("tokenizer.ggml.tokens") {
+        Some(v) => v.to_vec().map(|v| v.len()).unwrap_or(0),
+        None => 0,
+    };
+    let vocab = match file.content.tensor_infos.get("token_embd.weight") {
+        Some(info) => info.shape.dims()[0],
+        None => vocab,
+    };
+    let heads = req("attention.head_count")?;
+    let head_dim = file
+        .usize_value(&key("attention.key_length"))?
+        .unwrap_or(hidden / heads.max(1));
+    let intermediate = match file.usize_value(&key("expert_feed_forward_length"))? {
+        Some(n) => n,
+        None => req("feed_forward_length")?,
+    };
+    let mut cfg = serde_json::json!({
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": req("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": file.usize_value(&key("attention.head_count_kv"))?.unwrap_or(heads),
+        "head_dim": head_dim,
+        "num_local_experts": req("expert_count")?,
+        "num_experts_per_tok": req("expert_used_count")?,
+        "max_position_embeddings": req("context_length")?,
+        "tie_word_embeddings": !file.has_tensor("output.weight"),
+    });
+    if let Some(w) = file.usize_value(&key("attention.sliding_window"))? {
+        cfg["sliding_window"] = w.into();
+    }
+    if let Some(eps) = file.f64_value(&key("attention.layer_norm_rms_epsilon"))? {
+        cfg["rms_norm_eps"] = eps.into();
+    }
+    if let Some(theta) = file.f64_value(&key("rope.freq_base"))? {
+        cfg["rope_theta"] = theta.into();
+    }
+    if let Some(kind) = file.get_str(&key("rope.scaling.type")) {
+        let mut rope = serde_json::json!({ "rope_type": kind, "truncate": false });
+        for (gguf, hf) in [
+            ("rope.scaling.factor", "factor"),
+            ("rope.scaling.yarn_beta_fast", "beta_fast"),
+            ("rope.scaling.yarn_beta_slow", "beta_slow"),
+        ] {
+            if let Some(v) = file.f64_value(&key(gguf))? {
+                rope[hf] = v.into();
+            }
+        }
+        if let Some(n) = file.usize_value(&key("rope.scaling.original_context_length"))? {
+            rope["original_max_position_embeddings"] = n.into();
+        }
+        cfg["rope_scaling"] = rope;
+    }
+    GptOssConfig::from_value(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", file.path.display()))
 }
 
 impl GptOss {
@@ -456,17 +753,44 @@ impl GptOss {
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
         let weights = SafetensorsWeights::open_dir(dir)?;
         let packed = PackedTensors::open(&shard_files(dir)?)?;
-        Self::from_weights(&config, &weights, &packed, device, dtype)
+        let options = BuildOptions {
+            device: device.clone(),
+            dtype,
+            keep_weight_dtype: false,
+        };
+        let source = SafetensorsSource {
+            weights: &weights,
+            packed: &packed,
+            options: &options,
+        };
+        Self::from_source(GptOssConfig::from_value(&config)?, &source, &options)
     }
 
-    fn from_weights(
-        config: &serde_json::Value,
-        weights: &SafetensorsWeights,
-        packed: &PackedTensors,
-        device: &Device,
-        dtype: DType,
+    /// Loads a gpt-oss GGUF (llama.cpp's conversion) on `device`, weights kept as stored where
+    /// our kernels read them (bf16, GGUF blocks), MXFP4 experts repacked.
+    pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        let file = GgufFile::open(path)?;
+        let options = BuildOptions {
+            device: device.clone(),
+            dtype,
+            keep_weight_dtype: true,
+        };
+        Self::from_source(
+            config_from_gguf(&file)?,
+            &GgufSource {
+                file: &file,
+                options: &options,
+            },
+            &options,
+        )
+    }
+
+    fn from_source(
+        config: GptOssConfig,
+        weights: &dyn GptOssWeights,
+        options: &BuildOptions,
     ) -> anyhow::Result<Self> {
-        let config = GptOssConfig::from_value(config)?;
+        let (device, dtype) = (&options.device, options.dtype);
         let c = &config;
         let (h, i, e) = (c.hidden_size, c.intermediate_size, c.num_local_experts);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
@@ -475,61 +799,37 @@ impl GptOss {
                 "gpt-oss config.json: hidden_size {h} and intermediate_size {i} must be multiples of 32 for MXFP4 experts"
             );
         }
-        let dense =
-            |name: &str, shape: &[usize], dt: DType| weights.load_shaped(name, shape, dt, device);
-        let f32_vec = |name: &str, shape: &[usize]| -> anyhow::Result<Vec<f32>> {
-            Ok(weights
-                .load_shaped(name, shape, DType::F32, &Device::Cpu)?
-                .flatten_all()?
-                .to_vec1()?)
-        };
         let linear = |p: &str, out: usize, inp: usize| -> anyhow::Result<Linear> {
-            let w = dense(&format!("{p}.weight"), &[out, inp], dtype)?;
-            let b = dense(&format!("{p}.bias"), &[out], dtype)?;
+            let w = weights.matrix(&format!("{p}.weight"), [out, inp])?;
+            let b = weights.tensor(&format!("{p}.bias"), &[out], dtype)?;
             Ok(Linear::new(w, Some(b)))
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let x = format!("{p}.mlp.experts");
-            if !weights.contains(&format!("{x}.gate_up_proj_blocks")) {
-                bail!(
-                    "layer {l}: experts are not MXFP4 ('{x}.gate_up_proj_blocks' missing); \
-                     xllm runs gpt-oss checkpoints as openai ships them (quant_method mxfp4)"
-                );
-            }
-            let experts = MoeExperts {
-                experts: e,
-                hidden: h,
-                intermediate: i,
-                top_k: c.top_k(),
-                gate_up_blocks: packed
-                    .bytes(&format!("{x}.gate_up_proj_blocks"), &[e, 2 * i, h / 32, 16])?,
-                gate_up_scales: packed
-                    .bytes(&format!("{x}.gate_up_proj_scales"), &[e, 2 * i, h / 32])?,
-                gate_up_bias: f32_vec(&format!("{x}.gate_up_proj_bias"), &[e, 2 * i])?,
-                down_blocks: packed.bytes(&format!("{x}.down_proj_blocks"), &[e, h, i / 32, 16])?,
-                down_scales: packed.bytes(&format!("{x}.down_proj_scales"), &[e, h, i / 32])?,
-                down_bias: f32_vec(&format!("{x}.down_proj_bias"), &[e, h])?,
-                swiglu: SwigluParams {
-                    limit: c.swiglu_limit as f32,
-                    alpha: c.swiglu_alpha as f32,
-                },
-            };
+            let experts = weights.experts(l, c)?;
             experts.validate()?;
-            let sinks =
-                dense(&format!("{p}.self_attn.sinks"), &[nh], dtype)?.reshape((nh, 1, 1))?;
+            let sinks = weights
+                .tensor(&format!("{p}.self_attn.sinks"), &[nh], dtype)?
+                .reshape((nh, 1, 1))?;
+            let qkv = Projections::new(vec![
+                linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
+                linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
+                linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
+            ]);
             layers.push(Layer {
-                input_norm: dense(&format!("{p}.input_layernorm.weight"), &[h], DType::F32)?,
-                post_attention_norm: dense(
+                input_norm: weights.tensor(
+                    &format!("{p}.input_layernorm.weight"),
+                    &[h],
+                    DType::F32,
+                )?,
+                post_attention_norm: weights.tensor(
                     &format!("{p}.post_attention_layernorm.weight"),
                     &[h],
                     DType::F32,
                 )?,
                 attn: Attention {
-                    q: linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
-                    k: linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
-                    v: linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
+                    qkv,
                     o: linear(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
                     sinks,
                     window: if c.is_sliding(l) {
@@ -538,24 +838,26 @@ impl GptOss {
                         None
                     },
                 },
-                router: linear(&format!("{p}.mlp.router"), e, h)?,
+                router: Linear::new(
+                    Weight::Dense(weights.tensor(
+                        &format!("{p}.mlp.router.weight"),
+                        &[e, h],
+                        DType::F32,
+                    )?),
+                    Some(weights.tensor(&format!("{p}.mlp.router.bias"), &[e], DType::F32)?),
+                ),
                 experts,
             });
         }
-        // The embedding stays in its stored dtype: only looked-up rows are widened.
+        // The embedding stays as stored: only looked-up rows are widened.
         let embed_name = "model.embed_tokens.weight";
-        let embed = dense(
-            embed_name,
-            &[c.vocab_size, h],
-            weights.stored_dtype(embed_name)?,
-        )?;
-        let head_name = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
-            embed_name
+        let embed = weights.matrix(embed_name, [c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings && !weights.has("lm_head.weight") {
+            Linear::new(embed.clone(), None)
         } else {
-            "lm_head.weight"
+            Linear::new(weights.matrix("lm_head.weight", [c.vocab_size, h])?, None)
         };
-        let lm_head = Linear::new(dense(head_name, &[c.vocab_size, h], dtype)?, None);
-        let norm = dense("model.norm.weight", &[h], DType::F32)?;
+        let norm = weights.tensor("model.norm.weight", &[h], DType::F32)?;
         let (inv_freq, rope_scaling) = config.rope_frequencies();
         let info = ModelInfo {
             architecture: "gpt_oss".into(),
@@ -567,7 +869,7 @@ impl GptOss {
             head_dim: hd,
             cache_dtype: dtype,
             device: device.clone(),
-            weight_format: "mxfp4+bf16".into(),
+            weight_format: weights.format(),
         };
         Ok(Self {
             config,
@@ -620,15 +922,13 @@ impl GptOss {
         let c = &self.config;
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let project = |l: &Linear, heads: usize| -> Result<Tensor> {
-            l.forward(x)?
-                .reshape((1, t, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
+        let project = |y: &Tensor, heads: usize| -> Result<Tensor> {
+            y.reshape((1, t, heads, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = candle_nn::rotary_emb::rope(&project(&attn.q, nh)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&project(&attn.k, nkv)?, cos, sin)?;
-        let v = project(&attn.v, nkv)?;
+        let qkv = attn.qkv.forward(x)?;
+        let q = candle_nn::rotary_emb::rope(&project(&qkv[0], nh)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&project(&qkv[1], nkv)?, cos, sin)?;
+        let v = project(&qkv[2], nkv)?;
         let mut outs = Vec::with_capacity(batch.len());
         for (seq, span) in batch.iter_mut().zip(&plan.spans) {
             let pick = |x: &Tensor| -> Result<Tensor> {
@@ -720,22 +1020,35 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     normed.broadcast_mul(weight)?.to_dtype(dtype)
 }
 
-/// Registry builder: safetensors only (gpt-oss ships no GGUF we read).
+/// Registry builder: safetensors (openai's checkpoints) or GGUF (llama.cpp's conversion).
 pub fn build(
     source: &WeightSource<'_>,
     options: &BuildOptions,
 ) -> anyhow::Result<Box<dyn CausalLm>> {
-    let WeightSource::Safetensors { config, weights } = source else {
-        bail!("gpt_oss models are read from safetensors (openai/gpt-oss-*), not GGUF");
+    let model = match source {
+        WeightSource::Safetensors { config, weights } => {
+            let packed = PackedTensors::open(&weights.files())?;
+            let source = SafetensorsSource {
+                weights,
+                packed: &packed,
+                options,
+            };
+            GptOss::from_source(GptOssConfig::from_value(config)?, &source, options)?
+        }
+        WeightSource::Gguf(file) => GptOss::from_source(
+            config_from_gguf(file)?,
+            &GgufSource { file, options },
+            options,
+        )?,
     };
-    let packed = PackedTensors::open(&weights.files())?;
-    let model = GptOss::from_weights(config, weights, &packed, &options.device, options.dtype)?;
     Ok(Box::new(model))
 }
 
 /// Where the table finds tensor names (documentation for readers of the registry).
 pub const TENSOR_NAMES_DOC: &str = "transformers names: model.layers.N.{self_attn.{q,k,v,o}_proj,self_attn.sinks,\
-mlp.router,mlp.experts.{gate_up,down}_proj_{blocks,scales,bias}}, model.embed_tokens, model.norm, lm_head";
+mlp.router,mlp.experts.{gate_up,down}_proj_{blocks,scales,bias}}, model.embed_tokens, model.norm, lm_head; \
+GGUF: gpt_oss::gguf_name (blk.N.{attn_q,attn_k,attn_v,attn_output,attn_sinks,ffn_gate_inp,\
+ffn_{gate,up,down}_exps}, token_embd, output_norm, output)";
 
 impl CausalLm for GptOss {
     fn info(&self) -> &ModelInfo {
@@ -745,7 +1058,7 @@ impl CausalLm for GptOss {
     fn forward_batch(&self, batch: &mut [BatchSeq<'_>]) -> Result<Tensor> {
         let plan = BatchPlan::new(batch, self.config.vocab_size, self.layers.len())?;
         let ids = Tensor::from_slice(&plan.tokens, plan.tokens.len(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
+        let mut x = super::llama::embed(&self.embed, &ids, self.dtype)?;
         let (cos, sin) = self.batch_rope_tables(&plan)?;
         let eps = self.config.rms_norm_eps;
         for (l, layer) in self.layers.iter().enumerate() {

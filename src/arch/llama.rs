@@ -320,31 +320,7 @@ impl Loader for SafetensorsLoader<'_> {
 
     fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight> {
         let name = format!("{}.weight", role.hf_name(layer));
-        let stored = self.weights.stored_dtype(&name)?;
-        if self.options.keep_weight_dtype && stored == DType::BF16 && self.options.device.is_cpu() {
-            let raw = self.weights.raw(&name)?;
-            if raw.shape != shape {
-                bail!(
-                    "tensor '{name}' has shape {:?}, expected {shape:?} from config.json",
-                    raw.shape
-                );
-            }
-            let m = Bf16Matrix::from_le_bytes(raw.data, shape[0], shape[1])?;
-            self.weights.release_pages(&name);
-            return Ok(Weight::Bf16(Arc::new(m)));
-        }
-        let dtype = if self.options.keep_weight_dtype && matches!(stored, DType::BF16 | DType::F16)
-        {
-            stored
-        } else {
-            self.options.dtype
-        };
-        Ok(Weight::Dense(self.weights.load_shaped(
-            &name,
-            &shape,
-            dtype,
-            &self.options.device,
-        )?))
+        safetensors_matrix(self.weights, &name, shape, self.options)
     }
 
     fn vector(&self, role: Role, layer: usize, suffix: &str, len: usize) -> anyhow::Result<Tensor> {
@@ -375,31 +351,7 @@ impl Loader for GgufLoader<'_> {
 
     fn matrix(&self, role: Role, layer: usize, shape: [usize; 2]) -> anyhow::Result<Weight> {
         let name = format!("{}.weight", role.gguf_name(layer));
-        if let Some(own) = own_quant_matrix(self.file, &name, shape, &self.options.device)? {
-            return Ok(own);
-        }
-        let q = self.file.tensor(&name, &self.options.device)?;
-        if q.shape().dims() != shape {
-            bail!(
-                "tensor '{name}' in {} has shape {:?}, expected {shape:?} from the metadata",
-                self.file.path.display(),
-                q.shape().dims()
-            );
-        }
-        Ok(match q.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Weight::Dense(
-                q.dequantize(&self.options.device)?
-                    .to_dtype(self.options.dtype)?,
-            ),
-            dtype if self.options.device.is_cpu() => {
-                let (rows, cols) = q.shape().dims2()?;
-                let ty = GgmlType::from_candle(dtype);
-                let m = QuantMatrix::new(ty, q.data()?.into_owned(), rows, cols)
-                    .with_context(|| format!("tensor '{name}' in {}", self.file.path.display()))?;
-                Weight::OwnQuant(Arc::new(m))
-            }
-            _ => Weight::Quantized(Arc::new(q)),
-        })
+        gguf_matrix(self.file, &name, shape, self.options)
     }
 
     fn vector(&self, role: Role, layer: usize, suffix: &str, len: usize) -> anyhow::Result<Tensor> {
@@ -416,64 +368,99 @@ impl Loader for GgufLoader<'_> {
     }
 
     fn format(&self) -> String {
-        // The file type (`Q4_K_M`) when stored: a k-quant file mixes several block types.
-        if let Some(name) = self
-            .file
-            .get_usize("general.file_type")
-            .and_then(|id| crate::kernels::ggml_types::file_type_name(id as u32))
-        {
-            return name.to_string();
-        }
-        // Else the type of most matrices (the embedding is often kept at a higher precision).
-        let mut counts = std::collections::HashMap::new();
-        for info in self.file.content.tensor_infos.values() {
-            if info.shape.rank() == 2 {
-                *counts
-                    .entry(GgmlType::from_candle(info.ggml_dtype).name.to_string())
-                    .or_insert(0usize) += 1;
-            }
-        }
-        for info in self.file.own_tensors.values() {
-            if info.shape.len() == 2 {
-                *counts.entry(info.ty.name.to_string()).or_insert(0usize) += 1;
-            }
-        }
-        counts
-            .into_iter()
-            .max_by_key(|(_, n)| *n)
-            .map(|(t, _)| t)
-            .unwrap_or_default()
+        self.file.format_name()
     }
 }
 
-/// A matrix of a type candle's GGUF reader does not know (ternary), through our kernels; `None`
-/// when candle reads the tensor.
-pub(crate) fn own_quant_matrix(
+/// A matrix `[out, in]` of a safetensors checkpoint: bf16 kept as stored through our own kernel
+/// on the CPU (when the options keep weight dtypes), else dense in the compute dtype.
+pub(crate) fn safetensors_matrix(
+    weights: &SafetensorsWeights,
+    name: &str,
+    shape: [usize; 2],
+    options: &BuildOptions,
+) -> anyhow::Result<Weight> {
+    let name = name.to_string();
+    let stored = weights.stored_dtype(&name)?;
+    if options.keep_weight_dtype && stored == DType::BF16 && options.device.is_cpu() {
+        let raw = weights.raw(&name)?;
+        if raw.shape != shape {
+            bail!(
+                "tensor '{name}' has shape {:?}, expected {shape:?} from config.json",
+                raw.shape
+            );
+        }
+        let m = Bf16Matrix::from_le_bytes(raw.data, shape[0], shape[1])?;
+        weights.release_pages(&name);
+        return Ok(Weight::Bf16(Arc::new(m)));
+    }
+    let dtype = if options.keep_weight_dtype && matches!(stored, DType::BF16 | DType::F16) {
+        stored
+    } else {
+        options.dtype
+    };
+    Ok(Weight::Dense(weights.load_shaped(
+        &name,
+        &shape,
+        dtype,
+        &options.device,
+    )?))
+}
+
+/// A matrix `[out, in]` of a GGUF file: block types through our own CPU kernels, bf16 through
+/// ours too (when the options keep weight dtypes), other floats dense.
+pub(crate) fn gguf_matrix(
     file: &GgufFile,
     name: &str,
     shape: [usize; 2],
-    device: &Device,
-) -> anyhow::Result<Option<Weight>> {
-    let Some((info, data)) = file.own_tensor(name)? else {
-        return Ok(None);
-    };
-    if info.shape != shape {
+    options: &BuildOptions,
+) -> anyhow::Result<Weight> {
+    // Types candle's reader does not know but our kernels read (TQ1_0, TQ2_0).
+    if let Some(side) = file.side_tensor(name).filter(|t| t.ty.has_cpu_kernel()) {
+        if side.dims != shape {
+            bail!(
+                "tensor '{name}' in {} has shape {:?}, expected {shape:?} from the metadata",
+                file.path.display(),
+                side.dims
+            );
+        }
+        if !options.device.is_cpu() {
+            bail!(
+                "tensor '{name}' in {} is {}, which only the CPU kernels read; use --device cpu",
+                file.path.display(),
+                side.ty
+            );
+        }
+        let m = QuantMatrix::new(side.ty, file.side_bytes(name)?, shape[0], shape[1])
+            .with_context(|| format!("tensor '{name}' in {}", file.path.display()))?;
+        return Ok(Weight::OwnQuant(Arc::new(m)));
+    }
+    let q = file.tensor(name, &options.device)?;
+    if q.shape().dims() != shape {
         bail!(
             "tensor '{name}' in {} has shape {:?}, expected {shape:?} from the metadata",
             file.path.display(),
-            info.shape
+            q.shape().dims()
         );
     }
-    if !device.is_cpu() {
-        bail!(
-            "tensor '{name}' in {} is {}, which only the CPU kernels read; run on the CPU (--device cpu)",
-            file.path.display(),
-            info.ty
-        );
-    }
-    let m = QuantMatrix::new(info.ty, data, shape[0], shape[1])
-        .with_context(|| format!("tensor '{name}' in {}", file.path.display()))?;
-    Ok(Some(Weight::OwnQuant(Arc::new(m))))
+    Ok(match q.dtype() {
+        // bf16 as stored, through our own kernel (as bf16 safetensors are).
+        GgmlDType::BF16 if options.keep_weight_dtype && options.device.is_cpu() => {
+            let m = Bf16Matrix::from_le_bytes(&q.data()?, shape[0], shape[1])?;
+            Weight::Bf16(Arc::new(m))
+        }
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+            Weight::Dense(q.dequantize(&options.device)?.to_dtype(options.dtype)?)
+        }
+        dtype if options.device.is_cpu() => {
+            let (rows, cols) = q.shape().dims2()?;
+            let ty = GgmlType::from_candle(dtype);
+            let m = QuantMatrix::new(ty, q.data()?.into_owned(), rows, cols)
+                .with_context(|| format!("tensor '{name}' in {}", file.path.display()))?;
+            Weight::OwnQuant(Arc::new(m))
+        }
+        _ => Weight::Quantized(Arc::new(q)),
+    })
 }
 
 /// Builds a Llama-family model from safetensors or GGUF.

@@ -349,11 +349,11 @@ pub const ARCHITECTURES: &[Architecture] = &[
     },
     Architecture {
         model_type: "gpt_oss",
-        gguf_names: &[],
+        gguf_names: &["gpt-oss"],
         build: gpt_oss::build,
         capabilities: Capabilities {
             safetensors: true,
-            gguf: false,
+            gguf: true,
             kv_quantization: true,
         },
         tensor_names: gpt_oss::TENSOR_NAMES_DOC,

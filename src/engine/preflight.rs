@@ -59,9 +59,13 @@ pub fn check(resolved: &ResolvedModel) -> anyhow::Result<()> {
 
 /// The metadata checks of the architecture a GGUF file names (the builder's own).
 pub fn check_gguf_config(file: &GgufFile) -> anyhow::Result<()> {
-    crate::arch::lookup_gguf(file.architecture()?)?;
-    // Every GGUF architecture in the table is Llama-family today.
-    crate::arch::llama::config_from_gguf(file)?;
+    let arch = crate::arch::lookup_gguf(file.architecture()?)?;
+    if arch.model_type == "gpt_oss" {
+        crate::arch::gpt_oss::config_from_gguf(file)?;
+    } else {
+        // The other GGUF architectures of the table are Llama-family.
+        crate::arch::llama::config_from_gguf(file)?;
+    }
     Ok(())
 }
 

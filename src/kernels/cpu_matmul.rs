@@ -86,6 +86,27 @@ pub(crate) fn has_avx2_fma_f16c() -> bool {
     }
 }
 
+/// Whether the AVX-512 VNNI kernels can run (AVX-512 F/BW/VNNI besides AVX2, FMA and F16C),
+/// detected once at run time. `XLLM_NO_AVX512=1` turns them off (A/B measurements, and tests of
+/// the AVX2 path on an AVX-512 machine).
+pub(crate) fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            has_avx2_fma_f16c()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
+                && std::env::var_os("XLLM_NO_AVX512").is_none_or(|v| v.is_empty() || v == "0")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Sum of the eight lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]

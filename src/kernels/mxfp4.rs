@@ -335,6 +335,45 @@ pub fn dequantize_rows(
     }
 }
 
+/// Bytes of one block in ggml's layout (`block_mxfp4`: the E8M0 scale, then 16 bytes of codes).
+pub const GGML_BLOCK_BYTES: usize = 1 + BLOCK_BYTES;
+
+/// ggml's MXFP4 blocks (GGUF type 39, as llama.cpp's converter writes gpt-oss experts) → the
+/// checkpoint layout of the module doc: `(blocks, scales)`. In a ggml block the scale comes first
+/// and byte `j` of the codes holds element `j` (low nibble) and element `j + 16` (high nibble);
+/// here the scales are a separate array and byte `j` holds elements `2j` and `2j + 1`. The
+/// element values are unchanged (the same E2M1 codes and E8M0 scales, reordered).
+pub fn from_ggml_blocks(data: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+    if data.len() % GGML_BLOCK_BYTES != 0 {
+        candle_core::bail!(
+            "mxfp4: {} bytes are not whole ggml blocks of {GGML_BLOCK_BYTES}",
+            data.len()
+        );
+    }
+    let n = data.len() / GGML_BLOCK_BYTES;
+    let mut blocks = vec![0u8; n * BLOCK_BYTES];
+    let mut scales = vec![0u8; n];
+    for ((src, dst), scale) in data
+        .chunks_exact(GGML_BLOCK_BYTES)
+        .zip(blocks.chunks_exact_mut(BLOCK_BYTES))
+        .zip(scales.iter_mut())
+    {
+        *scale = src[0];
+        let code = |e: usize| {
+            let b = src[1 + e % BLOCK_BYTES];
+            if e < BLOCK_BYTES {
+                b & 0x0f
+            } else {
+                b >> 4
+            }
+        };
+        for (j, d) in dst.iter_mut().enumerate() {
+            *d = code(2 * j) | (code(2 * j + 1) << 4);
+        }
+    }
+    Ok((blocks, scales))
+}
+
 /// A packed MXFP4 weight matrix `[out_features, in_features]` whose bytes stay where they were
 /// loaded from (usually the mmapped checkpoint).
 #[derive(Debug, Clone)]
@@ -506,6 +545,48 @@ pub(crate) fn from_f32(v: Vec<f32>, dtype: DType) -> CpuStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Repacked ggml blocks dequantize to what the quantizer's ggml-layout dequantizer (checked
+    /// against gguf-py there) gives for the same bytes.
+    #[test]
+    fn ggml_blocks_repack_to_the_same_values() {
+        let mut s = 0x1234_5678u32;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s
+        };
+        let rows = 3;
+        let in_features = 64;
+        let blocks_per_row = in_features / BLOCK_VALUES;
+        let ggml: Vec<u8> = (0..rows * blocks_per_row * GGML_BLOCK_BYTES)
+            .map(|i| {
+                let v = next() as u8;
+                // Scales in a sane range (the first byte of each block).
+                if i % GGML_BLOCK_BYTES == 0 {
+                    110 + v % 30
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let (blocks, scales) = from_ggml_blocks(&ggml).unwrap();
+        let mut ours = vec![0f32; rows * in_features];
+        dequantize_rows(&blocks, &scales, in_features, 0, rows, &mut ours);
+        let mut want = vec![0f32; rows * in_features];
+        for (b, y) in ggml
+            .chunks_exact(GGML_BLOCK_BYTES)
+            .zip(want.chunks_exact_mut(BLOCK_VALUES))
+        {
+            crate::quantize::blocks::legacy::dmxfp4(b, y);
+        }
+        assert_eq!(
+            ours.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(from_ggml_blocks(&ggml[1..]).is_err());
+    }
 
     #[test]
     fn e8m0_scales_are_powers_of_two() {

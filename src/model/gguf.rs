@@ -7,15 +7,17 @@
 //! have a supported type, a shape whose rows are whole blocks, and bytes inside the file, so a
 //! truncated download is reported (file, tensor, bytes missing) before loading starts.
 //!
-//! Tensors of types candle's reader does not know but our kernels read (the ternary `TQ1_0`,
-//! `TQ2_0`: [`own_read_type`]) are kept apart as [`OwnTensor`]s: candle parses a copy of the header
-//! in which their type is F32 (it reads nothing past the header), and their bytes are read by
-//! [`GgufFile::own_tensor`].
+//! Tensors of a type candle's reader does not know (MXFP4, IQ*, TQ*) would make candle refuse the
+//! whole file. They are kept out of what candle parses (its header copy omits their entries) and
+//! listed as [`SideTensor`]s: their raw bytes are read here, for the loaders that know the type
+//! (gpt-oss's MXFP4 experts); any other use names the type and why it is not supported.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+use std::collections::HashMap;
 
 use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -44,31 +46,31 @@ impl<T: Read + Seek + Send> Source for T {}
 /// An open GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
-    /// The header as candle reads it, without the [`OwnTensor`]s.
+    /// Metadata and the tensors candle can read.
     pub content: Content,
-    /// Tensors whose type candle cannot read but our kernels can, by name.
-    pub own_tensors: std::collections::HashMap<String, OwnTensor>,
+    /// Tensors of types candle's reader does not know, by name.
+    side: HashMap<String, SideTensor>,
     reader: Mutex<Box<dyn Source>>,
 }
 
-/// A tensor read by our own path (see the module doc).
-#[derive(Clone, Debug)]
-pub struct OwnTensor {
+/// A tensor candle's reader does not know (MXFP4, IQ*, TQ*): where its bytes are.
+#[derive(Debug, Clone)]
+pub struct SideTensor {
     pub ty: GgmlType,
-    /// Dimensions, outermost first (candle's order: `[rows, cols]` for a matrix).
-    pub shape: Vec<usize>,
-    /// Offset in the data section.
-    pub offset: u64,
-    pub bytes: u64,
+    /// Dimensions outermost first (candle's order: `[rows, cols]` for a matrix).
+    pub dims: Vec<usize>,
+    /// Absolute byte offset in the file.
+    offset: u64,
+    pub bytes: usize,
 }
 
-/// The types read by our own path rather than candle's: those our CPU kernels read that candle's
-/// GGUF reader refuses. One table for every such type (the ternary ones today).
-pub fn own_read_type(type_id: u32) -> Option<GgmlType> {
-    if ggml_dtype(type_id).is_some() {
-        return None;
-    }
-    GgmlType::from_id(type_id).filter(|t| t.has_cpu_kernel())
+/// One tensor of the file, whichever reader holds it (`show`, format names).
+pub struct TensorSummary<'a> {
+    pub name: &'a str,
+    pub ty: GgmlType,
+    pub elems: u64,
+    /// Number of dimensions.
+    pub rank: usize,
 }
 
 impl GgufFile {
@@ -92,55 +94,60 @@ impl GgufFile {
         mut reader: Box<dyn Source>,
         file_size: u64,
     ) -> anyhow::Result<Self> {
-        let scan = check_header(&mut reader, file_size).map_err(|e| {
+        let scan = scan_header(&mut reader, file_size).map_err(|e| {
             anyhow::anyhow!(
                 "{} is not a valid GGUF file: {e:#}; it may be truncated or corrupt: download it again",
                 path.display()
             )
         })?;
-        reader.seek(SeekFrom::Start(0))?;
-        let parsed = if scan.own.is_empty() {
-            Content::read(&mut reader)
-        } else {
-            // candle refuses types it does not know: it parses a copy of the header in which
-            // those tensors are F32 (the header alone; their bytes are ours to read).
-            let mut header = vec![0u8; scan.data_start as usize];
-            reader.read_exact(&mut header)?;
-            for (_, at) in &scan.own {
-                header[*at as usize..*at as usize + 4].copy_from_slice(&0u32.to_le_bytes());
-            }
-            Content::read(&mut std::io::Cursor::new(header))
-        };
-        let mut content = parsed.map_err(|e| {
+        let invalid = |e: candle_core::Error| {
             anyhow::anyhow!(
                 "{} is not a valid GGUF file ({e}); it may be truncated or corrupt: download it again",
                 path.display()
             )
-        })?;
-        let mut own_tensors = std::collections::HashMap::new();
-        for (name, _) in scan.own {
-            let info = content
-                .tensor_infos
-                .remove(&name)
-                .with_context(|| format!("tensor '{name}' vanished from the header"))?;
-            let ty = scan.types[&name];
-            let shape = info.shape.dims().to_vec();
-            let elems: usize = shape.iter().product();
-            let bytes = (elems / ty.block_elems * ty.block_bytes) as u64;
-            own_tensors.insert(
-                name,
-                OwnTensor {
-                    ty,
-                    shape,
-                    offset: info.offset,
-                    bytes,
-                },
-            );
-        }
+        };
+        let mut side = HashMap::new();
+        let content = if scan.side.is_empty() {
+            reader.seek(SeekFrom::Start(0))?;
+            Content::read(&mut reader).map_err(invalid)?
+        } else {
+            // candle parses a copy of the header without the entries of the types it does not
+            // know; the data section stays where the full header puts it.
+            let mut header = vec![0u8; scan.header_end as usize];
+            reader.seek(SeekFrom::Start(0))?;
+            reader.read_exact(&mut header)?;
+            let mut kept = Vec::with_capacity(header.len());
+            let mut from = 0usize;
+            for entry in &scan.side {
+                kept.extend_from_slice(&header[from..entry.info_start as usize]);
+                from = entry.info_end as usize;
+            }
+            kept.extend_from_slice(&header[from..]);
+            let count = scan.tensor_count - scan.side.len() as u64;
+            if scan.wide {
+                kept[8..16].copy_from_slice(&count.to_le_bytes());
+            } else {
+                kept[8..12].copy_from_slice(&(count as u32).to_le_bytes());
+            }
+            let mut content = Content::read(&mut std::io::Cursor::new(kept)).map_err(invalid)?;
+            content.tensor_data_offset = scan.data_start;
+            for entry in scan.side {
+                side.insert(
+                    entry.name,
+                    SideTensor {
+                        ty: entry.ty,
+                        dims: entry.dims,
+                        offset: scan.data_start + entry.offset,
+                        bytes: entry.bytes as usize,
+                    },
+                );
+            }
+            content
+        };
         Ok(Self {
             path: path.to_path_buf(),
             content,
-            own_tensors,
+            side,
             reader: Mutex::new(reader),
         })
     }
@@ -240,54 +247,81 @@ impl GgufFile {
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name) || self.own_tensors.contains_key(name)
+        self.content.tensor_infos.contains_key(name) || self.side.contains_key(name)
     }
 
-    /// The raw blocks of a tensor read by our own path (`None`: candle reads it, use [`Self::tensor`]).
-    pub fn own_tensor(&self, name: &str) -> anyhow::Result<Option<(OwnTensor, Vec<u8>)>> {
-        let Some(info) = self.own_tensors.get(name) else {
-            return Ok(None);
-        };
-        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        reader.seek(SeekFrom::Start(
-            self.content.tensor_data_offset + info.offset,
-        ))?;
-        let mut data = vec![0u8; info.bytes as usize];
-        reader
-            .read_exact(&mut data)
-            .with_context(|| format!("cannot read tensor '{name}' from {}", self.path.display()))?;
-        Ok(Some((info.clone(), data)))
-    }
-
-    /// Every tensor's name and GGML type (candle's and ours).
-    pub fn tensor_types(&self) -> Vec<(&str, GgmlType, usize)> {
-        let mut v: Vec<(&str, GgmlType, usize)> = self
+    /// Every tensor with its type and element count (candle's and the side tensors).
+    pub fn tensor_summaries(&self) -> Vec<TensorSummary<'_>> {
+        let mut out: Vec<TensorSummary<'_>> = self
             .content
             .tensor_infos
             .iter()
-            .map(|(n, i)| {
-                (
-                    n.as_str(),
-                    GgmlType::from_candle(i.ggml_dtype),
-                    i.shape.elem_count(),
-                )
+            .map(|(name, info)| TensorSummary {
+                name,
+                ty: GgmlType::from_candle(info.ggml_dtype),
+                elems: info.shape.elem_count() as u64,
+                rank: info.shape.rank(),
             })
             .collect();
-        v.extend(
-            self.own_tensors
-                .iter()
-                .map(|(n, t)| (n.as_str(), t.ty, t.shape.iter().product())),
-        );
-        v
+        out.extend(self.side.iter().map(|(name, t)| TensorSummary {
+            name,
+            ty: t.ty,
+            elems: t.dims.iter().map(|&d| d as u64).product(),
+            rank: t.dims.len(),
+        }));
+        out
+    }
+
+    /// What the weights are stored as, for `show`/`bench`: the file type (`Q4_K_M`) when stored
+    /// (a k-quant file mixes several block types), else the type of most matrices (the
+    /// embedding is often kept at a higher precision).
+    pub fn format_name(&self) -> String {
+        if let Some(name) = self
+            .get_usize("general.file_type")
+            .and_then(|id| crate::kernels::ggml_types::file_type_name(id as u32))
+        {
+            return name.to_string();
+        }
+        let mut counts = HashMap::new();
+        for t in self.tensor_summaries() {
+            if t.rank >= 2 {
+                *counts.entry(t.ty.name.to_string()).or_insert(0usize) += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(name, n)| (*n, name.clone()))
+            .map(|(t, _)| t)
+            .unwrap_or_default()
+    }
+
+    /// A tensor of a type candle does not read (MXFP4, IQ*, TQ*), if there is one named `name`.
+    pub fn side_tensor(&self, name: &str) -> Option<&SideTensor> {
+        self.side.get(name)
+    }
+
+    /// The stored bytes of a side tensor (see [`Self::side_tensor`]).
+    pub fn side_bytes(&self, name: &str) -> anyhow::Result<Vec<u8>> {
+        let t = self
+            .side
+            .get(name)
+            .with_context(|| format!("tensor '{name}' is missing from {}", self.path.display()))?;
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bytes = vec![0u8; t.bytes];
+        reader.seek(SeekFrom::Start(t.offset))?;
+        reader
+            .read_exact(&mut bytes)
+            .with_context(|| format!("cannot read tensor '{name}' from {}", self.path.display()))?;
+        Ok(bytes)
     }
 
     /// Reads one tensor onto `device` (quantized blocks stay quantized).
     pub fn tensor(&self, name: &str, device: &Device) -> anyhow::Result<QTensor> {
-        if let Some(t) = self.own_tensors.get(name) {
+        if let Some(t) = self.side.get(name) {
             bail!(
-                "tensor '{name}' in {} has type {}, which only the matmul kernels read",
+                "tensor '{name}' in {}: {}",
                 self.path.display(),
-                t.ty
+                crate::kernels::quant_blocks::unsupported_reason(t.ty)
             );
         }
         if !self.has_tensor(name) {
@@ -363,11 +397,38 @@ fn scalar_size(value_type: u32) -> anyhow::Result<Option<u64>> {
 
 /// Reads the GGUF header with bounds of our own, allocating nothing sized by the file (strings
 /// are skipped, not read): magic and version, counts, every metadata value (arrays bounded,
-/// `general.alignment` a power of two), and every tensor (at most 4 dimensions, a type candle
-/// knows or [`own_read_type`] lists, rows of whole blocks, byte range inside the file). What it
-/// accepts, candle's reader can parse without panicking or allocating beyond a small multiple of
-/// the file size (once the own-read types are replaced, at the positions returned).
-pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result<HeaderScan> {
+/// `general.alignment` a power of two), and every tensor (at most 4 dimensions, a type of the
+/// GGML table, rows of whole blocks, byte range inside the file). What it accepts, candle's
+/// reader can parse without panicking or allocating beyond a small multiple of the file size
+/// (once the entries of types candle does not know are taken out, see [`GgufFile`]).
+pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result<()> {
+    scan_header(r, file_size).map(|_| ())
+}
+
+/// What [`scan_header`] learns beyond "valid".
+struct Scan {
+    wide: bool,
+    tensor_count: u64,
+    /// Where the header ends and where the data section starts (aligned).
+    header_end: u64,
+    data_start: u64,
+    /// Entries of types candle's reader does not know, in file order.
+    side: Vec<SideEntry>,
+}
+
+struct SideEntry {
+    name: String,
+    ty: GgmlType,
+    dims: Vec<usize>,
+    /// Offset in the data section, and byte size.
+    offset: u64,
+    bytes: u64,
+    /// The entry's bytes in the header.
+    info_start: u64,
+    info_end: u64,
+}
+
+fn scan_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result<Scan> {
     let mut h = Header {
         r,
         file_size,
@@ -419,8 +480,9 @@ pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result
             .with_context(|| format!("in metadata '{key}'"))?;
     }
     let mut ranges = Vec::new();
-    let mut scan = HeaderScan::default();
+    let mut side = Vec::new();
     for _ in 0..tensors {
+        let info_start = h.r.stream_position()?;
         let name = h.name("tensor name")?;
         let dims = h.u32()?;
         if dims > 4 {
@@ -430,21 +492,10 @@ pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result
         for _ in 0..dims {
             shape.push(if h.wide { h.u64()? } else { h.u32()? as u64 });
         }
-        let type_at = h.r.stream_position()?;
         let type_id = h.u32()?;
-        let ty = match (ggml_dtype(type_id), own_read_type(type_id)) {
-            (Some(dtype), _) => GgmlType::from_candle(dtype),
-            (None, Some(ty)) => {
-                scan.own.push((name.clone(), type_at));
-                scan.types.insert(name.clone(), ty);
-                ty
-            }
-            (None, None) => bail!(
-                "tensor '{name}' has type {}, which xllm cannot read",
-                GgmlType::from_id(type_id)
-                    .map_or_else(|| format!("id {type_id}"), |t| t.to_string())
-            ),
-        };
+        let ty = GgmlType::from_id(type_id).with_context(|| {
+            format!("tensor '{name}' has type id {type_id}, which is not a GGML type xllm knows")
+        })?;
         let offset = h.u64()?;
         let elems = shape
             .iter()
@@ -460,11 +511,21 @@ pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result
             );
         }
         let bytes = elems / block * ty.block_bytes as u64;
+        if ggml_dtype(type_id).is_none() {
+            side.push(SideEntry {
+                name: name.clone(),
+                ty,
+                dims: shape.iter().rev().map(|&d| d as usize).collect(),
+                offset,
+                bytes,
+                info_start,
+                info_end: h.r.stream_position()?,
+            });
+        }
         ranges.push((name, offset, bytes));
     }
     let position = h.r.stream_position()?;
     let data_start = position.div_ceil(alignment) * alignment;
-    scan.data_start = data_start;
     for (name, offset, bytes) in ranges {
         let end = data_start
             .checked_add(offset)
@@ -477,17 +538,13 @@ pub fn check_header<R: Read + Seek>(r: &mut R, file_size: u64) -> anyhow::Result
             );
         }
     }
-    Ok(scan)
-}
-
-/// What [`check_header`] found besides validity.
-#[derive(Default, Debug)]
-pub struct HeaderScan {
-    /// Tensors of an [`own_read_type`], with the header position of their type id.
-    pub own: Vec<(String, u64)>,
-    types: std::collections::HashMap<String, GgmlType>,
-    /// Where tensor data starts (the aligned end of the header).
-    pub data_start: u64,
+    Ok(Scan {
+        wide: h.wide,
+        tensor_count: tensors,
+        header_end: position,
+        data_start,
+        side,
+    })
 }
 
 /// Little-endian reads over the header with the file size at hand.
@@ -600,7 +657,7 @@ mod tests {
     }
 
     fn check(bytes: &[u8]) -> anyhow::Result<()> {
-        check_header(&mut std::io::Cursor::new(bytes), bytes.len() as u64).map(|_| ())
+        check_header(&mut std::io::Cursor::new(bytes), bytes.len() as u64)
     }
 
     #[test]
@@ -617,6 +674,83 @@ mod tests {
         ]);
         check(&b).unwrap();
         Content::read(&mut std::io::Cursor::new(&b)).unwrap();
+    }
+
+    /// A GGUF v3 file written by hand: no metadata, tensors `(name, dims innermost first, type
+    /// id, bytes)` laid out in order at 32-byte alignment.
+    fn raw_file(tensors: &[(&str, &[u64], u32, Vec<u8>)]) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(b"GGUF");
+        h.extend_from_slice(&3u32.to_le_bytes());
+        h.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        h.extend_from_slice(&0u64.to_le_bytes());
+        let mut offset = 0u64;
+        for (name, dims, ty, bytes) in tensors {
+            h.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            h.extend_from_slice(name.as_bytes());
+            h.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in *dims {
+                h.extend_from_slice(&d.to_le_bytes());
+            }
+            h.extend_from_slice(&ty.to_le_bytes());
+            h.extend_from_slice(&offset.to_le_bytes());
+            offset += (bytes.len() as u64).div_ceil(32) * 32;
+        }
+        h.resize(h.len().div_ceil(32) * 32, 0);
+        for (_, _, _, bytes) in tensors {
+            h.extend_from_slice(bytes);
+            h.resize(h.len().div_ceil(32) * 32, 0);
+        }
+        h
+    }
+
+    /// Tensors of types candle does not read (MXFP4, IQ*) no longer make the file unreadable:
+    /// candle's tensors load as before, the others' bytes are read here, and using one where a
+    /// candle tensor is needed names its type.
+    #[test]
+    fn types_candle_cannot_read_are_side_tensors() {
+        let q8: Vec<u8> = (0..2 * 34).map(|i| (i * 7) as u8).collect();
+        let mxfp4: Vec<u8> = (0..3 * 2 * 17).map(|i| (i * 13 + 1) as u8).collect();
+        let iq2: Vec<u8> = vec![0; 74];
+        let bytes = raw_file(&[
+            ("a.q8", &[32, 2], 8, q8.clone()),
+            ("b.experts", &[64, 3], 39, mxfp4.clone()),
+            ("c.iq", &[256], 17, iq2),
+            ("d.q8", &[32, 2], 8, q8.clone()),
+        ]);
+        let f = GgufFile::from_bytes(Path::new("side.gguf"), bytes).unwrap();
+        assert!(f.has_tensor("b.experts") && f.has_tensor("a.q8"));
+        let side = f.side_tensor("b.experts").unwrap();
+        assert_eq!((side.ty, side.dims.clone()), (GgmlType::MXFP4, vec![3, 64]));
+        assert_eq!(f.side_bytes("b.experts").unwrap(), mxfp4);
+        for name in ["a.q8", "d.q8"] {
+            let t = f.tensor(name, &Device::Cpu).unwrap();
+            assert_eq!(t.data().unwrap().as_ref(), q8.as_slice(), "{name}");
+        }
+        let e = f.tensor("c.iq", &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("IQ2_XS") && e.contains("not supported"), "{e}");
+        let mut types: Vec<_> = f
+            .tensor_summaries()
+            .iter()
+            .map(|t| (t.name.to_string(), t.ty.name))
+            .collect();
+        types.sort();
+        assert_eq!(
+            types,
+            [
+                ("a.q8".to_string(), "Q8_0"),
+                ("b.experts".to_string(), "MXFP4"),
+                ("c.iq".to_string(), "IQ2_XS"),
+                ("d.q8".to_string(), "Q8_0")
+            ]
+        );
+        // A type id outside the GGML table is refused at open, by number.
+        let bad = raw_file(&[("x", &[32], 99, vec![0; 32])]);
+        let e = GgufFile::from_bytes(Path::new("bad.gguf"), bad)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("type id 99"), "{e}");
     }
 
     #[test]

@@ -140,6 +140,7 @@ pub fn inspect_gguf(path: &Path) -> anyhow::Result<ModelMetadata> {
         kv_heads: key("attention.head_count_kv").or(key("attention.head_count")),
         experts: key("expert_count").filter(|n| *n > 0),
         experts_active: key("expert_used_count").filter(|n| *n > 0),
+        sliding_window: key("attention.sliding_window").filter(|n| *n > 0),
         kv_profiles: vec![KvProfile::Default],
         ..Default::default()
     };
@@ -147,24 +148,23 @@ pub fn inspect_gguf(path: &Path) -> anyhow::Result<ModelMetadata> {
         .or_else(|| Some(meta.embedding_length? / meta.attention_heads.filter(|h| *h > 0)?));
     let mut counts = ParamCounts::default();
     let mut dtype_elems: BTreeMap<String, u64> = BTreeMap::new();
-    for (name, info) in &content.tensor_infos {
-        let n = info.shape.elem_count() as u64;
+    for t in file.tensor_summaries() {
+        let (name, n, ty) = (t.name, t.elems, t.ty.name);
         counts.add(name, n, name.contains("_exps"));
-        let ty = crate::kernels::ggml_types::GgmlType::from_candle(info.ggml_dtype).name;
         *dtype_elems.entry(ty.to_string()).or_default() += n;
         *meta.tensor_types.entry(ty.to_string()).or_default() += 1;
     }
-    for (name, info) in &file.own_tensors {
-        let n = info.shape.iter().product::<usize>() as u64;
-        counts.add(name, n, name.contains("_exps"));
-        *dtype_elems.entry(info.ty.name.to_string()).or_default() += n;
-        *meta
-            .tensor_types
-            .entry(info.ty.name.to_string())
-            .or_default() += 1;
-    }
     meta.parameters = Some(counts.total);
     meta.active_parameters = counts.active(meta.experts, meta.experts_active);
+    if arch.as_deref() == Some("gpt-oss") {
+        // Counted as for openai's checkpoints (the input embedding table is not active); a
+        // header the loader would refuse keeps the generic counts.
+        if let Ok(c) = crate::arch::gpt_oss::config_from_gguf(&file) {
+            let (total, active) = c.parameter_counts();
+            meta.parameters = Some(total);
+            meta.active_parameters = Some(active);
+        }
+    }
     meta.quantization = md
         .get("general.file_type")
         .and_then(gguf_u64)

@@ -62,6 +62,29 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The state of a server that is not yet ready (`/health` answers 503 until
+    /// [`AppState::set_ready`]).
+    pub fn new(
+        registry: Arc<Registry>,
+        api_key: Option<&str>,
+        body_limit: usize,
+        cors_origins: Vec<String>,
+    ) -> AppState {
+        AppState {
+            registry,
+            metrics: Arc::new(Metrics::new()),
+            api_key_digest: api_key.map(digest),
+            body_limit,
+            cors_origins,
+            ready: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }
@@ -76,8 +99,19 @@ fn digest(text: &str) -> [u8; 32] {
     sha2::Sha256::digest(text.as_bytes()).into()
 }
 
+/// Off while the HTTP fuzz target drives the router in-process (millions of requests).
+static LOGGING: AtomicBool = AtomicBool::new(true);
+
+/// Turns the structured request logs on or off (the fuzz driver turns them off).
+pub fn set_logging(on: bool) {
+    LOGGING.store(on, Ordering::Relaxed);
+}
+
 /// One structured log line on stderr (JSON, with a timestamp and level).
 pub fn log_line(mut value: serde_json::Value) {
+    if !LOGGING.load(Ordering::Relaxed) {
+        return;
+    }
     if let Some(o) = value.as_object_mut() {
         o.insert(
             "ts".into(),
@@ -179,15 +213,12 @@ async fn run(options: ServerOptions) -> anyhow::Result<()> {
         options.models.clone(),
         options.registry.clone(),
     )?);
-    let state = Arc::new(AppState {
-        registry: registry.clone(),
-        metrics: Arc::new(Metrics::new()),
-        api_key_digest: options.api_key.as_deref().map(digest),
-        body_limit: options.body_limit,
-        cors_origins: options.cors_origins.clone(),
-        ready: AtomicBool::new(false),
-        shutting_down: AtomicBool::new(false),
-    });
+    let state = Arc::new(AppState::new(
+        registry.clone(),
+        options.api_key.as_deref(),
+        options.body_limit,
+        options.cors_origins.clone(),
+    ));
     let app = router::router(state.clone());
     let addr = if options.host.contains(':') && !options.host.starts_with('[') {
         format!("[{}]:{}", options.host, options.port)
@@ -246,7 +277,7 @@ async fn run(options: ServerOptions) -> anyhow::Result<()> {
             }
         }
     }
-    state.ready.store(true, Ordering::SeqCst);
+    state.set_ready();
     log_line(serde_json::json!({"msg": "ready"}));
 
     let result = server.await.context("the server task failed")?;

@@ -15,10 +15,12 @@
 pub mod k_quants;
 pub mod legacy;
 pub mod q8;
+mod repacked;
 pub mod ternary;
 
 use crate::kernels::cpu_matmul::{
-    for_each_chunk, has_avx2_fma_f16c, input_rows, rows_per_task, transposed_output,
+    for_each_chunk, has_avx2_fma_f16c, has_avx512_vnni, input_rows, rows_per_task,
+    transposed_output,
 };
 use crate::kernels::ggml_types::GgmlType;
 use candle_core::{Device, Result, Tensor};
@@ -68,10 +70,13 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
 /// Activation rows per prefill tile (see [`QuantMatrix::matmul_transposed`]).
 const ACT_TILE: usize = 64;
 
-/// A `[rows, cols]` matrix of GGUF blocks, as stored in the file.
+/// A `[rows, cols]` matrix of GGUF blocks, as stored in the file — or, for `Q4_0`/`Q4_1`/`Q8_0`
+/// on a CPU with AVX-512 VNNI, repacked in groups of 16 rows ([`repacked`]; `data` is then
+/// empty: the repacked form rebuilds any row exactly).
 pub struct QuantMatrix {
     ty: GgmlType,
     data: Vec<u8>,
+    repacked: Option<repacked::Repacked>,
     rows: usize,
     cols: usize,
 }
@@ -92,12 +97,28 @@ impl QuantMatrix {
                 data.len()
             );
         }
-        Ok(Self {
+        Ok(Self::with_layout(ty, data, rows, cols))
+    }
+
+    /// Repacks when this CPU and type have the repacked kernels and the rows fill whole groups.
+    fn with_layout(ty: GgmlType, data: Vec<u8>, rows: usize, cols: usize) -> Self {
+        if rows > 0 && rows % repacked::GROUP == 0 && repacked::supports(ty) && has_avx512_vnni() {
+            let rep = repacked::Repacked::new(ty, &data, rows, cols / ty.block_elems);
+            return Self {
+                ty,
+                data: Vec::new(),
+                repacked: Some(rep),
+                rows,
+                cols,
+            };
+        }
+        Self {
             ty,
             data,
+            repacked: None,
             rows,
             cols,
-        })
+        }
     }
 
     pub fn ggml_type(&self) -> GgmlType {
@@ -121,6 +142,24 @@ impl QuantMatrix {
             return None;
         }
         let rows = parts.iter().map(|p| p.rows).sum();
+        let reps: Vec<&repacked::Repacked> =
+            parts.iter().filter_map(|p| p.repacked.as_ref()).collect();
+        if reps.len() == parts.len() {
+            let rep = repacked::Repacked::stack(&reps);
+            debug_assert_eq!(rep.rows(), rows);
+            return Some(Self {
+                ty,
+                data: Vec::new(),
+                repacked: Some(rep),
+                rows,
+                cols,
+            });
+        }
+        if !reps.is_empty() {
+            // Some parts repacked, some not (a part with rows outside whole groups): keep them
+            // apart rather than rebuild.
+            return None;
+        }
         let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
         for p in parts {
             data.extend_from_slice(&p.data);
@@ -128,6 +167,7 @@ impl QuantMatrix {
         Some(Self {
             ty,
             data,
+            repacked: None,
             rows,
             cols,
         })
@@ -195,7 +235,11 @@ impl QuantMatrix {
         transposed_output(yt, self.rows, m, dims)
     }
 
-    fn run<A: Sync>(&self, xq: &[A], m: usize, k: RowKernels<A>) -> Vec<f32> {
+    fn run<A: Activations>(&self, xq: &[A], m: usize, k: RowKernels<A>) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(rep), Some(xq)) = (&self.repacked, A::as_q8(xq)) {
+            return self.run_repacked(rep, xq, m);
+        }
         let n = self.rows;
         let blocks = self.cols / self.ty.block_elems;
         // Output transposed ([n, m]) so each thread writes whole rows; weight rows stay in cache
@@ -241,9 +285,26 @@ impl QuantMatrix {
         yt
     }
 
+    /// The repacked kernel over groups of 16 rows, spread over threads like [`Self::run`].
+    #[cfg(target_arch = "x86_64")]
+    fn run_repacked(&self, rep: &repacked::Repacked, xq: &[BlockQ8], m: usize) -> Vec<f32> {
+        let groups = self.rows / repacked::GROUP;
+        let mut yt = vec![0f32; self.rows * m];
+        let per_task = rows_per_task(groups, 1);
+        for_each_chunk(&mut yt, per_task * repacked::GROUP * m, |c, out| {
+            // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
+            unsafe { rep.run_groups(c * per_task, xq, m, out) }
+        });
+        yt
+    }
+
     /// Row `r` dequantized into `out` (`cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        dequantize(self.ty, self.row(r), out).expect("row of a checked matrix");
+        match &self.repacked {
+            Some(rep) => dequantize(self.ty, &rep.row_blocks(r), out),
+            None => dequantize(self.ty, self.row(r), out),
+        }
+        .expect("row of a checked matrix");
     }
 
     /// Rows `ids` dequantized to f32: `[ids.len(), cols]` (token embedding lookup).
@@ -262,8 +323,31 @@ impl QuantMatrix {
     /// The whole matrix as f32 `[rows, cols]` (tests, and weights a kernel cannot take).
     pub fn dequantize_all(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
+        if self.repacked.is_some() {
+            for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+                self.dequantize_row(r, o);
+            }
+            return out;
+        }
         dequantize(self.ty, &self.data, &mut out).expect("checked matrix");
         out
+    }
+}
+
+/// Quantized activation blocks; the repacked kernels take the 32-element ones.
+trait Activations: Sync + Sized {
+    fn as_q8(blocks: &[Self]) -> Option<&[BlockQ8]>;
+}
+
+impl Activations for BlockQ8 {
+    fn as_q8(blocks: &[Self]) -> Option<&[BlockQ8]> {
+        Some(blocks)
+    }
+}
+
+impl Activations for BlockQ8K {
+    fn as_q8(_: &[Self]) -> Option<&[BlockQ8]> {
+        None
     }
 }
 
