@@ -483,7 +483,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__quantize)
-            opts="-t -o -h -V --type --output --name --dry-run --json --threads --help --version"
+            opts="-t -o -h -V --type --output --name --dry-run --json --ternary-scale --stats --threads --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -507,6 +507,10 @@ _xllm() {
                     ;;
                 --name)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ternary-scale)
+                    COMPREPLY=($(compgen -W "absmax absmean-channel" -- "${cur}"))
                     return 0
                     ;;
                 --threads)

@@ -117,9 +117,12 @@ complete -c xllm -n "__fish_xllm_using_subcommand bench" -s V -l version -d 'Pri
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -s t -l type -d 'Target type: F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, TQ1_0, TQ2_0 (Q3_K, Q4_K, Q5_K mean their _M mix)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -s o -l output -d 'Output file (default: `<source>-<TYPE>.gguf` in the current folder)' -r -F
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l name -d 'Add the result to the store under this name instead of writing a file' -r
+complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l ternary-scale -d 'How TQ1_0/TQ2_0 blocks are scaled: absmax (llama.cpp\'s block absmax, the default) or absmean-channel (BitNet b1.58: mean |w| of each output row)' -r -f -a "absmax\t''
+absmean-channel\t''"
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l threads -d 'Worker threads (default: all cores)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l dry-run -d 'Print the plan (tensor, role, shape, types, bytes) and the output size; write nothing'
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l json -d 'With --dry-run: print the plan as JSON'
+complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l stats -d 'With --dry-run: quantize in memory and print each tensor\'s reconstruction error (‖w − ŵ‖ / ‖w‖; for TQ1_0/TQ2_0 under both ternary scales)'
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand embed" -s f -l file -d 'Read inputs from this file, one per non-empty line (`-` for stdin)' -r -F

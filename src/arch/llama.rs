@@ -42,6 +42,10 @@ pub enum Role {
     PostAttnNorm,
     PreFfnNorm,
     PostFfnNorm,
+    /// BitNet's norms of the attention output (before `o_proj`) and of the gated MLP activation
+    /// (before `down_proj`).
+    AttnSubNorm,
+    FfnSubNorm,
     Gate,
     Up,
     Down,
@@ -65,6 +69,8 @@ impl Role {
             Role::FfnNorm | Role::PostAttnNorm => format!("{l}.post_attention_layernorm"),
             Role::PreFfnNorm => format!("{l}.pre_feedforward_layernorm"),
             Role::PostFfnNorm => format!("{l}.post_feedforward_layernorm"),
+            Role::AttnSubNorm => format!("{l}.self_attn.attn_sub_norm"),
+            Role::FfnSubNorm => format!("{l}.mlp.ffn_sub_norm"),
             Role::Gate => format!("{l}.mlp.gate_proj"),
             Role::Up => format!("{l}.mlp.up_proj"),
             Role::Down => format!("{l}.mlp.down_proj"),
@@ -88,6 +94,8 @@ impl Role {
             Role::FfnNorm | Role::PreFfnNorm => format!("{l}.ffn_norm"),
             Role::PostAttnNorm => format!("{l}.post_attention_norm"),
             Role::PostFfnNorm => format!("{l}.post_ffw_norm"),
+            Role::AttnSubNorm => format!("{l}.attn_sub_norm"),
+            Role::FfnSubNorm => format!("{l}.ffn_sub_norm"),
             Role::Gate => format!("{l}.ffn_gate"),
             Role::Up => format!("{l}.ffn_up"),
             Role::Down => format!("{l}.ffn_down"),
@@ -453,6 +461,26 @@ pub(crate) fn gguf_matrix(
     shape: [usize; 2],
     options: &BuildOptions,
 ) -> anyhow::Result<Weight> {
+    // Types candle's reader does not know but our kernels read (TQ1_0, TQ2_0).
+    if let Some(side) = file.side_tensor(name).filter(|t| t.ty.has_cpu_kernel()) {
+        if side.dims != shape {
+            bail!(
+                "tensor '{name}' in {} has shape {:?}, expected {shape:?} from the metadata",
+                file.path.display(),
+                side.dims
+            );
+        }
+        if !options.device.is_cpu() {
+            bail!(
+                "tensor '{name}' in {} is {}, which only the CPU kernels read; use --device cpu",
+                file.path.display(),
+                side.ty
+            );
+        }
+        let m = QuantMatrix::new(side.ty, file.side_bytes(name)?, shape[0], shape[1])
+            .with_context(|| format!("tensor '{name}' in {}", file.path.display()))?;
+        return Ok(Weight::OwnQuant(Arc::new(m)));
+    }
     let q = file.tensor(name, &options.device)?;
     if q.shape().dims() != shape {
         bail!(

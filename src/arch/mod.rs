@@ -12,6 +12,7 @@ use crate::state::{BlockPool, LayerState, PagedKv, RecurrentState, SequenceState
 
 pub mod bert;
 pub mod bf16_linear;
+pub mod bitnet;
 mod cpu_attention;
 mod cpu_matmul;
 pub mod encoder;
@@ -352,6 +353,13 @@ pub const ARCHITECTURES: &[Architecture] = &[
         build: gemma3::build,
         capabilities: LLAMA_CAPS,
         tensor_names: gemma3::TENSOR_NAMES_DOC,
+    },
+    Architecture {
+        model_type: "bitnet",
+        gguf_names: &["bitnet"],
+        build: bitnet::build,
+        capabilities: LLAMA_CAPS,
+        tensor_names: bitnet::TENSOR_NAMES_DOC,
     },
     Architecture {
         model_type: "gpt_oss",

@@ -384,6 +384,14 @@ pub struct QuantizeArgs {
     /// With --dry-run: print the plan as JSON.
     #[arg(long, requires = "dry_run")]
     pub json: bool,
+    /// How TQ1_0/TQ2_0 blocks are scaled: absmax (llama.cpp's block absmax, the default) or
+    /// absmean-channel (BitNet b1.58: mean |w| of each output row).
+    #[arg(long, default_value = "absmax", value_parser = ["absmax", "absmean-channel"])]
+    pub ternary_scale: String,
+    /// With --dry-run: quantize in memory and print each tensor's reconstruction error
+    /// (‖w − ŵ‖ / ‖w‖; for TQ1_0/TQ2_0 under both ternary scales).
+    #[arg(long, requires = "dry_run")]
+    pub stats: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,

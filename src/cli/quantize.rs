@@ -105,6 +105,43 @@ fn print_plan(p: &Prepared, json: bool) -> anyhow::Result<()> {
     emit(&text)
 }
 
+/// `--stats`: relative reconstruction error per tensor (both ternary scales for TQ types).
+fn print_stats(errors: &[quantize::TensorError], json: bool) -> anyhow::Result<()> {
+    if json {
+        let doc: Vec<serde_json::Value> = errors
+            .iter()
+            .map(|e| {
+                let by: serde_json::Map<String, serde_json::Value> = e
+                    .errors
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+                    .collect();
+                serde_json::json!({"name": e.name, "type": e.target_type.name(), "relative_rms_error": by})
+            })
+            .collect();
+        return emit(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&serde_json::json!({ "reconstruction": doc }))?
+        ));
+    }
+    let ternary = errors.iter().any(|e| e.errors.len() > 1);
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    if ternary {
+        table.set_header(["TENSOR", "TYPE", "ERROR absmax", "ERROR absmean-channel"]);
+    } else {
+        table.set_header(["TENSOR", "TYPE", "ERROR"]);
+    }
+    for e in errors {
+        let mut row = vec![e.name.clone(), e.target_type.name()];
+        row.extend(e.errors.iter().map(|(_, v)| format!("{v:.4}")));
+        table.add_row(row);
+    }
+    emit(&format!(
+        "{table}\nreconstruction error: ‖w − ŵ‖ / ‖w‖ over each tensor\n"
+    ))
+}
+
 fn default_output(source: &Path, ftype: FileType) -> PathBuf {
     let stem = source
         .file_stem()
@@ -123,7 +160,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let imatrix_arg = a.imatrix.as_ref().map(|p| p.to_string_lossy().to_string());
-    let prepared = quantize::prepare(
+    let mut prepared = quantize::prepare(
         source.as_ref(),
         ftype,
         imatrix_arg.as_deref().zip(imatrix.as_ref()),
@@ -144,8 +181,25 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         ),
         None => {}
     }
+    prepared.ternary_scale = quantize::blocks::ternary::TernaryScale::parse(&a.ternary_scale)?;
+    let bitnet_source =
+        source.metadata().get_str("general.architecture") == Some("bitnet") && !path.is_file();
+    if bitnet_source && prepared.ternary_scale != Default::default() {
+        bail!(
+            "--ternary-scale {}: this BitNet checkpoint is already ternary; its BitLinear weights are written \
+             exactly, with the scale its training used (`<name>.scale`)",
+            a.ternary_scale
+        );
+    }
     if a.dry_run {
-        return print_plan(&prepared, a.json);
+        print_plan(&prepared, a.json)?;
+        if a.stats {
+            print_stats(
+                &quantize::reconstruction_errors(source.as_ref(), &prepared)?,
+                a.json,
+            )?;
+        }
+        return Ok(());
     }
     let store = if a.name.is_some() {
         Some(Store::open_default()?)

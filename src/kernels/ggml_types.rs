@@ -87,7 +87,7 @@ impl GgmlType {
         (elems % self.block_elems == 0).then(|| elems / self.block_elems * self.block_bytes)
     }
 
-    /// The importance-matrix / lattice types (`IQ*`, `TQ*`): read by no kernel of ours yet.
+    /// The importance-matrix / lattice types (`IQ*`) and the ternary ones (`TQ*`).
     pub fn is_lattice(self) -> bool {
         self.name.starts_with("IQ") || self.name.starts_with("TQ")
     }
@@ -106,6 +106,8 @@ impl GgmlType {
                 | Self::Q4_K
                 | Self::Q5_K
                 | Self::Q6_K
+                | Self::TQ1_0
+                | Self::TQ2_0
         )
     }
 }

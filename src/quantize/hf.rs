@@ -3,7 +3,10 @@
 //! tokenizer.json + tokenizer_config.json), as llama.cpp's convert_hf_to_gguf.py writes them.
 //!
 //! Supported: llama / mistral (GGUF arch `llama`, Q and K rows permuted to GGUF's rotary layout),
-//! qwen2, qwen3. Shards are memory-mapped; rows are converted to f32 a chunk at a time.
+//! qwen2, qwen3, and BitNet b1.58 (`bitnet`, rows permuted as llama's): its BitLinear weights, packed
+//! or bf16 masters, become their exact ternary values (held in memory, one byte per weight) with
+//! the per-tensor scale written beside each as `<name>.scale` (llama.cpp's bitnet scale tensors),
+//! so TQ1_0/TQ2_0 blocks store them with unit scales and nothing is rounded. Shards are memory-mapped; rows are converted to f32 a chunk at a time.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -31,6 +34,8 @@ struct Entry {
     dtype: safetensors::Dtype,
     /// Q/K rotary permutation: number of heads (llama's `permute`), 0 = none.
     permute_heads: usize,
+    /// BitNet ternary weights: levels (weight + 1) in source row order, instead of the bytes.
+    levels: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 pub struct HfSource {
@@ -62,6 +67,7 @@ fn gguf_arch(model_type: &str) -> Option<&'static str> {
         "llama" | "mistral" => "llama",
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
+        "bitnet" => "bitnet",
         _ => return None,
     })
 }
@@ -93,6 +99,8 @@ fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.o_proj.bias" => "attn_output.bias",
         "self_attn.q_norm.weight" => "attn_q_norm.weight",
         "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "self_attn.attn_sub_norm.weight" => "attn_sub_norm.weight",
+        "mlp.ffn_sub_norm.weight" => "ffn_sub_norm.weight",
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
@@ -112,7 +120,7 @@ impl HfSource {
         let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
         let Some(arch) = gguf_arch(model_type) else {
             bail!(
-                "no tensor roles for architecture '{model_type}' yet (safetensors sources: llama, mistral, qwen2, qwen3; \
+                "no tensor roles for architecture '{model_type}' yet (safetensors sources: llama, mistral, qwen2, qwen3, bitnet; \
                  GGUF sources also gemma3, gpt-oss)"
             );
         };
@@ -165,13 +173,86 @@ impl HfSource {
         let mut entries = Vec::new();
         let mut tensors = Vec::new();
         raw.sort_by(|a, b| a.0.cmp(&b.0));
+        let bitnet = if arch == "bitnet" {
+            let layout = crate::arch::bitnet::BitLinearLayout::from_config(&cfg)?;
+            if layout == crate::arch::bitnet::BitLinearLayout::Plain {
+                bail!(
+                    "this bitnet checkpoint has no quantization_config: its linear layers are plain, not ternary \
+                     (xllm quantize reads BitNet checkpoints with packed ternary or master weights)"
+                );
+            }
+            Some((
+                crate::model::safetensors::SafetensorsWeights::open_dir(dir)?,
+                layout,
+            ))
+        } else {
+            None
+        };
+        let mut scales: Vec<(String, f32)> = Vec::new();
         for (name, shard, start, end, dtype, shape) in raw {
             if name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight") {
                 continue;
             }
+            if bitnet.is_some() && name.ends_with(".weight_scale") {
+                continue; // written as `<gguf name>.scale` beside its weight
+            }
+            let bit_linear = bitnet.as_ref().filter(|_| {
+                name.starts_with("model.layers.")
+                    && [
+                        "q_proj",
+                        "k_proj",
+                        "v_proj",
+                        "o_proj",
+                        "gate_proj",
+                        "up_proj",
+                        "down_proj",
+                    ]
+                    .iter()
+                    .any(|p| name.ends_with(&format!(".{p}.weight")))
+            });
             let Some(gname) = gguf_name(&name) else {
                 bail!("tensor '{name}' has no GGUF name for architecture '{model_type}' (unsupported checkpoint layout)");
             };
+            if let Some((weights, layout)) = bit_linear {
+                let base = name.strip_suffix(".weight").expect("a weight");
+                let (out, inp) = match (dtype, shape.as_slice()) {
+                    (safetensors::Dtype::U8, [o, i]) => (o * 4, *i),
+                    (_, [o, i]) => (*o, *i),
+                    _ => bail!("tensor '{name}' has shape {shape:?}, expected a matrix"),
+                };
+                let t = crate::arch::bitnet::ternary_from_safetensors(
+                    weights,
+                    base,
+                    *layout,
+                    [out, inp],
+                )?;
+                let permute_heads = if name.contains("q_proj.") {
+                    n_head
+                } else if name.contains("k_proj.") {
+                    n_head_kv
+                } else {
+                    0
+                };
+                if permute_heads > 0 && out % (2 * permute_heads) != 0 {
+                    bail!("tensor '{name}' has {out} rows, not divisible into {permute_heads} rotary heads");
+                }
+                scales.push((gname.replace(".weight", ".scale"), t.scale));
+                entries.push(Entry {
+                    shard,
+                    start,
+                    end,
+                    dtype: safetensors::Dtype::F32,
+                    permute_heads,
+                    levels: Some(std::sync::Arc::new(t.levels)),
+                });
+                tensors.push(SourceTensor {
+                    name: gname,
+                    ne: vec![inp as u64, out as u64],
+                    ty: GgmlType::F32,
+                    keep_type: GgmlType::F32,
+                });
+                continue;
+            }
             let ty = match dtype {
                 safetensors::Dtype::F32 => GgmlType::F32,
                 safetensors::Dtype::F16 => GgmlType::F16,
@@ -186,7 +267,7 @@ impl HfSource {
                     elems * dtype.bitsize() / 8
                 );
             }
-            let permute_heads = if arch == "llama" {
+            let permute_heads = if arch == "llama" || arch == "bitnet" {
                 if name.contains("q_proj.") {
                     n_head
                 } else if name.contains("k_proj.") {
@@ -210,12 +291,20 @@ impl HfSource {
                 end,
                 dtype,
                 permute_heads,
+                levels: None,
             });
+            // BitNet's embedding and LM head are full precision in training: kept as stored.
+            let keep_type =
+                if bitnet.is_some() && (gname == "token_embd.weight" || gname == "output.weight") {
+                    ty
+                } else {
+                    GgmlType::F32
+                };
             tensors.push(SourceTensor {
                 name: gname,
                 ne,
                 ty,
-                keep_type: GgmlType::F32,
+                keep_type,
             });
         }
         let mut metadata = Metadata::default();
@@ -303,6 +392,9 @@ impl HfSource {
         if let Some(factors) = extra_rope_freqs {
             src.push_generated("rope_freqs.weight", factors);
         }
+        for (name, scale) in scales {
+            src.push_generated(&name, vec![scale]);
+        }
         Ok(src)
     }
 
@@ -321,6 +413,7 @@ impl HfSource {
             end: len,
             dtype: safetensors::Dtype::F32,
             permute_heads: 0,
+            levels: None,
         });
         self.tensors.push(SourceTensor {
             name: name.into(),
@@ -387,6 +480,15 @@ impl Source for HfSource {
         let e = &self.entries[i];
         let n = t.n_per_row();
         let rows = t.n_rows();
+        if let Some(levels) = &e.levels {
+            for (k, orow) in out.chunks_exact_mut(n).enumerate() {
+                let sr = Self::source_row(e, rows, r0 + k);
+                for (o, l) in orow.iter_mut().zip(&levels[sr * n..(sr + 1) * n]) {
+                    *o = *l as f32 - 1.0;
+                }
+            }
+            return Ok(());
+        }
         let data = &self.shards[e.shard].mmap[e.start..e.end];
         let es = e.dtype.bitsize() / 8;
         if e.permute_heads != 0 && t.ne.len() == 1 {
@@ -420,6 +522,11 @@ impl Source for HfSource {
     fn raw_rows(&self, i: usize, r0: usize, r1: usize) -> anyhow::Result<Cow<'_, [u8]>> {
         let e = &self.entries[i];
         let t = &self.tensors[i];
+        if e.levels.is_some() {
+            let mut x = vec![0f32; (r1 - r0) * t.n_per_row()];
+            self.read_rows(i, r0, &mut x)?;
+            return Ok(Cow::Owned(x.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        }
         let rb = t.n_per_row() * (e.dtype.bitsize() / 8);
         let data = &self.shards[e.shard].mmap[e.start..e.end];
         if e.permute_heads == 0 {
@@ -444,6 +551,9 @@ impl Source for HfSource {
     fn release(&self, i: usize, r0: usize, r1: usize) {
         let e = &self.entries[i];
         let t = &self.tensors[i];
+        if e.levels.is_some() {
+            return;
+        }
         let rb = t.n_per_row() * e.dtype.bitsize() / 8;
         if e.permute_heads != 0 {
             // Permuted rows come from all over the tensor: release it when the last rows are done.
@@ -476,6 +586,7 @@ mod tests {
             end: 0,
             dtype: safetensors::Dtype::F32,
             permute_heads: 2,
+            levels: None,
         };
         let order: Vec<usize> = (0..8).map(|r| HfSource::source_row(&e, 8, r)).collect();
         assert_eq!(order, vec![0, 2, 1, 3, 4, 6, 5, 7]);

@@ -95,6 +95,8 @@ pub struct Prepared {
     pub total_bytes: u64,
     /// Source bytes of the planned tensors.
     pub source_bytes: u64,
+    /// How TQ1_0/TQ2_0 tensors are scaled (`--ternary-scale`).
+    pub ternary_scale: blocks::ternary::TernaryScale,
 }
 
 impl Prepared {
@@ -216,11 +218,102 @@ pub fn prepare(
         header_len: 0,
         total_bytes: 0,
         source_bytes,
+        ternary_scale: Default::default(),
     };
     let outs = p.out_tensors();
     p.header_len = gguf::header_bytes(&p.metadata, &outs, alignment)?.len() as u64;
     p.total_bytes = gguf::file_size(p.header_len, &outs, alignment);
     Ok(p)
+}
+
+/// Reconstruction error of one tensor (`--dry-run --stats`): `‖w − ŵ‖ / ‖w‖` over the whole
+/// tensor, for its planned type and, for TQ1_0/TQ2_0, each ternary scale.
+#[derive(Debug, Clone)]
+pub struct TensorError {
+    pub name: String,
+    pub target_type: GgmlType,
+    /// (scale name or the type name, relative RMS error).
+    pub errors: Vec<(String, f64)>,
+}
+
+/// Quantizes and dequantizes every tensor the plan quantizes, without writing anything, and
+/// reports its relative reconstruction error (rows in chunks, in parallel).
+pub fn reconstruction_errors(
+    source: &dyn Source,
+    prepared: &Prepared,
+) -> anyhow::Result<Vec<TensorError>> {
+    use blocks::ternary::TernaryScale;
+    let mut out = Vec::new();
+    for (si, t) in &prepared.tensors {
+        let st = &source.tensors()[*si];
+        if t.target_type == st.ty || !t.target_type.is_quantized() {
+            continue;
+        }
+        let scales: Vec<(String, TernaryScale)> =
+            if matches!(t.target_type, GgmlType::TQ1_0 | GgmlType::TQ2_0) {
+                [TernaryScale::Absmax, TernaryScale::AbsmeanChannel]
+                    .map(|s| (s.name().to_string(), s))
+                    .to_vec()
+            } else {
+                vec![(t.target_type.name(), TernaryScale::Absmax)]
+            };
+        let n = st.n_per_row();
+        let rows = st.n_rows();
+        let row_bytes = t.target_type.row_bytes(n).context("planned row size")?;
+        let rows_per_chunk = (CHUNK_ELEMS / n.max(1)).max(1);
+        // Σ (w − ŵ)² per scale, and Σ w².
+        let mut err = vec![0f64; scales.len()];
+        let mut norm = 0f64;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + rows_per_chunk).min(rows);
+            let sums: Vec<(Vec<f64>, f64)> = (r0..r1)
+                .into_par_iter()
+                .map(|r| -> anyhow::Result<(Vec<f64>, f64)> {
+                    let mut x = vec![0f32; n];
+                    source.read_rows(*si, r, &mut x)?;
+                    let mut q = vec![0u8; row_bytes];
+                    let mut y = vec![0f32; n];
+                    let mut e = Vec::with_capacity(scales.len());
+                    for (_, scale) in &scales {
+                        blocks::quantize_rows_scaled(t.target_type, &x, n, None, *scale, &mut q)?;
+                        blocks::dequantize(t.target_type, &q, &mut y)?;
+                        e.push(
+                            x.iter()
+                                .zip(&y)
+                                .map(|(a, b)| ((a - b) as f64).powi(2))
+                                .sum(),
+                        );
+                    }
+                    Ok((e, x.iter().map(|v| (*v as f64).powi(2)).sum()))
+                })
+                .collect::<anyhow::Result<_>>()
+                .with_context(|| format!("tensor '{}'", t.name))?;
+            for (e, w) in sums {
+                for (acc, v) in err.iter_mut().zip(e) {
+                    *acc += v;
+                }
+                norm += w;
+            }
+            source.release(*si, r0, r1);
+            r0 = r1;
+        }
+        out.push(TensorError {
+            name: t.name.clone(),
+            target_type: t.target_type,
+            errors: scales
+                .iter()
+                .zip(err)
+                .map(|((name, _), e)| {
+                    (
+                        name.clone(),
+                        if norm > 0.0 { (e / norm).sqrt() } else { 0.0 },
+                    )
+                })
+                .collect(),
+        });
+    }
+    Ok(out)
 }
 
 /// Progress of [`execute`], reported after every chunk.
@@ -306,11 +399,12 @@ pub fn execute(
                             let expert = (a + r) / rows_per_expert;
                             let end = ((expert + 1) * rows_per_expert - a).min(nrows);
                             let w = imatrix.map(|w| &w[expert * n..(expert + 1) * n]);
-                            blocks::quantize_rows(
+                            blocks::quantize_rows_scaled(
                                 t.target_type,
                                 &x[r * n..end * n],
                                 n,
                                 w,
+                                prepared.ternary_scale,
                                 &mut ob[r * row_bytes..end * row_bytes],
                             )
                             .with_context(|| format!("tensor '{}'", t.name))?;

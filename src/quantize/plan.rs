@@ -67,8 +67,9 @@ impl fmt::Display for Role {
 }
 
 /// Architectures whose tensor roles are known (GGUF `general.architecture` names).
-pub const SUPPORTED_ARCHITECTURES: [&str; 8] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 9] = [
     "llama",
+    "bitnet",
     "qwen2",
     "qwen3",
     "gemma3",
@@ -285,7 +286,11 @@ pub fn plan(
         } else if t.source_type == GgmlType::MXFP4 {
             // gpt-oss experts ship in MXFP4: kept as they are.
             GgmlType::MXFP4
-        } else if !allows_quantization(&t.name, n_dims) {
+        } else if !allows_quantization(&t.name, n_dims)
+            || (shape.architecture == "bitnet"
+                && matches!(role, Role::TokenEmbedding | Role::Output))
+        {
+            // BitNet trains its embedding and LM head at full precision: kept as stored.
             t.keep_type
         } else if !base.is_quantized() {
             base

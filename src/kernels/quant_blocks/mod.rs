@@ -1,12 +1,13 @@
 //! Our own CPU matmul and dequantization for the GGUF block formats a current GGUF holds:
-//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` ([`legacy`]) and `Q2_K` … `Q6_K` ([`k_quants`]).
+//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` ([`legacy`]), `Q2_K` … `Q6_K` ([`k_quants`]) and the
+//! ternary `TQ1_0`, `TQ2_0` ([`ternary`]).
 //!
 //! Why our own: candle 0.11's quantized CPU kernels choose SIMD at compile time (`cfg(target_feature
 //! = "avx")`), so the baseline x86-64 binary we ship ran them as scalar loops — Q4_K_M decode was
 //! 0.20× llama.cpp's. Here the activations are quantized to 8-bit blocks (llama.cpp's `Q8_1` /
 //! `Q8_K`), every weight block is dotted with them in integer arithmetic, an AVX2/FMA path is
 //! chosen at run time (portable scalar elsewhere), and weight rows are spread over rayon threads
-//! (in the calling thread when the pool has one). IQ and ternary types are refused by name.
+//! (in the calling thread when the pool has one). IQ types are refused by name.
 //!
 //! A [`QuantMatrix`] also serves as a token embedding table (rows dequantized on lookup), so a tied
 //! LM head costs no second copy.
@@ -15,6 +16,7 @@ pub mod k_quants;
 pub mod legacy;
 pub mod q8;
 mod repacked;
+pub mod ternary;
 
 use crate::kernels::cpu_matmul::{
     for_each_chunk, has_avx2_fma_f16c, has_avx512_vnni, input_rows, rows_per_task,
@@ -56,6 +58,8 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
     {
         if ty.block_elems == q8::QK {
             legacy::dequantize_block(ty, b, o);
+        } else if is_ternary(ty) {
+            ternary::dequantize_block(ty, b, o);
         } else {
             k_quants::dequantize_block(ty, b, o);
         }
@@ -194,12 +198,41 @@ impl QuantMatrix {
         if self.ty.block_elems == q8::QK {
             self.run(&q8::quantize_q8(xs, avx2), m, legacy_kernels(self.ty, avx2))
         } else {
-            self.run(
-                &q8::quantize_q8k(xs, avx2),
-                m,
-                k_quant_kernels(self.ty, avx2),
-            )
+            self.run(&q8::quantize_q8k(xs, avx2), m, q8k_kernels(self.ty, avx2))
         }
+    }
+
+    /// Like [`Self::matmul_transposed`] with activations the caller quantized (`m` rows of
+    /// `cols / 256` blocks: BitNet's per-token int8, [`q8::quantize_per_token`]). 256-element
+    /// formats only.
+    pub fn matmul_q8k_transposed(&self, xq: &[BlockQ8K], m: usize) -> Result<Vec<f32>> {
+        if self.ty.block_elems != q8::QK_K || xq.len() != m * self.cols / q8::QK_K {
+            candle_core::bail!(
+                "{}: {} activation blocks do not fit {m} rows of {} columns",
+                self.ty,
+                xq.len(),
+                self.cols
+            );
+        }
+        Ok(self.run(xq, m, q8k_kernels(self.ty, has_avx2_fma_f16c())))
+    }
+
+    /// BitNet's BitLinear on `x` `[.., cols]`: each row quantized to int8 with its own scale
+    /// ([`q8::quantize_per_token`], as the model was trained), times the matrix; the output rows
+    /// come in parts (stacked projections), `(rows, scale)` each, multiplied by their scale.
+    pub fn forward_per_token(&self, x: &Tensor, parts: &[(usize, f32)]) -> Result<Tensor> {
+        let (dims, m) = input_rows(x, self.cols, self.ty.name)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let xq = q8::quantize_per_token(&xs, self.cols);
+        let mut yt = self.matmul_q8k_transposed(&xq, m)?;
+        let mut r0 = 0;
+        for &(rows, scale) in parts {
+            for v in &mut yt[r0 * m..(r0 + rows) * m] {
+                *v *= scale;
+            }
+            r0 += rows;
+        }
+        transposed_output(yt, self.rows, m, dims)
     }
 
     fn run<A: Activations>(&self, xq: &[A], m: usize, k: RowKernels<A>) -> Vec<f32> {
@@ -361,6 +394,53 @@ fn legacy_kernels(ty: GgmlType, avx2: bool) -> RowKernels<BlockQ8> {
     }
     let _ = avx2;
     pick!(2 => Q4_0, 3 => Q4_1, 6 => Q5_0, 7 => Q5_1, 8 => Q8_0)
+}
+
+/// The kernels of a 256-element format (k-quant or ternary).
+fn q8k_kernels(ty: GgmlType, avx2: bool) -> RowKernels<BlockQ8K> {
+    if is_ternary(ty) {
+        ternary_kernels(ty, avx2)
+    } else {
+        k_quant_kernels(ty, avx2)
+    }
+}
+
+fn is_ternary(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::TQ1_0 | GgmlType::TQ2_0)
+}
+
+/// The kernels of a ternary type: AVX2 when `avx2` (detected at run time), else scalar.
+fn ternary_kernels(ty: GgmlType, avx2: bool) -> RowKernels<BlockQ8K> {
+    macro_rules! pick {
+        ($($id:literal => $t:ident),*) => {
+            match ty.id {
+                $($id => {
+                    #[cfg(target_arch = "x86_64")]
+                    if avx2 {
+                        // SAFETY (each closure): AVX2, FMA and F16C were detected at run time.
+                        return RowKernels {
+                            dot: |w, x| unsafe { ternary::avx2::dot_n::<$id, 1>(w, [x])[0] },
+                            dot2: |w0, w1, x| unsafe { ternary::avx2::dot2::<$id>(w0, w1, x) },
+                            dot4: |w, x| unsafe { ternary::avx2::dot_n::<$id, 4>(w, x) },
+                        };
+                    }
+                    RowKernels {
+                        dot: |w, x| ternary::dot_scalar(GgmlType::$t, w, x),
+                        dot2: |w0, w1, x| {
+                            [
+                                ternary::dot_scalar(GgmlType::$t, w0, x),
+                                ternary::dot_scalar(GgmlType::$t, w1, x),
+                            ]
+                        },
+                        dot4: |w, x| x.map(|x| ternary::dot_scalar(GgmlType::$t, w, x)),
+                    }
+                })*
+                _ => unreachable!("{ty} is not a ternary type"),
+            }
+        };
+    }
+    let _ = avx2;
+    pick!(34 => TQ1_0, 35 => TQ2_0)
 }
 
 /// The kernels of a k-quant: AVX2 when `avx2` (detected at run time), else scalar.

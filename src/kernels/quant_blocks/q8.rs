@@ -69,6 +69,30 @@ pub fn quantize_q8k(xs: &[f32], _avx2: bool) -> Vec<BlockQ8K> {
     xs.chunks_exact(QK_K).map(quantize_q8k_scalar).collect()
 }
 
+/// BitNet b1.58's activation quantization (transformers' `BitLinear.activation_quant`): each row
+/// of `cols` values (a multiple of 256) to int8 with one scale per row, `s = 127 / max(amax,
+/// 1e-5)`, `q = clamp(round_half_even(x · s), −128, 127)`, stored as 256-element blocks that all
+/// carry `d = 1 / s`. The model was trained with exactly this rounding, so it is part of the model.
+pub fn quantize_per_token(xs: &[f32], cols: usize) -> Vec<BlockQ8K> {
+    let mut out = Vec::with_capacity(xs.len() / QK_K);
+    for row in xs.chunks_exact(cols) {
+        let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let s = 127.0 / amax.max(1e-5);
+        for x in row.chunks_exact(QK_K) {
+            let mut qs = [0i8; QK_K];
+            for (q, v) in qs.iter_mut().zip(x) {
+                *q = (v * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+            }
+            out.push(BlockQ8K {
+                qs,
+                d: 1.0 / s,
+                bsums: bsums(&qs),
+            });
+        }
+    }
+    out
+}
+
 /// The 32-element block scale and its inverse (llama.cpp: `d = amax / 127`, `id = 127 / amax`).
 fn scale_of(amax: f32) -> (f32, f32) {
     (amax / 127.0, if amax != 0.0 { 127.0 / amax } else { 0.0 })

@@ -5,7 +5,7 @@ use super::*;
 use half::f16;
 
 /// Every format our kernels read.
-const TYPES: [GgmlType; 10] = [
+const TYPES: [GgmlType; 12] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
@@ -16,6 +16,8 @@ const TYPES: [GgmlType; 10] = [
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
+    GgmlType::TQ1_0,
+    GgmlType::TQ2_0,
 ];
 
 /// Byte offsets of a format's f16 scale fields (ggml-common.h).
@@ -25,6 +27,8 @@ fn f16_fields(ty: GgmlType) -> &'static [usize] {
         GgmlType::Q2_K => &[80, 82],
         GgmlType::Q3_K => &[108],
         GgmlType::Q6_K => &[208],
+        GgmlType::TQ1_0 => &[52],
+        GgmlType::TQ2_0 => &[64],
         _ => &[0],
     }
 }
@@ -198,7 +202,7 @@ fn matmul_matches_a_dequantized_f64_product() {
             let scalar_t = if ty.block_elems == q8::QK {
                 w.run(&q8::quantize_q8(&xs, false), m, legacy_kernels(ty, false))
             } else {
-                w.run(&q8::quantize_q8k(&xs, false), m, k_quant_kernels(ty, false))
+                w.run(&q8::quantize_q8k(&xs, false), m, q8k_kernels(ty, false))
             };
             let scale = raw.iter().fold(0f64, |a, v| a.max(v.abs()));
             for i in 0..m {
@@ -237,7 +241,7 @@ fn each_output_row_is_independent_of_the_batch_size() {
                 if ty.block_elems == q8::QK {
                     w.run(&q8::quantize_q8(rows, avx2), m, legacy_kernels(ty, avx2))
                 } else {
-                    w.run(&q8::quantize_q8k(rows, avx2), m, k_quant_kernels(ty, avx2))
+                    w.run(&q8::quantize_q8k(rows, avx2), m, q8k_kernels(ty, avx2))
                 }
             };
             let solo: Vec<Vec<f32>> = (0..9).map(|i| run(&xs[i * k..(i + 1) * k], 1)).collect();

@@ -127,6 +127,36 @@ pub fn quantize_rows(
     Ok(())
 }
 
+/// [`quantize_rows`], with TQ1_0/TQ2_0 scaled by `scale` (BitNet's per-row absmean when asked;
+/// every other type, and `Absmax`, exactly as `quantize_rows`).
+pub fn quantize_rows_scaled(
+    ty: GgmlType,
+    x: &[f32],
+    n_per_row: usize,
+    weights: Option<&[f32]>,
+    scale: ternary::TernaryScale,
+    out: &mut [u8],
+) -> anyhow::Result<()> {
+    if scale == ternary::TernaryScale::AbsmeanChannel
+        && matches!(ty, GgmlType::TQ1_0 | GgmlType::TQ2_0)
+    {
+        let Some(row_bytes) = ty.row_bytes(n_per_row) else {
+            bail!("{ty} cannot hold rows of {n_per_row} elements");
+        };
+        if x.len() % n_per_row != 0 || out.len() != x.len() / n_per_row * row_bytes {
+            bail!("quantize_rows: buffer sizes do not match ({ty})");
+        }
+        for (row, orow) in x
+            .chunks_exact(n_per_row)
+            .zip(out.chunks_exact_mut(row_bytes))
+        {
+            ternary::absmean_row(ty, row, orow);
+        }
+        return Ok(());
+    }
+    quantize_rows(ty, x, n_per_row, weights, out)
+}
+
 /// ggml's `GGML_FP32_TO_BF16`: round to nearest even, NaN kept quiet.
 fn f32_to_bf16_ggml(v: f32) -> u16 {
     let u = v.to_bits();
@@ -245,6 +275,43 @@ mod tests {
                 / 4096.0)
                 .sqrt();
             assert!(err / rms < max_rel, "{ty}: rms error {} of rms {rms}", err);
+        }
+    }
+
+    #[test]
+    fn absmean_channel_scales_each_row_by_its_mean_magnitude() {
+        // Row 0: mean |w| = 0.25 (values ±0.5, 0, ±0.125 …); row 1: all zero.
+        let mut x: Vec<f32> = (0..256)
+            .map(|i| [0.5f32, -0.5, 0.0, 0.0][i % 4] * if i % 8 < 4 { 1.0 } else { 0.5 })
+            .collect();
+        let mean = x.iter().map(|v| v.abs()).sum::<f32>() / 256.0;
+        x.extend(std::iter::repeat_n(0.0, 256));
+        for ty in [GgmlType::TQ1_0, GgmlType::TQ2_0] {
+            let rb = ty.row_bytes(256).unwrap();
+            let mut q = vec![0u8; 2 * rb];
+            quantize_rows_scaled(
+                ty,
+                &x,
+                256,
+                None,
+                ternary::TernaryScale::AbsmeanChannel,
+                &mut q,
+            )
+            .unwrap();
+            let mut y = vec![0f32; 512];
+            dequantize(ty, &q, &mut y).unwrap();
+            let d = half::f16::from_f32(mean).to_f32();
+            for (i, (a, b)) in x.iter().zip(&y).enumerate() {
+                let want = (a / d).round_ties_even().clamp(-1.0, 1.0) * d;
+                assert_eq!(*b, want, "{ty} [{i}]");
+            }
+            // Absmax keeps llama.cpp's bytes.
+            let mut q_max = vec![0u8; 2 * rb];
+            let mut q_ref = vec![0u8; 2 * rb];
+            quantize_rows_scaled(ty, &x, 256, None, ternary::TernaryScale::Absmax, &mut q_max)
+                .unwrap();
+            quantize_rows(ty, &x, 256, None, &mut q_ref).unwrap();
+            assert_eq!(q_max, q_ref);
         }
     }
 

@@ -1,6 +1,7 @@
 //! Ternary super-blocks (TQ1_0, TQ2_0; BitNet b1.58 / TriLM): ggml's reference quantizers
 //! (`quantize_row_tq*_ref`). Both scale by the block's absolute max and ignore importance
-//! weights, as llama.cpp does; `xllm imatrix` (issue 16) adds the absmean variant.
+//! weights, as llama.cpp does ([`tq1_0`], [`tq2_0`]); [`absmean_row`] is BitNet's absmean rule per
+//! output row (`--ternary-scale absmean-channel`).
 
 // Index loops mirror ggml's reference code, which keeps the float operation order reviewable.
 #![allow(clippy::needless_range_loop)]
@@ -100,6 +101,66 @@ pub fn dtq2_0(b: &[u8], y: &mut [f32]) {
                 let q = (b[32 * j + m] >> (2 * n)) & 3;
                 y[128 * j + n * 32 + m] = (q as i32 - 1) as f32 * d;
             }
+        }
+    }
+}
+
+/// How TQ1_0/TQ2_0 blocks get their scale (`xllm quantize --ternary-scale`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TernaryScale {
+    /// llama.cpp's: each 256-element block scaled by its largest magnitude (bytes identical to
+    /// llama-quantize's).
+    #[default]
+    Absmax,
+    /// BitNet b1.58's absmean rule per output row: `d = mean |w|` of the row, `w / d` rounded to
+    /// {−1, 0, 1} and clipped; every block of the row stores the row's `d` (as f16).
+    AbsmeanChannel,
+}
+
+impl TernaryScale {
+    pub const NAMES: [&'static str; 2] = ["absmax", "absmean-channel"];
+
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "absmax" => Ok(Self::Absmax),
+            "absmean-channel" | "absmean" => Ok(Self::AbsmeanChannel),
+            _ => anyhow::bail!(
+                "unknown ternary scale '{s}'; choose one of: {}",
+                Self::NAMES.join(", ")
+            ),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Absmax => Self::NAMES[0],
+            Self::AbsmeanChannel => Self::NAMES[1],
+        }
+    }
+}
+
+/// One row (a multiple of 256 values) as TQ1_0/TQ2_0 blocks with the row's absmean scale.
+pub fn absmean_row(ty: super::super::types::GgmlType, x: &[f32], out: &mut [u8]) {
+    use super::super::types::GgmlType;
+    let d = (x.iter().map(|v| v.abs() as f64).sum::<f64>() / x.len().max(1) as f64) as f32;
+    // Rounded to the stored precision first, so the levels are chosen for the scale decoders see.
+    let d = f16::from_f32(d).to_f32();
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    // Clipping to ±1 before the block quantizer's own rounding: `trit` then sees −1, 0 or 1.
+    let mut clipped = [0f32; QK_K];
+    let bb = if ty == GgmlType::TQ1_0 { 54 } else { 66 };
+    for (xb, ob) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(bb)) {
+        for (c, v) in clipped.iter_mut().zip(xb) {
+            *c = (v * id).round_ties_even().clamp(-1.0, 1.0);
+        }
+        // The block quantizer stores values in {−1, 0, 1} exactly (its absmax is 1 or 0); the
+        // row's scale then replaces the block's.
+        if ty == GgmlType::TQ1_0 {
+            tq1_0(&clipped, ob);
+            ob[52..54].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        } else {
+            tq2_0(&clipped, ob);
+            ob[64..66].copy_from_slice(&f16::from_f32(d).to_le_bytes());
         }
     }
 }
