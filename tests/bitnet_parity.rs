@@ -61,6 +61,7 @@ fn gguf_model(path: &Path) -> Box<dyn CausalLm> {
         device: candle_core::Device::Cpu,
         dtype: candle_core::DType::F32,
         keep_weight_dtype: false,
+        activation_stats: None,
     };
     xllm::arch::build(&xllm::arch::WeightSource::Gguf(&file), &options).unwrap()
 }

@@ -20,6 +20,7 @@ fn open(name: &str) -> Arc<ModelSession> {
     let options = OpenOptions {
         device: Some("cpu".into()),
         ctx: Some(512),
+        ..OpenOptions::default()
     };
     Arc::new(session::open(&dir.display().to_string(), &options).unwrap())
 }
