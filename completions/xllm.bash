@@ -28,6 +28,9 @@ _xllm() {
             xllm,help)
                 cmd="xllm__subcmd__help"
                 ;;
+            xllm,imatrix)
+                cmd="xllm__subcmd__imatrix"
+                ;;
             xllm,list)
                 cmd="xllm__subcmd__list"
                 ;;
@@ -67,6 +70,9 @@ _xllm() {
             xllm__subcmd__help,help)
                 cmd="xllm__subcmd__help__subcmd__help"
                 ;;
+            xllm__subcmd__help,imatrix)
+                cmd="xllm__subcmd__help__subcmd__imatrix"
+                ;;
             xllm__subcmd__help,list)
                 cmd="xllm__subcmd__help__subcmd__list"
                 ;;
@@ -101,7 +107,7 @@ _xllm() {
 
     case "${cmd}" in
         xllm)
-            opts="-h -V --help --version pull list show rm run serve perplexity bench quantize embed tokenize completions help"
+            opts="-h -V --help --version pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -115,7 +121,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__bench)
-            opts="-p -n -r -h -V --prompt-tokens --gen-tokens --repeats --parallel --json --device --threads --ctx --help --version"
+            opts="-p -n -r -h -V --prompt-tokens --gen-tokens --repeats --parallel --json --json-object --json-schema --grammar --regex --device --threads --ctx --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -146,6 +152,18 @@ _xllm() {
                     return 0
                     ;;
                 --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --json-schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --grammar)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --regex)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -221,7 +239,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help)
-            opts="pull list show rm run serve perplexity bench quantize embed tokenize completions help"
+            opts="pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -277,6 +295,20 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        xllm__subcmd__help__subcmd__imatrix)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -416,6 +448,48 @@ _xllm() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        xllm__subcmd__imatrix)
+            opts="-f -o -h -V --file --chunks --ctx --output --no-cache --threads --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --chunks)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ctx)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         xllm__subcmd__list)
             opts="-h -V --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -483,7 +557,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__quantize)
-            opts="-t -o -h -V --type --output --name --dry-run --json --ternary-scale --stats --threads --help --version"
+            opts="-t -o -h -V --type --output --name --dry-run --json --ternary-scale --stats --threads --imatrix --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -517,6 +591,10 @@ _xllm() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --imatrix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -539,7 +617,7 @@ _xllm() {
             return 0
             ;;
         xllm__subcmd__run)
-            opts="-v -n -h -V --raw --system --format --verbose --max-tokens --stop --hide-thinking --think --no-think --reasoning-effort --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --presence-penalty --frequency-penalty --seed --device --threads --ctx --help --version"
+            opts="-v -n -h -V --raw --system --format --verbose --max-tokens --stop --hide-thinking --think --no-think --reasoning-effort --json-object --json-schema --grammar --regex --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --presence-penalty --frequency-penalty --seed --device --threads --ctx --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -567,6 +645,18 @@ _xllm() {
                     ;;
                 --reasoning-effort)
                     COMPREPLY=($(compgen -W "low medium high" -- "${cur}"))
+                    return 0
+                    ;;
+                --json-schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --grammar)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --regex)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --temperature)

@@ -35,6 +35,7 @@ complete -c xllm -n "__fish_xllm_needs_command" -f -a "serve" -d 'Serve models o
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "perplexity" -d 'Measure perplexity of a model on a text file'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "quantize" -d 'Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time'
+complete -c xllm -n "__fish_xllm_needs_command" -f -a "imatrix" -d 'Importance matrix for low-bit quantization: input activation statistics of every matmul weight on calibration text (llama.cpp\'s GGUF imatrix format, or legacy .dat)'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "embed" -d 'Embedding vectors for texts (arguments, --file lines or stdin lines)'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "tokenize" -d 'Print the token ids and pieces of a text (like llama-tokenize)'
 complete -c xllm -n "__fish_xllm_needs_command" -f -a "completions" -d 'Print shell completions'
@@ -58,6 +59,9 @@ complete -c xllm -n "__fish_xllm_using_subcommand run" -l stop -d 'Stop when thi
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l reasoning-effort -d 'gpt-oss: reasoning effort' -r -f -a "low\t''
 medium\t''
 high\t''"
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l json-schema -d 'Answer with JSON that validates against the JSON Schema in FILE; unsupported schema keywords are refused by name' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l grammar -d 'Answer in the grammar in FILE (llguidance\'s Lark syntax: `start: ...`, `%json {..}`)' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l regex -d 'Answer with text that matches this regular expression (Rust regex syntax)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l temperature -d 'Sampling temperature; 0 is greedy' -r
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l top-k -r
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l top-p -r
@@ -75,6 +79,7 @@ complete -c xllm -n "__fish_xllm_using_subcommand run" -s v -l verbose -d 'Print
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l hide-thinking -d 'Hide the reasoning (gpt-oss\'s "analysis" channel, `<think>` text) and show only the answer'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l think -d '`<think>` models (Nemotron): reason before answering (the template\'s `enable_thinking`; on by default in Nemotron\'s template)'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -l no-think -d '`<think>` models: answer without reasoning (`enable_thinking` false)'
+complete -c xllm -n "__fish_xllm_using_subcommand run" -l json-object -d 'Answer with one JSON object (any keys). (`--format json` is this command\'s JSON envelope for the answer, not a constraint.)'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand run" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand serve" -l host -d 'Address to listen on (`XLLM_HOST` may also give `host:port`)' -r
@@ -108,10 +113,14 @@ complete -c xllm -n "__fish_xllm_using_subcommand bench" -s p -l prompt-tokens -
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s n -l gen-tokens -d 'Tokens to decode' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s r -l repeats -d 'Repetitions (the median is reported)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l parallel -d 'Run N sequences at once through the continuous-batching scheduler and report aggregate and per-sequence decode speed and time to first token' -r
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l json-schema -d 'Answer with JSON that validates against the JSON Schema in FILE; unsupported schema keywords are refused by name' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l grammar -d 'Answer in the grammar in FILE (llguidance\'s Lark syntax: `start: ...`, `%json {..}`)' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l regex -d 'Answer with text that matches this regular expression (Rust regex syntax)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l device -d 'Device: `cpu`, `cuda`, `cuda:N` or `metal` (default: the best available)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l threads -d 'CPU threads (default: all cores)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l ctx -d 'Context length to allocate (default: the model\'s, capped for memory)' -r
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -l json -d 'Print JSON'
+complete -c xllm -n "__fish_xllm_using_subcommand bench" -l json-object -d 'Answer with one JSON object (any keys). (`--format json` is this command\'s JSON envelope for the answer, not a constraint.)'
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand bench" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -s t -l type -d 'Target type: F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, TQ1_0, TQ2_0 (Q3_K, Q4_K, Q5_K mean their _M mix)' -r
@@ -120,11 +129,20 @@ complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l name -d 'Add the 
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l ternary-scale -d 'How TQ1_0/TQ2_0 blocks are scaled: absmax (llama.cpp\'s block absmax, the default) or absmean-channel (BitNet b1.58: mean |w| of each output row)' -r -f -a "absmax\t''
 absmean-channel\t''"
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l threads -d 'Worker threads (default: all cores)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l imatrix -d 'Importance matrix (`xllm imatrix` or `llama-imatrix` output, GGUF or legacy .dat): weighs the rounding error of Q2_K..Q6_K and Q4_0..Q5_1 as llama-quantize does' -r -F
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l dry-run -d 'Print the plan (tensor, role, shape, types, bytes) and the output size; write nothing'
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l json -d 'With --dry-run: print the plan as JSON'
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -l stats -d 'With --dry-run: quantize in memory and print each tensor\'s reconstruction error (‖w − ŵ‖ / ‖w‖; for TQ1_0/TQ2_0 under both ternary scales)'
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand quantize" -s V -l version -d 'Print version'
+complete -c xllm -n "__fish_xllm_using_subcommand imatrix" -s f -l file -d 'Calibration text (default: calibration.txt in the model\'s folder, else xllm\'s built-in text)' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand imatrix" -l chunks -d 'Use at most this many chunks of the text (default: all)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand imatrix" -l ctx -d 'Tokens per chunk (llama-imatrix\'s -c)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand imatrix" -s o -l output -d 'Output file: llama.cpp\'s GGUF imatrix format, or the legacy format when it ends in .dat' -r -F
+complete -c xllm -n "__fish_xllm_using_subcommand imatrix" -l threads -d 'CPU threads (default: all cores)' -r
+complete -c xllm -n "__fish_xllm_using_subcommand imatrix" -l no-cache -d 'Recompute even when a cached result for this model and text exists'
+complete -c xllm -n "__fish_xllm_using_subcommand imatrix" -s h -l help -d 'Print help'
+complete -c xllm -n "__fish_xllm_using_subcommand imatrix" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand embed" -s f -l file -d 'Read inputs from this file, one per non-empty line (`-` for stdin)' -r -F
 complete -c xllm -n "__fish_xllm_using_subcommand embed" -l format -d 'Output format' -r -f -a "text\t'One JSON array of numbers per input, one per line'
 jsonl\t'One JSON object per line: index, tokens, embedding'
@@ -143,16 +161,17 @@ complete -c xllm -n "__fish_xllm_using_subcommand tokenize" -s h -l help -d 'Pri
 complete -c xllm -n "__fish_xllm_using_subcommand tokenize" -s V -l version -d 'Print version'
 complete -c xllm -n "__fish_xllm_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c xllm -n "__fish_xllm_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "pull" -d 'Download a model from the Hugging Face Hub into the store (resumable, verified)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "list" -d 'List the models in the store'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "show" -d 'Show a model\'s architecture, parameters, quantization and files'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "rm" -d 'Remove models from the store (partial downloads included)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "run" -d 'Chat with a model (REPL), or answer one prompt and exit'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "serve" -d 'Serve models over HTTP: OpenAI- and Ollama-compatible APIs on the batching engine'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "perplexity" -d 'Measure perplexity of a model on a text file'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "quantize" -d 'Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "embed" -d 'Embedding vectors for texts (arguments, --file lines or stdin lines)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "tokenize" -d 'Print the token ids and pieces of a text (like llama-tokenize)'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "completions" -d 'Print shell completions'
-complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize embed tokenize completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "pull" -d 'Download a model from the Hugging Face Hub into the store (resumable, verified)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "list" -d 'List the models in the store'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "show" -d 'Show a model\'s architecture, parameters, quantization and files'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "rm" -d 'Remove models from the store (partial downloads included)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "run" -d 'Chat with a model (REPL), or answer one prompt and exit'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "serve" -d 'Serve models over HTTP: OpenAI- and Ollama-compatible APIs on the batching engine'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "perplexity" -d 'Measure perplexity of a model on a text file'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "bench" -d 'Measure prefill and decode speed (tokens/s)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "quantize" -d 'Quantize a model (safetensors or GGUF) into a GGUF file, one tensor at a time'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "imatrix" -d 'Importance matrix for low-bit quantization: input activation statistics of every matmul weight on calibration text (llama.cpp\'s GGUF imatrix format, or legacy .dat)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "embed" -d 'Embedding vectors for texts (arguments, --file lines or stdin lines)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "tokenize" -d 'Print the token ids and pieces of a text (like llama-tokenize)'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "completions" -d 'Print shell completions'
+complete -c xllm -n "__fish_xllm_using_subcommand help; and not __fish_seen_subcommand_from pull list show rm run serve perplexity bench quantize imatrix embed tokenize completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
