@@ -416,7 +416,9 @@ fn smollm2_gguf_chat_uses_the_template_and_stops_at_im_end() {
     let out = json_of(&xllm(&[
         "run",
         gguf.to_str().unwrap(),
-        "Name three colors.",
+        // Not "Name three colors.": its first token is a near-tie that the AVX2 and the
+        // repacked AVX-512 kernels break differently (one answer then rambles past 60 tokens).
+        "Name three primary colors.",
         "--temperature",
         "0",
         "-n",
