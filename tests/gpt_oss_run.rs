@@ -151,7 +151,7 @@ fn raw_prompt_bypasses_harmony_and_other_models_ignore_the_flags_with_a_note() {
     assert!(llama.status.success());
     let err = String::from_utf8_lossy(&llama.stderr);
     assert!(
-        err.contains("apply to gpt-oss (harmony) chat only"),
+        err.contains("applies to gpt-oss (harmony) chat only"),
         "{err}"
     );
 }

@@ -100,7 +100,7 @@ fn probes_models_and_routes() {
     let show = s.post("/api/show", &json!({"model": "tiny:latest"})).json();
     assert_eq!(show["model_info"]["general.architecture"], "llama");
     assert_eq!(show["model_info"]["llama.context_length"], 256);
-    assert_eq!(show["capabilities"], json!(["completion"]));
+    assert_eq!(show["capabilities"], json!(["completion", "tools"]));
     assert_eq!(
         s.get("/api/ps").json()["models"],
         json!([]),

@@ -195,7 +195,7 @@ fn endpoints_return_the_reference_vectors() {
     let show = s.post("/api/show", &json!({"model": "qe"})).json();
     assert_eq!(show["capabilities"], json!(["embedding"]));
     let show = s.post("/api/show", &json!({"model": "tiny"})).json();
-    assert_eq!(show["capabilities"], json!(["completion"]));
+    assert_eq!(show["capabilities"], json!(["completion", "tools"]));
     let ps = s.get("/api/ps").json();
     let entry = ps["models"]
         .as_array()
