@@ -7,7 +7,7 @@ runs `encode` with its defaults (batch 32, length-sorted batches, padded and mas
 included), like the `encode` call timed for sentence-transformers. Best of --repeats runs each,
 interleaved. Prints sentences/s for both and the ratio.
 
-Usage: flock /tmp/bench.lock $XLLM_PEERS/venv/bin/python scripts/bench_embed.py [--threads 2] [--repeats 3]
+Usage: $XLLM_PEERS/venv/bin/python scripts/bench_embed.py [--threads 2] [--repeats 3]
        (after `cargo build --release` and scripts/get_minilm.sh)
 """
 import argparse

@@ -7,7 +7,7 @@ The checkpoint is the synthetic one with Nemotron 3 Nano's real widths and fewer
 (scripts/make_synthetic_nemotron.py, written to .dev/nemotron_synthetic, not committed).
 transformers runs in bf16 (the checkpoint's dtype) and in f32; the faster one is the peer.
 Each transformers round: a prefill of P tokens, then N decode steps of one token with the cache.
-Run under `flock /tmp/bench.lock` on a quiet machine.
+Run on a quiet machine, with no other benchmark running.
 
 Usage: $XLLM_PEERS/venv/bin/python scripts/bench_nemotron.py [--model .dev/nemotron_synthetic]
        [--xllm target/release/xllm] [-p 64] [-n 32] [--rounds 3] [--threads 2]

@@ -18,7 +18,7 @@ for round in $(seq "$ROUNDS"); do
     for mode in free schema; do
       extra=()
       [ "$mode" = schema ] && extra=(--json-schema "$SCHEMA")
-      flock /tmp/bench.lock "$XLLM" bench "$MODEL" -p 64 -n 128 -r 1 --parallel "$batch" \
+      "$XLLM" bench "$MODEL" -p 64 -n 128 -r 1 --parallel "$batch" \
         --threads "$THREADS" --json "${extra[@]}" |
         python3 -c "import json,sys; r=json.load(sys.stdin); print('$batch $mode', r['aggregate_decode_tokens_per_second'], r['grammar_ms_per_token'], r['grammar_mask_share'])" >> "$out"
     done

@@ -15,7 +15,7 @@ bf16 GGUF (the same file llama-quantize reads). For every type it prints one mar
 
 `--speed` instead times llama-quantize and `xllm quantize` on the same f16 GGUF (the issue's
 speed check) with the same thread count, interleaved (A B A B), and prints the medians as
-tensors/s, MB/s (source bytes) and the ratio. Run it under `flock /tmp/bench.lock`.
+tensors/s, MB/s (source bytes) and the ratio. Run it with no other benchmark on the machine.
 
 Needs $XLLM_PEERS (default .peers/, see scripts/peers.sh): venv with torch/transformers/gguf and
 llama.cpp built. The model defaults to models/smollm2-st (scripts/get_smollm2.sh, then
