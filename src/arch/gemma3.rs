@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use serde_json::Value;
 
 use super::llama::{
-    attend, config_from_gguf, embed, rope_tables, AttentionShape, GgufLoader, Linear, Loader,
+    attend_batch, config_from_gguf, embed, rope_tables, AttentionShape, GgufLoader, Linear, Loader,
     Projections, Role, SafetensorsLoader, Weight,
 };
 use super::rope::{Rope, RopeLayout};
@@ -304,31 +304,7 @@ impl Gemma3 {
             device: &self.info.device,
             dtype: self.dtype,
         };
-        let mut outs = Vec::with_capacity(batch.len());
-        for (seq, span) in batch.iter_mut().zip(&plan.spans) {
-            let pick = |x: &Tensor| -> Result<Tensor> {
-                if span.len == t {
-                    Ok(x.clone())
-                } else {
-                    x.narrow(2, span.offset, span.len)?.contiguous()
-                }
-            };
-            let store = seq.state.kv_mut(index)?;
-            outs.push(attend(
-                &shape,
-                layer.window,
-                &pick(&q)?,
-                &pick(&k)?,
-                &pick(&v)?,
-                store,
-                span,
-            )?);
-        }
-        let out = if outs.len() == 1 {
-            outs.pop().expect("one output")
-        } else {
-            Tensor::cat(&outs, 1)?
-        };
+        let out = attend_batch(&shape, layer.window, &q, &k, &v, batch, plan, index)?;
         layer.o.forward(&out)
     }
 }

@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::bf16_linear::Bf16Matrix;
-use super::cpu_attention::cpu_attention;
+use super::cpu_attention::{cpu_attention, cpu_attention_batch, SeqQueries};
 use super::mask::causal_mask;
 use super::rope::{Rope, RopeLayout};
 use super::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, Span, WeightSource};
@@ -764,31 +764,7 @@ impl Llama {
             .rope
             .apply(&k.transpose(1, 2)?, &cos_sin.0, &cos_sin.1)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let mut outs = Vec::with_capacity(batch.len());
-        for (seq, span) in batch.iter_mut().zip(&plan.spans) {
-            let pick = |x: &Tensor| -> Result<Tensor> {
-                if span.len == t {
-                    Ok(x.clone())
-                } else {
-                    x.narrow(2, span.offset, span.len)?.contiguous()
-                }
-            };
-            let store = seq.state.kv_mut(index)?;
-            outs.push(attend(
-                &self.shape(),
-                layer.window,
-                &pick(&q)?,
-                &pick(&k)?,
-                &pick(&v)?,
-                store,
-                span,
-            )?);
-        }
-        let out = if outs.len() == 1 {
-            outs.pop().expect("one output")
-        } else {
-            Tensor::cat(&outs, 1)?
-        };
+        let out = attend_batch(&self.shape(), layer.window, &q, &k, &v, batch, plan, index)?;
         layer.o.forward(&out)
     }
 
@@ -834,22 +810,76 @@ fn attention_mask(
     )?))
 }
 
-/// One sequence's attention (scaled by `head_dim^-½`): `q` `[1, heads, n, d]`, `k`/`v`
-/// `[1, kv_heads, n, d]` for its `n` new tokens, written to `store` first. Returns
-/// `[1, n, heads · d]`. Our batch-invariant CPU kernel where it applies, grouped GEMMs with an
-/// additive mask otherwise.
-pub(super) fn attend(
+/// Layer `index`'s attention for every sequence of the batch (scaled by `head_dim^-1/2`): `q`
+/// `[1, heads, t, d]`, `k`/`v` `[1, kv_heads, t, d]` for the batch's `t` new tokens (each
+/// sequence's rows at its span), written to each sequence's cache first. Returns
+/// `[1, t, heads * d]`. Our batch-invariant CPU kernel over all sequences at once where it
+/// applies, grouped GEMMs with an additive mask per sequence otherwise.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend_batch(
     shape: &AttentionShape<'_>,
     window: Option<usize>,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    batch: &mut [BatchSeq<'_>],
+    plan: &BatchPlan,
+    index: usize,
+) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    let pick = |x: &Tensor, span: &Span| -> Result<Tensor> {
+        if span.len == t {
+            Ok(x.clone())
+        } else {
+            x.narrow(2, span.offset, span.len)?.contiguous()
+        }
+    };
+    for (seq, span) in batch.iter_mut().zip(&plan.spans) {
+        seq.state
+            .kv_mut(index)?
+            .write(&pick(k, span)?, &pick(v, span)?)?;
+    }
+    if shape.device.is_cpu() {
+        let segments = batch
+            .iter_mut()
+            .map(|seq| seq.state.kv_mut(index)?.segments())
+            .collect::<Result<Vec<_>>>()?;
+        let seqs: Vec<SeqQueries<'_>> = segments
+            .iter()
+            .zip(&plan.spans)
+            .map(|(segments, span)| SeqQueries {
+                segments,
+                offset: span.offset,
+                len: span.len,
+            })
+            .collect();
+        if let Some(out) = cpu_attention_batch(q, &seqs, window, None)? {
+            return Ok(out);
+        }
+    }
+    let mut outs = Vec::with_capacity(batch.len());
+    for (seq, span) in batch.iter_mut().zip(&plan.spans) {
+        let store = seq.state.kv_mut(index)?;
+        outs.push(attend_written(shape, window, &pick(q, span)?, store, span)?);
+    }
+    if outs.len() == 1 {
+        Ok(outs.pop().expect("one output"))
+    } else {
+        Tensor::cat(&outs, 1)
+    }
+}
+
+/// One sequence's attention over its cache, its new keys/values already written: `q`
+/// `[1, heads, n, d]` for its `n` new tokens. Returns `[1, n, heads * d]`.
+fn attend_written(
+    shape: &AttentionShape<'_>,
+    window: Option<usize>,
+    q: &Tensor,
     store: &mut PagedKv,
     span: &Span,
 ) -> Result<Tensor> {
     let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let t = span.len;
-    store.write(k, v)?;
     if let Some(out) = cpu_attention(q, &store.segments()?, window, None)? {
         return Ok(out);
     }

@@ -18,9 +18,11 @@ pub mod q8;
 mod repacked;
 pub mod ternary;
 
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::cpu_matmul::for_each_column_range;
 use crate::kernels::cpu_matmul::{
-    for_each_chunk, has_avx2_fma_f16c, has_avx512_vnni, input_rows, rows_per_task,
-    transposed_output,
+    for_each_chunk, has_avx2_fma_f16c, has_avx512_vnni, input_rows, output_tensor, rows_per_task,
+    transposed,
 };
 use crate::kernels::ggml_types::GgmlType;
 use candle_core::{Device, Result, Tensor};
@@ -186,13 +188,12 @@ impl QuantMatrix {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (dims, m) = input_rows(x, self.cols, self.ty.name)?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let yt = self.matmul_transposed(&xs, m);
-        transposed_output(yt, self.rows, m, dims)
+        let y = self.matmul(&xs, m);
+        output_tensor(y, self.rows, dims)
     }
 
-    /// `xs` (`m` rows of `cols`) times the matrix transposed, written `[rows, m]` (the layout
-    /// the kernels produce: each thread owns whole weight rows).
-    pub fn matmul_transposed(&self, xs: &[f32], m: usize) -> Vec<f32> {
+    /// `xs` (`m` rows of `cols`) times the matrix transposed: `[m, rows]`.
+    pub fn matmul(&self, xs: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(xs.len(), m * self.cols, "activation shape");
         let avx2 = has_avx2_fma_f16c();
         if self.ty.block_elems == q8::QK {
@@ -202,10 +203,9 @@ impl QuantMatrix {
         }
     }
 
-    /// Like [`Self::matmul_transposed`] with activations the caller quantized (`m` rows of
-    /// `cols / 256` blocks: BitNet's per-token int8, [`q8::quantize_per_token`]). 256-element
-    /// formats only.
-    pub fn matmul_q8k_transposed(&self, xq: &[BlockQ8K], m: usize) -> Result<Vec<f32>> {
+    /// Like [`Self::matmul`] with activations the caller quantized (`m` rows of `cols / 256`
+    /// blocks: BitNet's per-token int8, [`q8::quantize_per_token`]). 256-element formats only.
+    pub fn matmul_q8k(&self, xq: &[BlockQ8K], m: usize) -> Result<Vec<f32>> {
         if self.ty.block_elems != q8::QK_K || xq.len() != m * self.cols / q8::QK_K {
             candle_core::bail!(
                 "{}: {} activation blocks do not fit {m} rows of {} columns",
@@ -224,17 +224,20 @@ impl QuantMatrix {
         let (dims, m) = input_rows(x, self.cols, self.ty.name)?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let xq = q8::quantize_per_token(&xs, self.cols);
-        let mut yt = self.matmul_q8k_transposed(&xq, m)?;
-        let mut r0 = 0;
-        for &(rows, scale) in parts {
-            for v in &mut yt[r0 * m..(r0 + rows) * m] {
-                *v *= scale;
+        let mut y = self.matmul_q8k(&xq, m)?;
+        for row in y.chunks_exact_mut(self.rows) {
+            let mut r0 = 0;
+            for &(rows, scale) in parts {
+                for v in &mut row[r0..r0 + rows] {
+                    *v *= scale;
+                }
+                r0 += rows;
             }
-            r0 += rows;
         }
-        transposed_output(yt, self.rows, m, dims)
+        output_tensor(y, self.rows, dims)
     }
 
+    /// `[m, rows]`.
     fn run<A: Activations>(&self, xq: &[A], m: usize, k: RowKernels<A>) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
         if let (Some(rep), Some(xq)) = (&self.repacked, A::as_q8(xq)) {
@@ -282,20 +285,21 @@ impl QuantMatrix {
                 }
             }
         });
-        yt
+        transposed(yt, n, m)
     }
 
-    /// The repacked kernel over groups of 16 rows, spread over threads like [`Self::run`].
+    /// The repacked kernel over groups of 16 rows, spread over threads like [`Self::run`],
+    /// written straight into `[m, rows]`.
     #[cfg(target_arch = "x86_64")]
     fn run_repacked(&self, rep: &repacked::Repacked, xq: &[BlockQ8], m: usize) -> Vec<f32> {
         let groups = self.rows / repacked::GROUP;
-        let mut yt = vec![0f32; self.rows * m];
-        let per_task = rows_per_task(groups, 1);
-        for_each_chunk(&mut yt, per_task * repacked::GROUP * m, |c, out| {
+        let mut y = vec![0f32; self.rows * m];
+        let per_task = rows_per_task(groups, 1) * repacked::GROUP;
+        for_each_column_range(&mut y, self.rows, m, per_task, |mut out| {
             // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
-            unsafe { rep.run_groups(c * per_task, xq, m, out) }
+            unsafe { rep.run_groups(xq, m, &mut out) }
         });
-        yt
+        y
     }
 
     /// Row `r` dequantized into `out` (`cols` values).

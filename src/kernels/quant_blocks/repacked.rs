@@ -142,14 +142,21 @@ impl Repacked {
         }
     }
 
-    /// Groups `g0..g0 + out.len() / (GROUP · m)` times the `m` activation rows `xq` (blocks of
-    /// [`BlockQ8`], `blocks` per row), written `[row, m]` into `out`.
+    /// This task's columns of the `[m, rows]` product (whole groups: the range starts and ends
+    /// on a multiple of [`GROUP`], or at the last row) times the `m` activation rows `xq`
+    /// (blocks of [`BlockQ8`], `blocks` per row), each group's 16 results stored side by side.
     ///
     /// # Safety
     /// AVX-512 F/BW/VNNI, AVX2, FMA and F16C must be available.
     #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn run_groups(&self, g0: usize, xq: &[BlockQ8], m: usize, out: &mut [f32]) {
-        let groups = out.len() / (GROUP * m);
+    pub(super) unsafe fn run_groups(
+        &self,
+        xq: &[BlockQ8],
+        m: usize,
+        out: &mut crate::kernels::cpu_matmul::ColumnRange<'_>,
+    ) {
+        let cols = out.cols();
+        debug_assert!(cols.start % GROUP == 0 && cols.len() % GROUP == 0);
         let x_row = |i: usize| &xq[i * self.blocks..(i + 1) * self.blocks];
         // Activation sums (Q4_0's offset of 8) and unsigned activations (Q8_0), once per call.
         let xsum: Vec<i32> = if self.ty == GgmlType::Q4_0 {
@@ -164,9 +171,8 @@ impl Repacked {
         } else {
             Vec::new()
         };
-        for gl in 0..groups {
-            let g = g0 + gl;
-            let out_g = &mut out[gl * GROUP * m..(gl + 1) * GROUP * m];
+        for gl in 0..cols.len() / GROUP {
+            let g = cols.start / GROUP + gl;
             let mut i = 0;
             macro_rules! tile {
                 ($t:literal) => {{
@@ -191,9 +197,7 @@ impl Repacked {
                         _ => avx512::group::<8, $t>(self, g, x, sums, us),
                     };
                     for (k, lanes) in acc.iter().enumerate() {
-                        for (lane, v) in lanes.iter().enumerate() {
-                            out_g[lane * m + i + k] = *v;
-                        }
+                        out.row_mut(i + k)[gl * GROUP..(gl + 1) * GROUP].copy_from_slice(lanes);
                     }
                     i += $t;
                 }};

@@ -199,7 +199,7 @@ fn matmul_matches_a_dequantized_f64_product() {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let scalar_t = if ty.block_elems == q8::QK {
+            let scalar = if ty.block_elems == q8::QK {
                 w.run(&q8::quantize_q8(&xs, false), m, legacy_kernels(ty, false))
             } else {
                 w.run(&q8::quantize_q8k(&xs, false), m, q8k_kernels(ty, false))
@@ -209,7 +209,7 @@ fn matmul_matches_a_dequantized_f64_product() {
                 for r in 0..n {
                     let j = i * n + r;
                     let tol = 1e-5 * mag[j] + 1e-6;
-                    for (path, got) in [("detected", fast[j]), ("scalar", scalar_t[r * m + i])] {
+                    for (path, got) in [("detected", fast[j]), ("scalar", scalar[j])] {
                         assert!(
                             (got as f64 - want[j]).abs() <= tol,
                             "{ty} {path} m={m} [{i},{r}]: {got} vs {} (tol {tol})",
@@ -246,9 +246,9 @@ fn each_output_row_is_independent_of_the_batch_size() {
             };
             let solo: Vec<Vec<f32>> = (0..9).map(|i| run(&xs[i * k..(i + 1) * k], 1)).collect();
             for m in 2..=9 {
-                let yt = run(&xs[..m * k], m);
+                let y = run(&xs[..m * k], m);
                 for (i, solo) in solo.iter().enumerate().take(m) {
-                    let batched: Vec<f32> = (0..n).map(|r| yt[r * m + i]).collect();
+                    let batched = &y[i * n..(i + 1) * n];
                     assert_eq!(&batched, solo, "{ty} avx2={avx2} m={m} row {i}");
                 }
             }
