@@ -184,3 +184,52 @@ fn llama_cpp_and_xllm_generate_the_same_tokens_on_our_files() {
     }
     assert!(checked >= 11, "{checked} prompts checked");
 }
+
+/// A checkpoint missing an expert tensor's scales, or with experts that are not MXFP4, is refused
+/// with a message naming the tensor (not a panic, nothing written).
+#[test]
+fn broken_gpt_oss_checkpoints_are_refused_clearly() {
+    use safetensors::tensor::TensorView;
+    let src = fixture(FIXTURE);
+    let cases: [(&str, &str); 2] = [
+        (
+            "model.layers.0.mlp.experts.down_proj_scales",
+            "down_proj_scales' is missing",
+        ),
+        (
+            "model.layers.2.mlp.experts.gate_up_proj_blocks",
+            "expected 3 per layer",
+        ),
+    ];
+    for (drop, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let shards: Vec<Vec<u8>> = [
+            "model-00000-of-00001.safetensors",
+            "model-00001-of-00001.safetensors",
+        ]
+        .iter()
+        .map(|f| std::fs::read(src.join(f)).unwrap())
+        .collect();
+        let parsed: Vec<safetensors::SafeTensors> = shards
+            .iter()
+            .map(|b| safetensors::SafeTensors::deserialize(b).unwrap())
+            .collect();
+        let mut kept: Vec<(String, TensorView)> = Vec::new();
+        for st in &parsed {
+            for (name, view) in st.tensors() {
+                if name != drop {
+                    kept.push((name, view));
+                }
+            }
+        }
+        safetensors::serialize_to_file(kept, None, &dir.path().join("model.safetensors")).unwrap();
+        let err = match quantize::open_source(dir.path()) {
+            Ok(_) => panic!("dropping {drop} was accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(want), "dropping {drop}: {err}");
+    }
+}
