@@ -25,7 +25,7 @@ A GGUF file as --model (e.g. models/gemma3/gemma-3-270m-q4_k_m.gguf) is a re-qua
 llama-quantize gets --allow-requantize and both read that one file.
 
 Usage: python scripts/quantize_vs_llama_cpp.py [--model DIR|FILE.gguf] [--types Q4_K_M,Q6_K] [--threads 2]
-       python scripts/quantize_vs_llama_cpp.py --speed [--repeats 3]
+       python scripts/quantize_vs_llama_cpp.py --speed [--repeats 3] [--source SMOLLM2-F16.gguf]
 """
 import argparse
 import hashlib
@@ -211,7 +211,7 @@ def quality(args):
 
 def speed(args):
     tmp = args.work
-    src = convert(args.model, "f16", os.path.join(tmp, "source-f16.gguf"))
+    src = args.source or convert(args.model, "f16", os.path.join(tmp, "source-f16.gguf"))
     import gguf
     r = gguf.GGUFReader(src)
     n_tensors = len(r.tensors)
@@ -251,6 +251,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--source", default=None,
+                    help="--speed: an f16 GGUF made beforehand (convert_hf_to_gguf.py --outtype f16), so the "
+                         "conversion stays out of the timed, quiet part")
     ap.add_argument("--work", default=None, help="folder for the GGUF files (default: a temp folder)")
     ap.add_argument("--n-predict", type=int, default=24)
     ap.add_argument("--keep-pretokenizer", dest="smollm_pre", action="store_false",

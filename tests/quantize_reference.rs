@@ -214,6 +214,75 @@ fn gpt_oss_matches_llama_quantize_and_keeps_mxfp4_experts() {
     );
 }
 
+#[test]
+fn gpt_oss_from_safetensors_matches_llama_cpp_converter_and_quantize() {
+    // The safetensors fixture quantized directly: BF16 equals llama.cpp's convert_hf_to_gguf.py
+    // output tensor for tensor (MXFP4 experts repacked, gate/up split, names); every other type
+    // equals llama-quantize run on that converter output (experts kept as the converter wrote
+    // them); and the metadata equals the converter's, key for key.
+    let refj = reference();
+    if !llama_quantize_section(&refj, "gpt_oss_tiny") {
+        return;
+    }
+    let src = Path::new("tests/fixtures/gpt_oss_tiny");
+    let section = refj["gpt_oss_tiny"].as_object().unwrap();
+    let converter = reference_tensors(&section["source"]);
+    let (ours, _) = quantize_to(src, "BF16");
+    assert_eq!(ours.len(), converter.len(), "BF16: tensor count");
+    for (name, want) in &converter {
+        assert_eq!(ours.get(name), Some(want), "BF16 {name} vs the converter");
+    }
+    let mut problems = vec![];
+    let mut mxfp4 = 0;
+    for (ty, want) in section.iter().filter(|(k, _)| k.as_str() != "source") {
+        let want = reference_tensors(want);
+        let (ours, _) = quantize_to(src, ty);
+        assert_eq!(ours.len(), want.len(), "{ty}: tensor count");
+        for (name, got) in &ours {
+            let expect = if converter[name].0 == "MXFP4" {
+                mxfp4 += 1;
+                &converter[name]
+            } else {
+                &want[name]
+            };
+            if got != expect {
+                problems.push(format!("{ty} {name}: ours {got:?}, llama.cpp {expect:?}"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_eq!(mxfp4, 12 * (section.len() - 1));
+
+    let source = quantize::open_source(src).unwrap();
+    let ours = quantize::prepare(source.as_ref(), FileType::parse("BF16").unwrap(), None)
+        .unwrap()
+        .metadata;
+    let theirs = GgufReader::open(Path::new("tests/fixtures/quantize/gpt_oss_tiny.bf16.gguf"))
+        .unwrap()
+        .metadata;
+    // Not compared: the name (from the folder), the size label (we write none) and the two keys
+    // quantizing sets and moves to the end (the converter calls a bf16 file with MXFP4 experts
+    // MOSTLY_MXFP4_MOE; ours says BF16, which is what it asked for).
+    let skip = [
+        "general.name",
+        "general.size_label",
+        "general.file_type",
+        "general.quantization_version",
+    ];
+    let keys = |m: &Metadata| -> Vec<String> {
+        m.0.iter()
+            .map(|(k, _)| k.clone())
+            .filter(|k| !skip.contains(&k.as_str()))
+            .collect()
+    };
+    assert_eq!(keys(&ours), keys(&theirs), "metadata keys and order");
+    for (k, v) in &theirs.0 {
+        if !skip.contains(&k.as_str()) {
+            assert_eq!(ours.get(k), Some(v), "metadata '{k}'");
+        }
+    }
+}
+
 /// Quantizes `src` to `ty` and compares with the reference entry; returns mismatch descriptions.
 fn compare(src: &Path, ty: &str, want: &serde_json::Value, whole_file: bool) -> Vec<String> {
     compare_with(src, ty, want, whole_file, None)

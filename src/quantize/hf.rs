@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use half::{bf16, f16};
+use half::bf16;
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
@@ -20,6 +20,11 @@ use super::gguf::{release_range, Metadata, Value};
 use super::plan::ModelShape;
 use super::source::{Source, SourceTensor};
 use super::types::GgmlType;
+
+mod gpt_oss;
+
+/// A safetensors tensor as listed in a shard's header: name, shard, byte range, dtype, shape.
+type RawTensor = (String, usize, usize, usize, safetensors::Dtype, Vec<usize>);
 
 struct Shard {
     mmap: Mmap,
@@ -36,6 +41,20 @@ struct Entry {
     permute_heads: usize,
     /// BitNet ternary weights: levels (weight + 1) in source row order, instead of the bytes.
     levels: Option<std::sync::Arc<Vec<u8>>>,
+    /// Every `stride`-th row of a larger tensor (gpt-oss's interleaved gate/up rows).
+    split: Option<RowSplit>,
+    /// gpt-oss MXFP4 experts: the `*_scales` range (shard, start, end); `start..end` above are the
+    /// `*_blocks`. Rows are repacked into ggml's `block_mxfp4` as they are read.
+    mxfp4_scales: Option<(usize, usize, usize)>,
+}
+
+/// Output row `r` of group `g = r / rows_per_group` is source row
+/// `(g · rows_per_group + r % rows_per_group) · stride + offset`.
+#[derive(Debug, Clone, Copy)]
+struct RowSplit {
+    rows_per_group: usize,
+    stride: usize,
+    offset: usize,
 }
 
 pub struct HfSource {
@@ -68,6 +87,7 @@ fn gguf_arch(model_type: &str) -> Option<&'static str> {
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
         "bitnet" => "bitnet",
+        "gpt_oss" => "gpt-oss",
         _ => return None,
     })
 }
@@ -120,14 +140,13 @@ impl HfSource {
         let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
         let Some(arch) = gguf_arch(model_type) else {
             bail!(
-                "no tensor roles for architecture '{model_type}' yet (safetensors sources: llama, mistral, qwen2, qwen3, bitnet; \
-                 GGUF sources also gemma3, gpt-oss)"
+                "no tensor roles for architecture '{model_type}' yet (safetensors sources: llama, mistral, qwen2, qwen3, bitnet, gpt_oss; \
+                 GGUF sources also gemma3)"
             );
         };
         let files = crate::model::safetensors::shard_files(dir)?;
         let mut shards = Vec::new();
-        let mut raw: Vec<(String, usize, usize, usize, safetensors::Dtype, Vec<usize>)> =
-            Vec::new();
+        let mut raw: Vec<RawTensor> = Vec::new();
         for (si, path) in files.iter().enumerate() {
             let file = std::fs::File::open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
@@ -159,6 +178,9 @@ impl HfSource {
                 ));
             }
             shards.push(Shard { mmap });
+        }
+        if arch == "gpt-oss" {
+            return gpt_oss::open(dir, &cfg, shards, raw);
         }
         let n_head = cfg_u64(&cfg, &["num_attention_heads"])
             .context("config.json lacks num_attention_heads")? as usize;
@@ -244,6 +266,8 @@ impl HfSource {
                     dtype: safetensors::Dtype::F32,
                     permute_heads,
                     levels: Some(std::sync::Arc::new(t.levels)),
+                    split: None,
+                    mxfp4_scales: None,
                 });
                 tensors.push(SourceTensor {
                     name: gname,
@@ -292,6 +316,8 @@ impl HfSource {
                 dtype,
                 permute_heads,
                 levels: None,
+                split: None,
+                mxfp4_scales: None,
             });
             // BitNet's embedding and LM head are full precision in training: kept as stored.
             let keep_type =
@@ -400,7 +426,12 @@ impl HfSource {
 
     /// A tensor computed at conversion time (llama3's `rope_freqs`), kept in memory (tiny).
     fn push_generated(&mut self, name: &str, values: Vec<f32>) {
-        let n = values.len();
+        let ne = vec![values.len() as u64];
+        self.push_generated_shaped(name, values, ne);
+    }
+
+    /// [`Self::push_generated`] with dimensions `ne` (innermost first).
+    fn push_generated_shaped(&mut self, name: &str, values: Vec<f32>, ne: Vec<u64>) {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let len = bytes.len();
         let mut anon = memmap2::MmapMut::map_anon(len.max(1)).expect("anonymous map");
@@ -414,10 +445,12 @@ impl HfSource {
             dtype: safetensors::Dtype::F32,
             permute_heads: 0,
             levels: None,
+            split: None,
+            mxfp4_scales: None,
         });
         self.tensors.push(SourceTensor {
             name: name.into(),
-            ne: vec![n as u64],
+            ne,
             ty: GgmlType::F32,
             keep_type: GgmlType::F32,
         });
@@ -425,6 +458,10 @@ impl HfSource {
 
     /// Source row for output row `r` (llama's rotary `permute`: per head, interleave the halves).
     fn source_row(e: &Entry, rows: usize, r: usize) -> usize {
+        if let Some(s) = e.split {
+            let (g, within) = (r / s.rows_per_group, r % s.rows_per_group);
+            return (g * s.rows_per_group + within) * s.stride + s.offset;
+        }
         if e.permute_heads == 0 {
             return r;
         }
@@ -489,6 +526,10 @@ impl Source for HfSource {
             }
             return Ok(());
         }
+        if e.mxfp4_scales.is_some() {
+            let raw = self.raw_rows(i, r0, r0 + out.len() / n)?;
+            return super::blocks::dequantize(GgmlType::MXFP4, &raw, out);
+        }
         let data = &self.shards[e.shard].mmap[e.start..e.end];
         let es = e.dtype.bitsize() / 8;
         if e.permute_heads != 0 && t.ne.len() == 1 {
@@ -505,11 +546,7 @@ impl Source for HfSource {
                         *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                     }
                 }
-                safetensors::Dtype::F16 => {
-                    for (o, c) in orow.iter_mut().zip(b.chunks_exact(2)) {
-                        *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-                    }
-                }
+                safetensors::Dtype::F16 => super::blocks::f16_bytes_to_f32(b, orow),
                 _ => {
                     for (o, c) in orow.iter_mut().zip(b.chunks_exact(2)) {
                         *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
@@ -527,9 +564,25 @@ impl Source for HfSource {
             self.read_rows(i, r0, &mut x)?;
             return Ok(Cow::Owned(x.iter().flat_map(|v| v.to_le_bytes()).collect()));
         }
+        if let Some((shard, s0, s1)) = e.mxfp4_scales {
+            let blocks = &self.shards[e.shard].mmap[e.start..e.end];
+            let scales = &self.shards[shard].mmap[s0..s1];
+            let groups = t.n_per_row() / crate::kernels::mxfp4::BLOCK_VALUES;
+            let mut out =
+                Vec::with_capacity((r1 - r0) * groups * crate::kernels::mxfp4::GGML_BLOCK_BYTES);
+            for r in r0..r1 {
+                let sr = Self::source_row(e, t.n_rows(), r);
+                gpt_oss::push_ggml_row(
+                    &blocks[sr * groups * 16..(sr + 1) * groups * 16],
+                    &scales[sr * groups..(sr + 1) * groups],
+                    &mut out,
+                );
+            }
+            return Ok(Cow::Owned(out));
+        }
         let rb = t.n_per_row() * (e.dtype.bitsize() / 8);
         let data = &self.shards[e.shard].mmap[e.start..e.end];
-        if e.permute_heads == 0 {
+        if e.permute_heads == 0 && e.split.is_none() {
             return Ok(Cow::Borrowed(&data[r0 * rb..r1 * rb]));
         }
         let mut out = Vec::with_capacity((r1 - r0) * rb);
@@ -541,7 +594,7 @@ impl Source for HfSource {
             }
             return Ok(Cow::Owned(out));
         }
-        // Rotary-permuted rows are gathered one by one (a chunk at most).
+        // Rotary-permuted or split rows are gathered one by one (a chunk at most).
         for r in r0..r1 {
             let sr = Self::source_row(e, t.n_rows(), r);
             out.extend_from_slice(&data[sr * rb..(sr + 1) * rb]);
@@ -554,8 +607,16 @@ impl Source for HfSource {
         if e.levels.is_some() {
             return;
         }
+        if let Some((shard, s0, s1)) = e.mxfp4_scales {
+            // Split experts read rows from all over the source: released with the last rows.
+            if r1 == t.n_rows() {
+                release_range(&self.shards[e.shard].mmap, e.start, e.end - e.start);
+                release_range(&self.shards[shard].mmap, s0, s1 - s0);
+            }
+            return;
+        }
         let rb = t.n_per_row() * e.dtype.bitsize() / 8;
-        if e.permute_heads != 0 {
+        if e.permute_heads != 0 || e.split.is_some() {
             // Permuted rows come from all over the tensor: release it when the last rows are done.
             if r1 == t.n_rows() {
                 release_range(&self.shards[e.shard].mmap, e.start, e.end - e.start);
@@ -587,6 +648,8 @@ mod tests {
             dtype: safetensors::Dtype::F32,
             permute_heads: 2,
             levels: None,
+            split: None,
+            mxfp4_scales: None,
         };
         let order: Vec<usize> = (0..8).map(|r| HfSource::source_row(&e, 8, r)).collect();
         assert_eq!(order, vec![0, 2, 1, 3, 4, 6, 5, 7]);

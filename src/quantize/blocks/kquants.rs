@@ -205,7 +205,9 @@ fn q6_sub_scales(x: &[f32], l_out: &mut [i8]) -> [f32; 16] {
     scale
 }
 
-/// `make_q3_quants` with `do_rmse`: symmetric 3-bit levels refined by coordinate descent.
+/// `make_q3_quants` with `do_rmse`: symmetric 3-bit levels refined by coordinate descent. The
+/// one-sub-block reference the lanes of [`q3_sub_scales`] are tested against.
+#[cfg(test)]
 fn make_q3_quants(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
     let n = x.len();
     let (mut max, mut amax) = (0.0f32, 0.0f32);
@@ -264,7 +266,9 @@ fn make_q3_quants(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
     }
 }
 
-/// `make_qkx2_quants`: asymmetric scale + min search; returns (scale, -min).
+/// `make_qkx2_quants`: asymmetric scale + min search; returns (scale, -min). The one-sub-block
+/// reference the lanes of [`qkx2_lanes`] are tested against.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn make_qkx2_quants(
     x: &[f32],
@@ -368,13 +372,9 @@ pub fn q2_k(x: &[f32], out: &mut [u8]) {
     let mut scales = [0.0f32; 16];
     let q4scale = 15.0f32;
     let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
-    let mut w = [0.0f32; 16];
+    let (sub_scales, sub_mins) = q2_sub_scales(x, &mut l);
     for j in 0..16 {
-        let xs = &x[16 * j..16 * j + 16];
-        for i in 0..16 {
-            w[i] = xs[i].abs();
-        }
-        let (s, m) = make_qkx2_quants(xs, 3, &w, &mut l[16 * j..16 * j + 16], -0.5, 0.1, 15, true);
+        let (s, m) = (sub_scales[j], sub_mins[j]);
         scales[j] = s;
         mins[j] = m;
         if s > max_scale {
@@ -433,9 +433,9 @@ pub fn q3_k(x: &[f32], out: &mut [u8]) {
     let mut l = [0i8; QK_K];
     let mut scales = [0.0f32; 16];
     let (mut max_scale, mut amax) = (0.0f32, 0.0f32);
+    let sub = q3_sub_scales(x, &mut l);
     for j in 0..16 {
-        let xs = &x[16 * j..16 * j + 16];
-        scales[j] = make_q3_quants(xs, 4, &mut l[16 * j..16 * j + 16]);
+        scales[j] = sub[j];
         let s = scales[j].abs();
         if s > amax {
             amax = s;
@@ -505,7 +505,7 @@ pub fn q3_k(x: &[f32], out: &mut [u8]) {
 /// llama-quantize's); the lanes are independent, so the compiler vectorizes across them (AVX2
 /// when the CPU has it: 8 lanes in one register). The scalar search is a chain of dependent adds
 /// per sub-block and left Q4_K_M at 0.99x llama-quantize's speed. Written by hand because no
-/// kept crate offers ggml's search; `make_qkx2_quants` stays the one-block reference (Q2_K).
+/// kept crate offers ggml's search; `make_qkx2_quants` stays the one-block reference (tests).
 fn q45_sub_scales(
     x: &[f32],
     nmax: i32,
@@ -544,8 +544,6 @@ fn q45_sub_scales_lanes(
     rmin: f32,
     nstep: i32,
 ) -> ([f32; 8], [f32; 8]) {
-    const RDELTA: f32 = 0.1;
-    let nmaxf = nmax as f32;
     // Transposed: xt[i][j] = element i of sub-block j.
     let mut xt = [[0.0f32; 8]; 32];
     for j in 0..8 {
@@ -569,13 +567,38 @@ fn q45_sub_scales_lanes(
             wt[i][j] = av_x[j] + xt[i][j].abs();
         }
     }
-    let (mut min, mut max, mut sum_w) = (xt[0], xt[0], wt[0]);
-    let mut sum_x = [0.0f32; 8];
+    let mut lt = [[0u8; 8]; 32];
+    let out = qkx2_lanes::<8, 32, false>(&xt, &wt, nmax, rmin, nstep, &mut lt);
     for j in 0..8 {
+        for i in 0..32 {
+            l[32 * j + i] = lt[i][j];
+        }
+    }
+    out
+}
+
+/// ggml's `make_qkx2_quants(N, nmax, x, w, L, .., rmin, 0.1, nstep, MAD)` for `LANES` sub-blocks
+/// at once (`xt[i][j]`: element `i` of sub-block `j`, `wt` its weight), one sub-block per lane,
+/// each lane in ggml's float operation order. Returns (scale, -min) per lane; levels in `lt`.
+#[inline(always)]
+fn qkx2_lanes<const LANES: usize, const N: usize, const MAD: bool>(
+    xt: &[[f32; LANES]; N],
+    wt: &[[f32; LANES]; N],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+    lt: &mut [[u8; LANES]; N],
+) -> ([f32; LANES], [f32; LANES]) {
+    const RDELTA: f32 = 0.1;
+    let nmaxf = nmax as f32;
+    let err = |d: f32| if MAD { d.abs() } else { d * d };
+    let (mut min, mut max, mut sum_w) = (xt[0], xt[0], wt[0]);
+    let mut sum_x = [0.0f32; LANES];
+    for j in 0..LANES {
         sum_x[j] = sum_w[j] * xt[0][j];
     }
-    for i in 1..32 {
-        for j in 0..8 {
+    for i in 1..N {
+        for j in 0..LANES {
             let v = xt[i][j];
             if v < min[j] {
                 min[j] = v;
@@ -595,33 +618,33 @@ fn q45_sub_scales_lanes(
     // Flat sub-blocks (max == min) return early in ggml: levels 0, scale 0. Their lanes compute
     // garbage (inf/NaN) below and are reset at the end.
     let min0 = min;
-    let mut scale = [0.0f32; 8];
-    let mut best = [0.0f32; 8];
-    let mut lt = [[0u8; 8]; 32];
+    let mut scale = [0.0f32; LANES];
+    let mut best = [0.0f32; LANES];
     {
-        let mut iscale = [0.0f32; 8];
-        for j in 0..8 {
+        let mut iscale = [0.0f32; LANES];
+        for j in 0..LANES {
             iscale[j] = nmaxf / (max[j] - min[j]);
             scale[j] = 1.0 / iscale[j];
         }
-        for i in 0..32 {
-            for j in 0..8 {
+        for i in 0..N {
+            for j in 0..LANES {
                 let q = nearest_int(iscale[j] * (xt[i][j] - min[j])).clamp(0, nmax);
                 lt[i][j] = q as u8;
                 let diff = scale[j] * q as f32 + min[j] - xt[i][j];
-                best[j] += wt[i][j] * (diff * diff);
+                best[j] += wt[i][j] * err(diff);
             }
         }
     }
-    let mut laux = [[0u8; 8]; 32];
+    let mut laux = [[0u8; LANES]; N];
     for is in 0..=nstep {
-        let mut iscale = [0.0f32; 8];
-        for j in 0..8 {
+        let mut iscale = [0.0f32; LANES];
+        for j in 0..LANES {
             iscale[j] = (rmin + RDELTA * is as f32 + nmaxf) / (max[j] - min[j]);
         }
-        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
-        for i in 0..32 {
-            for j in 0..8 {
+        let (mut sum_l, mut sum_l2, mut sum_xl) =
+            ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+        for i in 0..N {
+            for j in 0..LANES {
                 let q = nearest_int(iscale[j] * (xt[i][j] - min[j])).clamp(0, nmax);
                 laux[i][j] = q as u8;
                 let w = wt[i][j];
@@ -631,9 +654,9 @@ fn q45_sub_scales_lanes(
                 sum_xl[j] += w * lf * xt[i][j];
             }
         }
-        let (mut this_scale, mut this_min) = ([0.0f32; 8], [0.0f32; 8]);
-        let mut ok = [false; 8];
-        for j in 0..8 {
+        let (mut this_scale, mut this_min) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let mut ok = [false; LANES];
+        for j in 0..LANES {
             let d = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j];
             ok[j] = d > 0.0;
             this_scale[j] = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / d;
@@ -643,15 +666,15 @@ fn q45_sub_scales_lanes(
                 this_scale[j] = sum_xl[j] / sum_l2[j];
             }
         }
-        let mut cur = [0.0f32; 8];
-        for i in 0..32 {
-            for j in 0..8 {
+        let mut cur = [0.0f32; LANES];
+        for i in 0..N {
+            for j in 0..LANES {
                 let diff = this_scale[j] * laux[i][j] as f32 + this_min[j] - xt[i][j];
-                cur[j] += wt[i][j] * (diff * diff);
+                cur[j] += wt[i][j] * err(diff);
             }
         }
-        let mut better = [false; 8];
-        for j in 0..8 {
+        let mut better = [false; LANES];
+        for j in 0..LANES {
             better[j] = ok[j] && cur[j] < best[j];
             if better[j] {
                 best[j] = cur[j];
@@ -660,8 +683,8 @@ fn q45_sub_scales_lanes(
             }
         }
         if better.iter().any(|&b| b) {
-            for i in 0..32 {
-                for j in 0..8 {
+            for i in 0..N {
+                for j in 0..LANES {
                     if better[j] {
                         lt[i][j] = laux[i][j];
                     }
@@ -669,8 +692,8 @@ fn q45_sub_scales_lanes(
             }
         }
     }
-    let mut neg_min = [0.0f32; 8];
-    for j in 0..8 {
+    let mut neg_min = [0.0f32; LANES];
+    for j in 0..LANES {
         if max[j] == min0[j] {
             scale[j] = 0.0;
             neg_min[j] = -min0[j];
@@ -680,11 +703,154 @@ fn q45_sub_scales_lanes(
         } else {
             neg_min[j] = -min[j];
         }
-        for i in 0..32 {
-            l[32 * j + i] = lt[i][j];
-        }
     }
     (scale, neg_min)
+}
+
+/// Q2_K's 16 sub-block (scale, -min) searches, `make_qkx2_quants(16, 3, x, |x|, L, .., -0.5, 0.1,
+/// 15, true)`, as 16 lanes (see [`q45_sub_scales`]; the scalar search left Q2_K at 0.80x
+/// llama-quantize's speed).
+fn q2_sub_scales(x: &[f32], l: &mut [u8; QK_K]) -> ([f32; 16], [f32; 16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above); no FMA, so results equal the plain build.
+            return unsafe { q2_sub_scales_avx2(x, l) };
+        }
+    }
+    q2_sub_scales_lanes(x, l)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn q2_sub_scales_avx2(x: &[f32], l: &mut [u8; QK_K]) -> ([f32; 16], [f32; 16]) {
+    q2_sub_scales_lanes(x, l)
+}
+
+#[inline(always)]
+fn q2_sub_scales_lanes(x: &[f32], l: &mut [u8; QK_K]) -> ([f32; 16], [f32; 16]) {
+    let mut xt = [[0.0f32; 16]; 16];
+    let mut wt = [[0.0f32; 16]; 16];
+    for j in 0..16 {
+        for i in 0..16 {
+            xt[i][j] = x[16 * j + i];
+            wt[i][j] = xt[i][j].abs();
+        }
+    }
+    let mut lt = [[0u8; 16]; 16];
+    let out = qkx2_lanes::<16, 16, true>(&xt, &wt, 3, -0.5, 15, &mut lt);
+    for j in 0..16 {
+        for i in 0..16 {
+            l[16 * j + i] = lt[i][j];
+        }
+    }
+    out
+}
+
+/// Q3_K's 16 sub-block scales, `make_q3_quants(16, 4, x, L, true)`, as 16 lanes: the coordinate
+/// descent updates one lane's sums element by element (a dependent chain per sub-block), so the
+/// lanes run side by side, each with ggml's operations in ggml's order. A lane whose pass changed
+/// nothing would stop in ggml; here it takes the remaining passes, which change nothing either
+/// (the same state gives the same decisions), until every lane has stopped.
+fn q3_sub_scales(x: &[f32], l: &mut [i8; QK_K]) -> [f32; 16] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above); no FMA, so results equal the plain build.
+            return unsafe { q3_sub_scales_avx2(x, l) };
+        }
+    }
+    q3_sub_scales_lanes(x, l)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn q3_sub_scales_avx2(x: &[f32], l: &mut [i8; QK_K]) -> [f32; 16] {
+    q3_sub_scales_lanes(x, l)
+}
+
+#[inline(always)]
+fn q3_sub_scales_lanes(x: &[f32], l_out: &mut [i8; QK_K]) -> [f32; 16] {
+    const NMAX: i32 = 4;
+    let mut xt = [[0.0f32; 16]; 16];
+    for j in 0..16 {
+        for i in 0..16 {
+            xt[i][j] = x[16 * j + i];
+        }
+    }
+    let (mut max, mut amax) = ([0.0f32; 16], [0.0f32; 16]);
+    for row in &xt {
+        for j in 0..16 {
+            let ax = row[j].abs();
+            if ax > amax[j] {
+                amax[j] = ax;
+                max[j] = row[j];
+            }
+        }
+    }
+    // All-zero lanes compute inf/NaN here and are reset at the end.
+    let mut iscale = [0.0f32; 16];
+    for j in 0..16 {
+        iscale[j] = -(NMAX as f32) / max[j];
+    }
+    let (mut sumlx, mut suml2) = ([0.0f32; 16], [0.0f32; 16]);
+    let mut li = [[0i32; 16]; 16];
+    for i in 0..16 {
+        for j in 0..16 {
+            let xv = xt[i][j];
+            let q = nearest_int(iscale[j] * xv).clamp(-NMAX, NMAX - 1);
+            li[i][j] = q;
+            let w = xv * xv;
+            sumlx[j] += w * xv * q as f32;
+            suml2[j] += w * q as f32 * q as f32;
+        }
+    }
+    for _ in 0..5 {
+        let mut changed = [false; 16];
+        for i in 0..16 {
+            for j in 0..16 {
+                let xv = xt[i][j];
+                let w = xv * xv;
+                let old = li[i][j];
+                let slx = sumlx[j] - w * xv * old as f32;
+                let sl2 = suml2[j] - w * old as f32 * old as f32;
+                let new_l = nearest_int(xv * sl2 / slx).clamp(-NMAX, NMAX - 1);
+                let slx1 = slx + w * xv * new_l as f32;
+                let sl21 = sl2 + w * new_l as f32 * new_l as f32;
+                let take = slx > 0.0
+                    && new_l != old
+                    && sl21 > 0.0
+                    && slx1 * slx1 * suml2[j] > sumlx[j] * sumlx[j] * sl21;
+                if take {
+                    li[i][j] = new_l;
+                    sumlx[j] = slx1;
+                    suml2[j] = sl21;
+                    changed[j] = true;
+                }
+            }
+        }
+        if !changed.iter().any(|&c| c) {
+            break;
+        }
+    }
+    let mut scale = [0.0f32; 16];
+    for j in 0..16 {
+        if amax[j] < GROUP_MAX_EPS {
+            for i in 0..16 {
+                l_out[16 * j + i] = 0;
+            }
+            continue;
+        }
+        for i in 0..16 {
+            l_out[16 * j + i] = (li[i][j] + NMAX) as i8;
+        }
+        scale[j] = if suml2[j] > 0.0 {
+            sumlx[j] / suml2[j]
+        } else {
+            0.0
+        };
+    }
+    scale
 }
 
 /// Q4_K and Q5_K share the 6-bit scale/min search; `nmax` 15 or 31.
@@ -1011,6 +1177,75 @@ mod tests {
                     );
                     assert_eq!(&l[..], &l_lanes[32 * j..32 * j + 32]);
                 }
+            }
+        }
+    }
+
+    fn test_block(case: u32) -> [f32; QK_K] {
+        let mut s = 777u32.wrapping_add(case.wrapping_mul(2_654_435_761)).max(1);
+        let mut x = [0.0f32; QK_K];
+        for (i, v) in x.iter_mut().enumerate() {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let u = (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+            *v = if i % 29 == 3 { u * 2.0 } else { u * 0.07 };
+        }
+        match case % 5 {
+            1 => x[48..64].iter_mut().for_each(|v| *v = 0.0), // all-zero sub-block
+            2 => x[64..80].iter_mut().for_each(|v| *v = -0.125), // flat sub-block
+            3 => x[128..144].iter_mut().for_each(|v| *v = v.abs() + 0.01), // min > 0
+            _ => {}
+        }
+        x
+    }
+
+    /// Q2_K's 16 lanes and Q3_K's 16 lanes give exactly the scalar searches' results, sub-block by
+    /// sub-block (with AVX2 where the CPU has it, and the plain build).
+    #[test]
+    fn q2_q3_lanes_equal_the_scalar_searches() {
+        for case in 0..80 {
+            let x = test_block(case);
+            let mut l2 = [0u8; QK_K];
+            let (scales, mins) = q2_sub_scales(&x, &mut l2);
+            let plain = q2_sub_scales_lanes(&x, &mut [0u8; QK_K]);
+            assert_eq!(
+                (scales.map(f32::to_bits), mins.map(f32::to_bits)),
+                (plain.0.map(f32::to_bits), plain.1.map(f32::to_bits))
+            );
+            let mut l3 = [0i8; QK_K];
+            let s3 = q3_sub_scales(&x, &mut l3);
+            assert_eq!(
+                s3.map(f32::to_bits),
+                q3_sub_scales_lanes(&x, &mut [0i8; QK_K]).map(f32::to_bits)
+            );
+            for j in 0..16 {
+                let xs = &x[16 * j..16 * j + 16];
+                let w: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
+                let mut l = [0u8; 16];
+                let (sc, mn) = make_qkx2_quants(xs, 3, &w, &mut l, -0.5, 0.1, 15, true);
+                assert_eq!(
+                    (sc.to_bits(), mn.to_bits()),
+                    (scales[j].to_bits(), mins[j].to_bits()),
+                    "Q2_K case {case} sub-block {j}"
+                );
+                assert_eq!(
+                    &l[..],
+                    &l2[16 * j..16 * j + 16],
+                    "Q2_K case {case} sub-block {j}"
+                );
+                let mut l = [0i8; 16];
+                let sc = make_q3_quants(xs, 4, &mut l);
+                assert_eq!(
+                    sc.to_bits(),
+                    s3[j].to_bits(),
+                    "Q3_K case {case} sub-block {j}"
+                );
+                assert_eq!(
+                    &l[..],
+                    &l3[16 * j..16 * j + 16],
+                    "Q3_K case {case} sub-block {j}"
+                );
             }
         }
     }

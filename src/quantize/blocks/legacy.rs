@@ -117,8 +117,19 @@ pub fn q8_0(x: &[f32], out: &mut [u8]) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(&mut out[0..2], d);
     for j in 0..QK {
-        out[2 + j] = (x[j] * id).round() as i8 as u8;
+        out[2 + j] = round_away(x[j] * id) as i8 as u8;
     }
+}
+
+/// C's `roundf` (halves away from zero) as an integer, exact for |v| < 2^31 (NaN gives 0, as
+/// `roundf(NaN)` cast does here). `f32::round` is a libm call on x86-64's baseline target, one per
+/// value; this is a truncating convert and two compares, which vectorize.
+#[inline(always)]
+fn round_away(v: f32) -> i32 {
+    let t = v as i32;
+    // Exact: |v| < 2^23 has a representable fraction; larger floats are integers (f = 0).
+    let f = v - t as f32;
+    t + (f >= 0.5) as i32 - (f <= -0.5) as i32
 }
 
 fn get_f16(b: &[u8]) -> f32 {
@@ -184,5 +195,43 @@ pub fn dmxfp4(b: &[u8], y: &mut [f32]) {
     for j in 0..QK / 2 {
         y[j] = VALUES[(b[1 + j] & 0x0F) as usize] * scale;
         y[j + QK / 2] = VALUES[(b[1 + j] >> 4) as usize] * scale;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_away;
+
+    #[test]
+    fn round_away_is_roundf() {
+        let mut vals = vec![
+            0.0f32,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            0.49999997,
+            -0.49999997,
+            126.5,
+            -127.5,
+            8388607.5,
+            8388608.0,
+            1e9,
+            -1e9,
+            f32::NAN,
+        ];
+        let mut s = 99u32;
+        for _ in 0..100_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            vals.push((s as i32) as f32 / 1.6e7);
+        }
+        for v in vals {
+            assert_eq!(round_away(v), v.round() as i32, "{v}");
+        }
     }
 }

@@ -183,9 +183,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> anyhow::Result<
             return Ok(());
         }
         GgmlType::F16 => {
-            for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
-                *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
-            }
+            f16_bytes_to_f32(data, out);
             return Ok(());
         }
         GgmlType::BF16 => {
@@ -216,6 +214,23 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> anyhow::Result<
         }
     }
     Ok(())
+}
+
+/// Little-endian f16 bytes to f32 (`out.len()` values). Through half's slice conversion, which
+/// converts 8 values per F16C instruction where the CPU has it; one `f16::to_f32` per value
+/// checks the CPU each time and does not vectorize (the f16 read was a visible share of
+/// quantizing an f16 source).
+pub fn f16_bytes_to_f32(data: &[u8], out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    const STEP: usize = 256;
+    let mut buf = [f16::ZERO; STEP];
+    for (o, b) in out.chunks_mut(STEP).zip(data.chunks(2 * STEP)) {
+        let h = &mut buf[..o.len()];
+        for (v, c) in h.iter_mut().zip(b.chunks_exact(2)) {
+            *v = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+        }
+        h.convert_to_f32_slice(o);
+    }
 }
 
 #[cfg(test)]
