@@ -317,7 +317,7 @@ impl ExpertFfn for MoeWeightsRef<'_> {
         let dn_block_bytes = h * i / BLOCK_VALUES * BLOCK_BYTES;
         let dn_scale_bytes = h * i / BLOCK_VALUES;
         let mut gate_up = vec![0f32; n * 2 * i];
-        mxfp4::mxfp4_matmul_cpu(
+        super::mxfp4_q8::mxfp4_q8_matmul_cpu(
             xs,
             &self.gate_up_blocks[e * gu_block_bytes..(e + 1) * gu_block_bytes],
             &self.gate_up_scales[e * gu_scale_bytes..(e + 1) * gu_scale_bytes],
@@ -332,7 +332,7 @@ impl ExpertFfn for MoeWeightsRef<'_> {
         }
         let mut act = vec![0f32; n * i];
         clamped_swiglu(&gate_up, self.swiglu, &mut act);
-        mxfp4::mxfp4_matmul_cpu(
+        super::mxfp4_q8::mxfp4_q8_matmul_cpu(
             &act,
             &self.down_blocks[e * dn_block_bytes..(e + 1) * dn_block_bytes],
             &self.down_scales[e * dn_scale_bytes..(e + 1) * dn_scale_bytes],
