@@ -46,7 +46,9 @@ pub const TOKEN_GROUP: usize = 8;
 /// The largest level: activations are 24-bit signed integers.
 const LEVELS: f32 = 8_388_607.0;
 /// `2v` for each E2M1 code `v`, as a signed byte.
-const LUT_SIGNED: [u8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, 255, 254, 253, 252, 250, 248, 244];
+const LUT_SIGNED: [u8; 16] = [
+    0, 1, 2, 3, 4, 6, 8, 12, 0, 255, 254, 253, 252, 250, 248, 244,
+];
 /// `2v + 12` for each E2M1 code `v` (unsigned).
 const LUT_OFFSET: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
 const OFFSET: i32 = 12;
