@@ -300,7 +300,8 @@ pub fn moe_cpu(
     dispatch(x, routing, tokens, w, out)
 }
 
-/// gpt-oss's MXFP4 SwiGLU experts (biases included in each expert's output).
+/// gpt-oss's MXFP4 SwiGLU experts (biases included in each expert's output), on the
+/// integer-activation kernel [`super::mxfp4_int`] (f32-level rounding, see its module doc).
 impl ExpertFfn for MoeWeightsRef<'_> {
     fn experts(&self) -> usize {
         self.experts
