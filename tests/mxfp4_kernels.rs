@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use xllm::kernels::bytes::SharedBytes;
 use xllm::kernels::moe::{self, MoeExperts, MoeWeightsRef, SwigluParams};
 use xllm::kernels::mxfp4::{self, Mxfp4Weight, E2M1_VALUES};
+use xllm::kernels::mxfp4_int;
 
 fn rng(test: &str) -> StdRng {
     let seed = std::env::var("XLLM_TEST_SEED")
@@ -105,6 +106,42 @@ fn matmul_matches_f64_dequantize_then_matmul() {
             &mag,
             &format!("tokens={tokens} in={inp} out={out}"),
         );
+    }
+}
+
+/// The integer-activation path (what gpt-oss's experts run on the CPU) within the same tolerance
+/// as the f32 kernel: its 24-bit activations move each element by at most `max|x| · 1.2e-7`.
+#[test]
+fn integer_activation_matmul_matches_f64_dequantize_then_matmul() {
+    let mut rng = rng("matmul-int");
+    for (tokens, inp, out) in [
+        (1, 32, 1),
+        (1, 64, 7),
+        (2, 96, 33),
+        (3, 160, 5),
+        (8, 128, 64),
+        (9, 2880, 13),
+        (17, 96, 130),
+        (1, 2880, 300),
+    ] {
+        let (blocks, scales) = random_packed(&mut rng, out, inp);
+        let x = random_vec(&mut rng, tokens * inp);
+        let mut y = vec![f32::NAN; tokens * out];
+        mxfp4_int::mxfp4_int_matmul_cpu(&x, &blocks, &scales, tokens, inp, out, &mut y).unwrap();
+        let w = dequant_f64(&blocks, &scales, out, inp);
+        let (want, mag) = matmul_f64(&x, &w, tokens, inp, out);
+        assert_close(
+            &y,
+            &want,
+            &mag,
+            &format!("tokens={tokens} in={inp} out={out}"),
+        );
+        // A token's result does not depend on the others in the call (batch invariance).
+        let t = tokens - 1;
+        let mut alone = vec![0f32; out];
+        mxfp4_int::mxfp4_int_matmul_cpu(&x[t * inp..], &blocks, &scales, 1, inp, out, &mut alone)
+            .unwrap();
+        assert_eq!(alone, y[t * out..]);
     }
 }
 

@@ -84,8 +84,21 @@ impl Bf16Matrix {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let n = self.rows;
         let mut yt = vec![0f32; n * m];
-        let avx2 = has_avx2_fma_f16c();
         let chunk_rows = rows_per_task(n, 16);
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu_matmul::has_avx512_vnni() {
+            let xp = avx512::even_odd(&xs, k);
+            for_each_chunk(&mut yt, chunk_rows * m, |c, out| {
+                for (r_local, out_row) in out.chunks_mut(m).enumerate() {
+                    let r = c * chunk_rows + r_local;
+                    let w = &self.data[r * k..(r + 1) * k];
+                    // SAFETY: AVX-512 F/BW was detected at run time; `xp` holds m rows of k.
+                    unsafe { avx512::dot_rows(w, &xp, m, out_row) };
+                }
+            });
+            return transposed_output(yt, n, m, dims);
+        }
+        let avx2 = has_avx2_fma_f16c();
         for_each_chunk(&mut yt, chunk_rows * m, |c, out| {
             let mut wrow = vec![0f32; k];
             for (r_local, out_row) in out.chunks_mut(m).enumerate() {
@@ -152,6 +165,93 @@ impl Bf16Matrix {
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().unwrap() = self.rows;
         y.reshape(out_dims)
+    }
+}
+
+/// The AVX-512 decode path: a 512-bit load holds 32 bf16 weights as 16 dwords; the even
+/// elements become f32 by a 16-bit left shift of each dword and the odd ones by masking its low
+/// half, so no widening shuffle is needed. The activations are reordered once per call into the
+/// same even/odd order. Products are exact f32 products of the bf16 weights, as in the AVX2 path;
+/// only the summation order differs. One function serves every row count below the GEMM
+/// threshold, with each activation row summed in the same order whatever the others, so a row's
+/// result does not depend on the batch it is in.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Elements per step.
+    const STEP: usize = 32;
+
+    /// Each row of `x` (`[m, k]`): every whole 32-element chunk as its 16 even then 16 odd
+    /// elements; the tail (`k % 32`) as it is.
+    pub(super) fn even_odd(x: &[f32], k: usize) -> Vec<f32> {
+        let mut out = x.to_vec();
+        for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+            for (s, d) in src.chunks_exact(STEP).zip(dst.chunks_exact_mut(STEP)) {
+                for j in 0..STEP / 2 {
+                    d[j] = s[2 * j];
+                    d[STEP / 2 + j] = s[2 * j + 1];
+                }
+            }
+        }
+        out
+    }
+
+    /// `out[i] = Σ w · x_i` for the `m` rows of `xp` (in [`even_odd`] order), four rows per
+    /// pass over `w`, then one at a time; the per-row arithmetic is the same in both.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub(super) unsafe fn dot_rows(w: &[u16], xp: &[f32], m: usize, out: &mut [f32]) {
+        let k = w.len();
+        let mut i = 0;
+        while i + 4 <= m {
+            out[i..i + 4].copy_from_slice(&dot::<4>(w, &xp[i * k..(i + 4) * k]));
+            i += 4;
+        }
+        while i < m {
+            out[i] = dot::<1>(w, &xp[i * k..(i + 1) * k])[0];
+            i += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn dot<const R: usize>(w: &[u16], xp: &[f32]) -> [f32; R] {
+        let k = w.len();
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        // Two chunks per iteration, even and odd accumulators each: four independent chains.
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let wp = w.as_ptr();
+        let mut i = 0;
+        macro_rules! step {
+            ($i:expr, $a:expr) => {{
+                let raw = _mm512_loadu_si512(wp.add($i) as *const _);
+                let even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+                let odd = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = xp.as_ptr().add(r * k + $i);
+                    acc[$a] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc[$a]);
+                    acc[$a + 1] =
+                        _mm512_fmadd_ps(odd, _mm512_loadu_ps(x.add(STEP / 2)), acc[$a + 1]);
+                }
+            }};
+        }
+        while i + 2 * STEP <= k {
+            step!(i, 0);
+            step!(i + STEP, 2);
+            i += 2 * STEP;
+        }
+        if i + STEP <= k {
+            step!(i, 0);
+            i += STEP;
+        }
+        let mut out = [0f32; R];
+        for (r, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+            let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            *o = _mm512_reduce_add_ps(s);
+            for j in i..k {
+                *o += f32::from_bits((w[j] as u32) << 16) * xp[r * k + j];
+            }
+        }
+        out
     }
 }
 

@@ -8,6 +8,7 @@ pub mod encoder;
 pub mod ggml_types;
 pub mod moe;
 pub mod mxfp4;
+pub mod mxfp4_int;
 pub mod quant_blocks;
 pub mod ssm;
 

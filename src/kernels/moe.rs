@@ -28,7 +28,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::bytes::SharedBytes;
-use super::mxfp4::{self, contiguous_f32, from_f32, BLOCK_BYTES, BLOCK_VALUES};
+use super::mxfp4::{contiguous_f32, from_f32, BLOCK_BYTES, BLOCK_VALUES};
 
 /// The experts' clamped SwiGLU constants (gpt-oss: limit 7.0, alpha 1.702).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -300,7 +300,8 @@ pub fn moe_cpu(
     dispatch(x, routing, tokens, w, out)
 }
 
-/// gpt-oss's MXFP4 SwiGLU experts (biases included in each expert's output).
+/// gpt-oss's MXFP4 SwiGLU experts (biases included in each expert's output), on the
+/// integer-activation kernel [`super::mxfp4_int`] (f32-level rounding, see its module doc).
 impl ExpertFfn for MoeWeightsRef<'_> {
     fn experts(&self) -> usize {
         self.experts
@@ -317,7 +318,7 @@ impl ExpertFfn for MoeWeightsRef<'_> {
         let dn_block_bytes = h * i / BLOCK_VALUES * BLOCK_BYTES;
         let dn_scale_bytes = h * i / BLOCK_VALUES;
         let mut gate_up = vec![0f32; n * 2 * i];
-        mxfp4::mxfp4_matmul_cpu(
+        super::mxfp4_int::mxfp4_int_matmul_cpu(
             xs,
             &self.gate_up_blocks[e * gu_block_bytes..(e + 1) * gu_block_bytes],
             &self.gate_up_scales[e * gu_scale_bytes..(e + 1) * gu_scale_bytes],
@@ -332,7 +333,7 @@ impl ExpertFfn for MoeWeightsRef<'_> {
         }
         let mut act = vec![0f32; n * i];
         clamped_swiglu(&gate_up, self.swiglu, &mut act);
-        mxfp4::mxfp4_matmul_cpu(
+        super::mxfp4_int::mxfp4_int_matmul_cpu(
             &act,
             &self.down_blocks[e * dn_block_bytes..(e + 1) * dn_block_bytes],
             &self.down_scales[e * dn_scale_bytes..(e + 1) * dn_scale_bytes],
