@@ -465,3 +465,49 @@ fn sixteen_sequences_of_512_tokens_stay_within_their_kv_bytes_plus_a_block_each(
         "every token was cached: {held}"
     );
 }
+
+/// Prompts that arrive together are prefilled a slice at a time: after one step the first
+/// prompts have their first token while the last still waits, and every sequence's tokens
+/// still equal its tokens alone.
+#[test]
+fn prompts_arriving_together_get_first_tokens_in_order_and_the_same_tokens() {
+    let session = open(&fixture("tiny-llama"), 256);
+    let vocab = session.info().vocab_size;
+    let lengths = [40; 4];
+    let prompts = prompts(vocab, &lengths);
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| alone(&session, p, 6).tokens)
+        .collect();
+    let mut config = EngineConfig::for_sequences(8, session.context);
+    config.prefix_cache = false;
+    assert!(
+        config.prefill_slice < 4 * 40,
+        "the slice splits these prompts"
+    );
+    let mut scheduler = Scheduler::new(session.clone(), config);
+    let outs: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (sink, out) = collecting_sink();
+            scheduler
+                .submit(greedy_request(p.clone(), 6), sink)
+                .unwrap();
+            out
+        })
+        .collect();
+    scheduler.step().unwrap();
+    assert_eq!(
+        outs[0].lock().unwrap().tokens.len(),
+        1,
+        "first prompt answered"
+    );
+    assert!(
+        outs[3].lock().unwrap().tokens.is_empty(),
+        "last prompt still waits"
+    );
+    scheduler.run_to_completion().unwrap();
+    for (out, want) in outs.iter().zip(&expected) {
+        assert_eq!(&out.lock().unwrap().tokens, want);
+    }
+}
