@@ -176,8 +176,10 @@ impl QuantMatrix {
                 cols,
             });
         }
-        let tqs: Vec<&repacked_tq::RepackedTq> =
-            parts.iter().filter_map(|p| p.repacked_tq.as_ref()).collect();
+        let tqs: Vec<&repacked_tq::RepackedTq> = parts
+            .iter()
+            .filter_map(|p| p.repacked_tq.as_ref())
+            .collect();
         if tqs.len() == parts.len() {
             let rep = repacked_tq::RepackedTq::stack(&tqs);
             debug_assert_eq!(rep.rows(), rows);
@@ -341,7 +343,12 @@ impl QuantMatrix {
     /// The repacked ternary kernel over groups of 16 rows, spread over threads like
     /// [`Self::run`].
     #[cfg(target_arch = "x86_64")]
-    fn run_repacked_tq(&self, rep: &repacked_tq::RepackedTq, xq: &[BlockQ8K], m: usize) -> Vec<f32> {
+    fn run_repacked_tq(
+        &self,
+        rep: &repacked_tq::RepackedTq,
+        xq: &[BlockQ8K],
+        m: usize,
+    ) -> Vec<f32> {
         let groups = self.rows / repacked_tq::GROUP;
         let mut yt = vec![0f32; self.rows * m];
         let per_task = rows_per_task(groups, 1);
