@@ -79,7 +79,8 @@ pub struct QuantMatrix {
     ty: GgmlType,
     data: Vec<u8>,
     repacked: Option<repacked::Repacked>,
-    repacked_tq: Option<repacked_tq::RepackedTq>,
+    // Boxed: keeps the matrix (held inline in architecture enums) small.
+    repacked_tq: Option<Box<repacked_tq::RepackedTq>>,
     rows: usize,
     cols: usize,
 }
@@ -126,7 +127,7 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: None,
-                repacked_tq: Some(rep),
+                repacked_tq: Some(Box::new(rep)),
                 rows,
                 cols,
             };
@@ -178,7 +179,7 @@ impl QuantMatrix {
         }
         let tqs: Vec<&repacked_tq::RepackedTq> = parts
             .iter()
-            .filter_map(|p| p.repacked_tq.as_ref())
+            .filter_map(|p| p.repacked_tq.as_deref())
             .collect();
         if tqs.len() == parts.len() {
             let rep = repacked_tq::RepackedTq::stack(&tqs);
@@ -187,7 +188,7 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: None,
-                repacked_tq: Some(rep),
+                repacked_tq: Some(Box::new(rep)),
                 rows,
                 cols,
             });
