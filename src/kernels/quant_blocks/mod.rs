@@ -16,6 +16,7 @@ pub mod k_quants;
 pub mod legacy;
 pub mod q8;
 mod repacked;
+mod repacked_tq;
 pub mod ternary;
 
 #[cfg(target_arch = "x86_64")]
@@ -74,11 +75,14 @@ const ACT_TILE: usize = 64;
 
 /// A `[rows, cols]` matrix of GGUF blocks, as stored in the file — or, for `Q4_0`/`Q4_1`/`Q8_0`
 /// on a CPU with AVX-512 VNNI, repacked in groups of 16 rows ([`repacked`]; `data` is then
-/// empty: the repacked form rebuilds any row exactly).
+/// empty: the repacked form rebuilds any row exactly); `TQ1_0`/`TQ2_0` likewise in
+/// [`repacked_tq`].
 pub struct QuantMatrix {
     ty: GgmlType,
     data: Vec<u8>,
     repacked: Option<repacked::Repacked>,
+    // Boxed: keeps the matrix (held inline in architecture enums) small.
+    repacked_tq: Option<Box<repacked_tq::RepackedTq>>,
     rows: usize,
     cols: usize,
 }
@@ -110,6 +114,22 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: Some(rep),
+                repacked_tq: None,
+                rows,
+                cols,
+            };
+        }
+        if rows > 0
+            && rows % repacked_tq::GROUP == 0
+            && repacked_tq::supports(ty)
+            && has_avx512_vnni()
+        {
+            let rep = repacked_tq::RepackedTq::new(ty, &data, rows, cols / ty.block_elems);
+            return Self {
+                ty,
+                data: Vec::new(),
+                repacked: None,
+                repacked_tq: Some(Box::new(rep)),
                 rows,
                 cols,
             };
@@ -118,6 +138,7 @@ impl QuantMatrix {
             ty,
             data,
             repacked: None,
+            repacked_tq: None,
             rows,
             cols,
         }
@@ -153,11 +174,28 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: Some(rep),
+                repacked_tq: None,
                 rows,
                 cols,
             });
         }
-        if !reps.is_empty() {
+        let tqs: Vec<&repacked_tq::RepackedTq> = parts
+            .iter()
+            .filter_map(|p| p.repacked_tq.as_deref())
+            .collect();
+        if tqs.len() == parts.len() {
+            let rep = repacked_tq::RepackedTq::stack(&tqs);
+            debug_assert_eq!(rep.rows(), rows);
+            return Some(Self {
+                ty,
+                data: Vec::new(),
+                repacked: None,
+                repacked_tq: Some(Box::new(rep)),
+                rows,
+                cols,
+            });
+        }
+        if !reps.is_empty() || !tqs.is_empty() {
             // Some parts repacked, some not (a part with rows outside whole groups): keep them
             // apart rather than rebuild.
             return None;
@@ -170,6 +208,7 @@ impl QuantMatrix {
             ty,
             data,
             repacked: None,
+            repacked_tq: None,
             rows,
             cols,
         })
@@ -243,6 +282,10 @@ impl QuantMatrix {
         if let (Some(rep), Some(xq)) = (&self.repacked, A::as_q8(xq)) {
             return self.run_repacked(rep, xq, m);
         }
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(rep), Some(xq)) = (&self.repacked_tq, A::as_q8k(xq)) {
+            return self.run_repacked_tq(rep, xq, m);
+        }
         let n = self.rows;
         let blocks = self.cols / self.ty.block_elems;
         // Output transposed ([n, m]) so each thread writes whole rows; weight rows stay in cache
@@ -302,11 +345,31 @@ impl QuantMatrix {
         y
     }
 
+    /// The repacked ternary kernel over groups of 16 rows, spread over threads like
+    /// [`Self::run`] (it writes `[rows, m]` per task; transposed to `[m, rows]` at the end).
+    #[cfg(target_arch = "x86_64")]
+    fn run_repacked_tq(
+        &self,
+        rep: &repacked_tq::RepackedTq,
+        xq: &[BlockQ8K],
+        m: usize,
+    ) -> Vec<f32> {
+        let groups = self.rows / repacked_tq::GROUP;
+        let mut yt = vec![0f32; self.rows * m];
+        let per_task = rows_per_task(groups, 1);
+        for_each_chunk(&mut yt, per_task * repacked_tq::GROUP * m, |c, out| {
+            // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
+            unsafe { rep.run_groups(c * per_task, xq, m, out) }
+        });
+        transposed(yt, self.rows, m)
+    }
+
     /// Row `r` dequantized into `out` (`cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        match &self.repacked {
-            Some(rep) => dequantize(self.ty, &rep.row_blocks(r), out),
-            None => dequantize(self.ty, self.row(r), out),
+        match (&self.repacked, &self.repacked_tq) {
+            (Some(rep), _) => dequantize(self.ty, &rep.row_blocks(r), out),
+            (_, Some(rep)) => dequantize(self.ty, &rep.row_blocks(r), out),
+            _ => dequantize(self.ty, self.row(r), out),
         }
         .expect("row of a checked matrix");
     }
@@ -327,7 +390,7 @@ impl QuantMatrix {
     /// The whole matrix as f32 `[rows, cols]` (tests, and weights a kernel cannot take).
     pub fn dequantize_all(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        if self.repacked.is_some() {
+        if self.repacked.is_some() || self.repacked_tq.is_some() {
             for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
                 self.dequantize_row(r, o);
             }
@@ -338,20 +401,28 @@ impl QuantMatrix {
     }
 }
 
-/// Quantized activation blocks; the repacked kernels take the 32-element ones.
+/// Quantized activation blocks; the repacked kernels take the 32-element ones, the repacked
+/// ternary kernels the 256-element ones.
 trait Activations: Sync + Sized {
     fn as_q8(blocks: &[Self]) -> Option<&[BlockQ8]>;
+    fn as_q8k(blocks: &[Self]) -> Option<&[BlockQ8K]>;
 }
 
 impl Activations for BlockQ8 {
     fn as_q8(blocks: &[Self]) -> Option<&[BlockQ8]> {
         Some(blocks)
     }
+    fn as_q8k(_: &[Self]) -> Option<&[BlockQ8K]> {
+        None
+    }
 }
 
 impl Activations for BlockQ8K {
     fn as_q8(_: &[Self]) -> Option<&[BlockQ8]> {
         None
+    }
+    fn as_q8k(blocks: &[Self]) -> Option<&[BlockQ8K]> {
+        Some(blocks)
     }
 }
 

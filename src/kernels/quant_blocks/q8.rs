@@ -65,7 +65,16 @@ pub fn quantize_q8(xs: &[f32], avx2: bool) -> Vec<BlockQ8> {
 }
 
 /// `xs` (a multiple of 256 long) as 256-element blocks.
-pub fn quantize_q8k(xs: &[f32], _avx2: bool) -> Vec<BlockQ8K> {
+pub fn quantize_q8k(xs: &[f32], avx2: bool) -> Vec<BlockQ8K> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2, FMA and F16C were detected at run time by the caller.
+        return xs
+            .chunks_exact(QK_K)
+            .map(|x| unsafe { quantize_q8k_avx2(x) })
+            .collect();
+    }
+    let _ = avx2;
     xs.chunks_exact(QK_K).map(quantize_q8k_scalar).collect()
 }
 
@@ -119,8 +128,7 @@ pub(super) fn quantize_q8_scalar(x: &[f32]) -> BlockQ8 {
     }
 }
 
-/// llama.cpp's `quantize_row_q8_K` (portable; activation quantization is a small part of a
-/// matmul, so this block size has no SIMD version).
+/// llama.cpp's `quantize_row_q8_K` (portable; [`quantize_q8k_avx2`] gives the same blocks).
 pub(super) fn quantize_q8k_scalar(x: &[f32]) -> BlockQ8K {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
@@ -208,6 +216,33 @@ unsafe fn quantize_q8_avx2(x: &[f32]) -> BlockQ8 {
     out
 }
 
+/// [`quantize_q8k_scalar`] with AVX2, the same blocks bit for bit. Why: the portable loop's
+/// `round_ties_even` is a libm call per value on baseline x86-64, and with the AVX-512 ternary
+/// kernels it took ~7 % of a decoded token (docs/performance.md).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8k_avx2(x: &[f32]) -> BlockQ8K {
+    use std::arch::x86_64::*;
+    let v: [__m256; QK_K / 8] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+    let amax = amax(&v);
+    // The first value of largest magnitude sets the scale's sign (as in the scalar loop); none
+    // found (a NaN) or all zero: the portable path decides.
+    let Some(&max) = x.iter().find(|v| v.abs() == amax).filter(|_| amax != 0.0) else {
+        return quantize_q8k_scalar(x);
+    };
+    let iscale = -128.0 / max;
+    let mut qs = [0i8; QK_K];
+    for (c, q) in qs.chunks_exact_mut(32).enumerate() {
+        // The i16 → i8 pack saturates at 127: the scalar loop's `min(127.0)`.
+        round_store_32(&v[4 * c..4 * c + 4], iscale, q);
+    }
+    BlockQ8K {
+        qs,
+        d: 1.0 / iscale,
+        bsums: bsums(&qs),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +264,18 @@ mod tests {
             assert_eq!(a.qs, b.qs);
             assert_eq!(a.d, b.d);
             assert!((a.s - b.s).abs() <= 1e-5 * a.s.abs().max(1.0));
+        }
+        // 256-element blocks: identical, including a block whose largest magnitude is positive
+        // and one whose opposite-sign value of equal magnitude is clipped to 127, and zeros.
+        let mut xs = sample(4 * QK_K);
+        xs[QK_K + 5] = 100.0;
+        xs[2 * QK_K + 7] = -100.0;
+        xs[2 * QK_K + 9] = 100.0;
+        xs[3 * QK_K..].fill(0.0);
+        for (a, b) in quantize_q8k(&xs, false).iter().zip(quantize_q8k(&xs, true)) {
+            assert_eq!(a.qs, b.qs);
+            assert_eq!(a.d.to_bits(), b.d.to_bits());
+            assert_eq!(a.bsums, b.bsums);
         }
     }
 

@@ -14,6 +14,9 @@
 //! many weight rows share them *and* the unpack is the bottleneck. Measured in
 //! docs/performance.md.
 //!
+//! On CPUs with AVX-512 VNNI the matrices are repacked instead ([`super::repacked_tq`]), and
+//! these row kernels serve the rest (and `XLLM_NO_AVX512=1`).
+//!
 //! [`dequantize_block`] is gguf-py's `dequantize_blocks` for each type, written apart from
 //! [`unpack`] so each checks the other.
 
