@@ -16,6 +16,8 @@ pub mod k_quants;
 pub mod legacy;
 pub mod q8;
 mod repacked;
+mod repacked_k;
+mod repacked_q5;
 pub mod ternary;
 
 use crate::kernels::cpu_matmul::{
@@ -77,6 +79,10 @@ pub struct QuantMatrix {
     ty: GgmlType,
     data: Vec<u8>,
     repacked: Option<repacked::Repacked>,
+    /// `Q4_K`/`Q5_K`/`Q6_K` repacked the same way ([`repacked_k`]; `data` empty too).
+    repacked_k: Option<repacked_k::RepackedK>,
+    /// `Q5_0`/`Q5_1` repacked the same way ([`repacked_q5`]; `data` empty too).
+    repacked_q5: Option<repacked_q5::RepackedQ5>,
     rows: usize,
     cols: usize,
 }
@@ -108,6 +114,37 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: Some(rep),
+                repacked_k: None,
+                repacked_q5: None,
+                rows,
+                cols,
+            };
+        }
+        if rows > 0 && rows % repacked_k::GROUP == 0 && repacked_k::supports(ty) && has_avx512_vnni()
+        {
+            let rep = repacked_k::RepackedK::new(ty, &data, rows, cols / ty.block_elems);
+            return Self {
+                ty,
+                data: Vec::new(),
+                repacked: None,
+                repacked_k: Some(rep),
+                repacked_q5: None,
+                rows,
+                cols,
+            };
+        }
+        if rows > 0
+            && rows % repacked_q5::GROUP == 0
+            && repacked_q5::supports(ty)
+            && has_avx512_vnni()
+        {
+            let rep = repacked_q5::RepackedQ5::new(ty, &data, rows, cols / ty.block_elems);
+            return Self {
+                ty,
+                data: Vec::new(),
+                repacked: None,
+                repacked_k: None,
+                repacked_q5: Some(rep),
                 rows,
                 cols,
             };
@@ -116,6 +153,8 @@ impl QuantMatrix {
             ty,
             data,
             repacked: None,
+            repacked_k: None,
+            repacked_q5: None,
             rows,
             cols,
         }
@@ -151,11 +190,43 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: Some(rep),
+                repacked_k: None,
+                repacked_q5: None,
                 rows,
                 cols,
             });
         }
-        if !reps.is_empty() {
+        let reps_k: Vec<&repacked_k::RepackedK> =
+            parts.iter().filter_map(|p| p.repacked_k.as_ref()).collect();
+        if reps_k.len() == parts.len() {
+            let rep = repacked_k::RepackedK::stack(&reps_k);
+            debug_assert_eq!(rep.rows(), rows);
+            return Some(Self {
+                ty,
+                data: Vec::new(),
+                repacked: None,
+                repacked_k: Some(rep),
+                repacked_q5: None,
+                rows,
+                cols,
+            });
+        }
+        let reps_q5: Vec<&repacked_q5::RepackedQ5> =
+            parts.iter().filter_map(|p| p.repacked_q5.as_ref()).collect();
+        if reps_q5.len() == parts.len() {
+            let rep = repacked_q5::RepackedQ5::stack(&reps_q5);
+            debug_assert_eq!(rep.rows(), rows);
+            return Some(Self {
+                ty,
+                data: Vec::new(),
+                repacked: None,
+                repacked_k: None,
+                repacked_q5: Some(rep),
+                rows,
+                cols,
+            });
+        }
+        if !reps.is_empty() || !reps_k.is_empty() || !reps_q5.is_empty() {
             // Some parts repacked, some not (a part with rows outside whole groups): keep them
             // apart rather than rebuild.
             return None;
@@ -168,6 +239,8 @@ impl QuantMatrix {
             ty,
             data,
             repacked: None,
+            repacked_k: None,
+            repacked_q5: None,
             rows,
             cols,
         })
@@ -240,6 +313,21 @@ impl QuantMatrix {
         if let (Some(rep), Some(xq)) = (&self.repacked, A::as_q8(xq)) {
             return self.run_repacked(rep, xq, m);
         }
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(rep), Some(xq)) = (&self.repacked_q5, A::as_q8(xq)) {
+            let groups = self.rows / repacked_q5::GROUP;
+            let mut yt = vec![0f32; self.rows * m];
+            let per_task = rows_per_task(groups, 1);
+            for_each_chunk(&mut yt, per_task * repacked_q5::GROUP * m, |c, out| {
+                // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
+                unsafe { rep.run_groups(c * per_task, xq, m, out) }
+            });
+            return yt;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(rep), Some(xq)) = (&self.repacked_k, A::as_q8k(xq)) {
+            return self.run_repacked_k(rep, xq, m);
+        }
         let n = self.rows;
         let blocks = self.cols / self.ty.block_elems;
         // Output transposed ([n, m]) so each thread writes whole rows; weight rows stay in cache
@@ -298,11 +386,29 @@ impl QuantMatrix {
         yt
     }
 
+    /// The repacked k-quant kernel over groups of 16 rows, spread over threads like
+    /// [`Self::run_repacked`].
+    #[cfg(target_arch = "x86_64")]
+    fn run_repacked_k(&self, rep: &repacked_k::RepackedK, xq: &[BlockQ8K], m: usize) -> Vec<f32> {
+        let groups = self.rows / repacked_k::GROUP;
+        let mut yt = vec![0f32; self.rows * m];
+        let per_task = rows_per_task(groups, 1);
+        for_each_chunk(&mut yt, per_task * repacked_k::GROUP * m, |c, out| {
+            // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
+            unsafe { rep.run_groups(c * per_task, xq, m, out) }
+        });
+        yt
+    }
+
     /// Row `r` dequantized into `out` (`cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        match &self.repacked {
-            Some(rep) => dequantize(self.ty, &rep.row_blocks(r), out),
-            None => dequantize(self.ty, self.row(r), out),
+        match (&self.repacked, &self.repacked_k) {
+            (Some(rep), _) => dequantize(self.ty, &rep.row_blocks(r), out),
+            (_, Some(rep)) => dequantize(self.ty, &rep.row_blocks(r), out),
+            _ => match &self.repacked_q5 {
+                Some(rep) => dequantize(self.ty, &rep.row_blocks(r), out),
+                None => dequantize(self.ty, self.row(r), out),
+            },
         }
         .expect("row of a checked matrix");
     }
@@ -323,7 +429,7 @@ impl QuantMatrix {
     /// The whole matrix as f32 `[rows, cols]` (tests, and weights a kernel cannot take).
     pub fn dequantize_all(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        if self.repacked.is_some() {
+        if self.data.is_empty() && self.rows > 0 {
             for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
                 self.dequantize_row(r, o);
             }
@@ -337,17 +443,24 @@ impl QuantMatrix {
 /// Quantized activation blocks; the repacked kernels take the 32-element ones.
 trait Activations: Sync + Sized {
     fn as_q8(blocks: &[Self]) -> Option<&[BlockQ8]>;
+    fn as_q8k(blocks: &[Self]) -> Option<&[BlockQ8K]>;
 }
 
 impl Activations for BlockQ8 {
     fn as_q8(blocks: &[Self]) -> Option<&[BlockQ8]> {
         Some(blocks)
     }
+    fn as_q8k(_: &[Self]) -> Option<&[BlockQ8K]> {
+        None
+    }
 }
 
 impl Activations for BlockQ8K {
     fn as_q8(_: &[Self]) -> Option<&[BlockQ8]> {
         None
+    }
+    fn as_q8k(blocks: &[Self]) -> Option<&[BlockQ8K]> {
+        Some(blocks)
     }
 }
 
