@@ -65,8 +65,25 @@ pub fn quantize_q8(xs: &[f32], avx2: bool) -> Vec<BlockQ8> {
 }
 
 /// `xs` (a multiple of 256 long) as 256-element blocks.
-pub fn quantize_q8k(xs: &[f32], _avx2: bool) -> Vec<BlockQ8K> {
+pub fn quantize_q8k(xs: &[f32], avx2: bool) -> Vec<BlockQ8K> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2, FMA and F16C were detected at run time by the caller.
+        return xs
+            .chunks_exact(QK_K)
+            .map(|x| unsafe { quantize_q8k_avx2(x) })
+            .collect();
+    }
+    let _ = avx2;
     xs.chunks_exact(QK_K).map(quantize_q8k_scalar).collect()
+}
+
+/// [`quantize_q8k_scalar`] compiled for AVX2: the same operations (so the same blocks), with the
+/// rounding vectorized instead of one `rintf` call per value (~3 % of a k-quant decode).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8k_avx2(x: &[f32]) -> BlockQ8K {
+    quantize_q8k_body(x)
 }
 
 /// BitNet b1.58's activation quantization (transformers' `BitLinear.activation_quant`): each row
@@ -122,6 +139,11 @@ pub(super) fn quantize_q8_scalar(x: &[f32]) -> BlockQ8 {
 /// llama.cpp's `quantize_row_q8_K` (portable; activation quantization is a small part of a
 /// matmul, so this block size has no SIMD version).
 pub(super) fn quantize_q8k_scalar(x: &[f32]) -> BlockQ8K {
+    quantize_q8k_body(x)
+}
+
+#[inline(always)]
+fn quantize_q8k_body(x: &[f32]) -> BlockQ8K {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -148,6 +170,7 @@ pub(super) fn quantize_q8k_scalar(x: &[f32]) -> BlockQ8K {
     }
 }
 
+#[inline(always)]
 fn bsums(qs: &[i8; QK_K]) -> [i16; QK_K / 16] {
     std::array::from_fn(|g| qs[16 * g..16 * g + 16].iter().map(|&q| q as i16).sum())
 }
@@ -229,6 +252,12 @@ mod tests {
             assert_eq!(a.qs, b.qs);
             assert_eq!(a.d, b.d);
             assert!((a.s - b.s).abs() <= 1e-5 * a.s.abs().max(1.0));
+        }
+        // 256-element blocks: the same blocks bit for bit (halves round to even in both).
+        let mut xs = sample(4 * QK_K);
+        xs[5] = 0.5 * xs[0] / xs[0].abs() * 127.0 / 128.0;
+        for (a, b) in quantize_q8k(&xs, false).iter().zip(quantize_q8k(&xs, true)) {
+            assert_eq!((a.qs, a.d.to_bits(), a.bsums), (b.qs, b.d.to_bits(), b.bsums));
         }
     }
 
