@@ -120,7 +120,10 @@ impl QuantMatrix {
                 cols,
             };
         }
-        if rows > 0 && rows % repacked_k::GROUP == 0 && repacked_k::supports(ty) && has_avx512_vnni()
+        if rows > 0
+            && rows % repacked_k::GROUP == 0
+            && repacked_k::supports(ty)
+            && has_avx512_vnni()
         {
             let rep = repacked_k::RepackedK::new(ty, &data, rows, cols / ty.block_elems);
             return Self {
@@ -211,8 +214,10 @@ impl QuantMatrix {
                 cols,
             });
         }
-        let reps_q5: Vec<&repacked_q5::RepackedQ5> =
-            parts.iter().filter_map(|p| p.repacked_q5.as_ref()).collect();
+        let reps_q5: Vec<&repacked_q5::RepackedQ5> = parts
+            .iter()
+            .filter_map(|p| p.repacked_q5.as_ref())
+            .collect();
         if reps_q5.len() == parts.len() {
             let rep = repacked_q5::RepackedQ5::stack(&reps_q5);
             debug_assert_eq!(rep.rows(), rows);

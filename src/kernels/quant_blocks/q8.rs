@@ -257,7 +257,10 @@ mod tests {
         let mut xs = sample(4 * QK_K);
         xs[5] = 0.5 * xs[0] / xs[0].abs() * 127.0 / 128.0;
         for (a, b) in quantize_q8k(&xs, false).iter().zip(quantize_q8k(&xs, true)) {
-            assert_eq!((a.qs, a.d.to_bits(), a.bsums), (b.qs, b.d.to_bits(), b.bsums));
+            assert_eq!(
+                (a.qs, a.d.to_bits(), a.bsums),
+                (b.qs, b.d.to_bits(), b.bsums)
+            );
         }
     }
 

@@ -329,8 +329,7 @@ mod avx512 {
                 }
                 let xd = _mm512_set1_ps(x[t].get_unchecked(b).d);
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[t]), _mm512_mul_ps(d, xd), acc[t]);
-                acc[t] =
-                    _mm512_fnmadd_ps(_mm512_cvtepi32_ps(off), _mm512_mul_ps(dmin, xd), acc[t]);
+                acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(off), _mm512_mul_ps(dmin, xd), acc[t]);
             }
         }
         let mut out = [[0f32; GROUP]; T];
@@ -366,11 +365,7 @@ mod avx512 {
                     let mut q = [_mm512_setzero_si512(); 8];
                     for (a, q) in q.iter_mut().enumerate() {
                         let l = reg(16 * n + 8 * (j % 2) + a);
-                        let l = if j >= 2 {
-                            _mm512_srli_epi16::<4>(l)
-                        } else {
-                            l
-                        };
+                        let l = if j >= 2 { _mm512_srli_epi16::<4>(l) } else { l };
                         let h = shift(reg(32 + 8 * n + a), 4 - 2 * j as i32);
                         *q = _mm512_or_si512(
                             _mm512_and_si512(l, nibble),
@@ -407,7 +402,8 @@ mod avx512 {
                 // The levels' offset of 32: Σ_g sc[g] · 32 · bsum[g].
                 let mut off = _mm512_setzero_si512();
                 for (k, p) in pairs.iter().enumerate() {
-                    off = _mm512_dpwssd_epi32(off, *p, _mm512_set1_epi32(bs.add(k).read_unaligned()));
+                    off =
+                        _mm512_dpwssd_epi32(off, *p, _mm512_set1_epi32(bs.add(k).read_unaligned()));
                 }
                 let isum = _mm512_sub_epi32(sumi[t], _mm512_slli_epi32::<5>(off));
                 acc[t] = _mm512_fmadd_ps(
@@ -487,7 +483,11 @@ mod tests {
             assert!(w.repacked_k.is_some(), "{ty} was not repacked");
             let mut dense = vec![0f32; n * k];
             dequantize(ty, &data, &mut dense).unwrap();
-            assert_eq!(w.dequantize_all(), dense, "{ty} dequantized from the repacked form");
+            assert_eq!(
+                w.dequantize_all(),
+                dense,
+                "{ty} dequantized from the repacked form"
+            );
             let xs = activations(16, k, 3 + ty.id as u64);
             let xd: Vec<f32> = quantize_q8k(&xs, false)
                 .iter()

@@ -240,7 +240,11 @@ mod avx512 {
                 let mut s0 = _mm512_setzero_si512();
                 let mut s1 = _mm512_setzero_si512();
                 for j in 0..4 {
-                    s0 = _mm512_dpbusd_epi32(s0, lo[j], _mm512_set1_epi32(xw.add(j).read_unaligned()));
+                    s0 = _mm512_dpbusd_epi32(
+                        s0,
+                        lo[j],
+                        _mm512_set1_epi32(xw.add(j).read_unaligned()),
+                    );
                     s1 = _mm512_dpbusd_epi32(
                         s1,
                         hi[j],
@@ -334,7 +338,11 @@ mod tests {
                     for b in 0..blocks {
                         let (q, d, c) = legacy::unpack(ty, &data[(r * blocks + b) * bb..][..bb]);
                         let x = &xq[i * blocks + b];
-                        let isum: i64 = q.iter().zip(&x.qs).map(|(&a, &b)| a as i64 * b as i64).sum();
+                        let isum: i64 = q
+                            .iter()
+                            .zip(&x.qs)
+                            .map(|(&a, &b)| a as i64 * b as i64)
+                            .sum();
                         let p = d as f64 * x.d as f64 * isum as f64 + c as f64 * x.s as f64;
                         want += p;
                         mag += p.abs() + (d as f64 * x.d as f64).abs() * 16.0 * 128.0;
