@@ -392,6 +392,39 @@ fn a_full_pool_makes_new_work_wait_or_preempts_and_recomputes_without_changing_r
 }
 
 #[test]
+fn sequences_that_cross_a_block_boundary_together_preempt_without_losing_the_plan() {
+    // Two prompts of exactly one block in a pool of 2 × (prompt + answer) tokens: both
+    // prompts fit, but their first answer tokens need a second block each, one more than the
+    // pool has. The newest sequence is preempted while the step is planned; the step must plan
+    // again (it once kept the preempted sequence's index and panicked).
+    let session = open(&fixture("tiny-llama"), 256);
+    let vocab = session.info().vocab_size;
+    let prompts = prompts(vocab, &[BLOCK_TOKENS, BLOCK_TOKENS]);
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| alone(&session, p, 4).tokens)
+        .collect();
+    let mut config = EngineConfig::for_sequences(2, 256);
+    config.kv_tokens = 2 * (BLOCK_TOKENS + 4);
+    config.prefix_cache = false;
+    let mut scheduler = Scheduler::new(session.clone(), config);
+    let mut outs = Vec::new();
+    for p in &prompts {
+        let (sink, out) = collecting_sink();
+        scheduler
+            .submit(greedy_request(p.clone(), 4), sink)
+            .unwrap();
+        outs.push(out);
+    }
+    scheduler.run_to_completion().unwrap();
+    assert!(scheduler.stats().preemptions > 0, "the case preempts");
+    for (i, (out, want)) in outs.iter().zip(&expected).enumerate() {
+        assert_eq!(&out.lock().unwrap().tokens, want, "sequence {i}");
+    }
+    assert_eq!(scheduler.stats().kv_blocks_used, 0);
+}
+
+#[test]
 fn sixteen_sequences_of_512_tokens_stay_within_their_kv_bytes_plus_a_block_each() {
     let Some(gguf) = common::smollm2::smollm2_gguf() else {
         eprintln!("skipped: models/smollm2 absent (scripts/get_smollm2.sh)");

@@ -52,7 +52,9 @@ impl EngineConfig {
         Self {
             max_sequences,
             step_tokens: PROMPT_CHUNK,
-            kv_tokens: max_sequences.saturating_mul(context),
+            // Whole blocks per sequence: a pool of `max_sequences × context` tokens would
+            // preempt a sequence when every one of them ends a block at once.
+            kv_tokens: max_sequences.saturating_mul(blocks_for(context.max(1)) * BLOCK_TOKENS),
             max_waiting: 256,
             prefix_cache: true,
             // Per running sequence its prompt's and its answer's latest, and one turn back.
@@ -503,19 +505,22 @@ impl Scheduler {
                 .map(|&(i, n)| self.running[i].state.blocks_needed(n))
                 .sum();
             let before = self.running.len();
-            if self.make_room(needed, true) {
+            let fits = self.make_room(needed, true);
+            if self.running.len() != before {
+                // Sequences were preempted: the plan's indices and budget are stale, plan again.
+                continue;
+            }
+            if fits {
                 plan.sort_unstable();
                 return plan;
             }
-            if self.running.len() == before {
-                // One sequence alone does not fit the pool (its limit is capped by the pool
-                // size, so this only happens when the cache holds what it needs): run what fits.
-                plan.retain(|&(i, n)| {
-                    self.running[i].state.blocks_needed(n) <= self.pool.free_blocks()
-                });
-                plan.sort_unstable();
-                return plan;
-            }
+            // One sequence alone does not fit the pool (its limit is capped by the pool size,
+            // so this only happens when the cache holds what it needs): run what fits.
+            plan.retain(|&(i, n)| {
+                self.running[i].state.blocks_needed(n) <= self.pool.free_blocks()
+            });
+            plan.sort_unstable();
+            return plan;
         }
     }
 
