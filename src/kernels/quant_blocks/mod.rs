@@ -80,9 +80,9 @@ pub struct QuantMatrix {
     data: Vec<u8>,
     repacked: Option<repacked::Repacked>,
     /// `Q4_K`/`Q5_K`/`Q6_K` repacked the same way ([`repacked_k`]; `data` empty too).
-    repacked_k: Option<repacked_k::RepackedK>,
+    repacked_k: Option<Box<repacked_k::RepackedK>>,
     /// `Q5_0`/`Q5_1` repacked the same way ([`repacked_q5`]; `data` empty too).
-    repacked_q5: Option<repacked_q5::RepackedQ5>,
+    repacked_q5: Option<Box<repacked_q5::RepackedQ5>>,
     rows: usize,
     cols: usize,
 }
@@ -130,7 +130,7 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: None,
-                repacked_k: Some(rep),
+                repacked_k: Some(Box::new(rep)),
                 repacked_q5: None,
                 rows,
                 cols,
@@ -147,7 +147,7 @@ impl QuantMatrix {
                 data: Vec::new(),
                 repacked: None,
                 repacked_k: None,
-                repacked_q5: Some(rep),
+                repacked_q5: Some(Box::new(rep)),
                 rows,
                 cols,
             };
@@ -199,8 +199,10 @@ impl QuantMatrix {
                 cols,
             });
         }
-        let reps_k: Vec<&repacked_k::RepackedK> =
-            parts.iter().filter_map(|p| p.repacked_k.as_ref()).collect();
+        let reps_k: Vec<&repacked_k::RepackedK> = parts
+            .iter()
+            .filter_map(|p| p.repacked_k.as_deref())
+            .collect();
         if reps_k.len() == parts.len() {
             let rep = repacked_k::RepackedK::stack(&reps_k);
             debug_assert_eq!(rep.rows(), rows);
@@ -208,7 +210,7 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: None,
-                repacked_k: Some(rep),
+                repacked_k: Some(Box::new(rep)),
                 repacked_q5: None,
                 rows,
                 cols,
@@ -216,7 +218,7 @@ impl QuantMatrix {
         }
         let reps_q5: Vec<&repacked_q5::RepackedQ5> = parts
             .iter()
-            .filter_map(|p| p.repacked_q5.as_ref())
+            .filter_map(|p| p.repacked_q5.as_deref())
             .collect();
         if reps_q5.len() == parts.len() {
             let rep = repacked_q5::RepackedQ5::stack(&reps_q5);
@@ -226,7 +228,7 @@ impl QuantMatrix {
                 data: Vec::new(),
                 repacked: None,
                 repacked_k: None,
-                repacked_q5: Some(rep),
+                repacked_q5: Some(Box::new(rep)),
                 rows,
                 cols,
             });
