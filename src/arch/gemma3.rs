@@ -332,8 +332,10 @@ impl CausalLm for Gemma3 {
                 .forward(&normed)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("gate/up projections".into()))?;
-            // candle's `gelu` is the tanh approximation (transformers' gelu_pytorch_tanh).
-            let mlp = layer.down.forward(&(gate.gelu()? * up)?)?;
+            // transformers' gelu_pytorch_tanh (candle's `gelu`; vectorized on AVX-512 CPUs).
+            let mlp = layer
+                .down
+                .forward(&crate::kernels::gelu::gelu_tanh_mul(&gate, &up)?)?;
             x = (x + self.rms_norm(&mlp, &layer.post_ffn_norm)?)?;
         }
         plan.commit(batch);

@@ -947,8 +947,9 @@ impl Llama {
                 .forward(&normed)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("gate/up projections".into()))?;
-            let gate = candle_nn::ops::silu(&gate)?;
-            x = (x + layer.down.forward(&(gate * up)?)?)?;
+            // silu(gate)·up, vectorized on AVX-512 CPUs (candle's silu calls expf per value).
+            let act = crate::kernels::gelu::silu_mul(&gate, &up)?;
+            x = (x + layer.down.forward(&act)?)?;
         }
         plan.commit(batch);
         if plan.logit_rows.is_empty() {

@@ -5,6 +5,7 @@ pub mod act_stats;
 pub mod bytes;
 pub(crate) mod cpu_matmul;
 pub mod encoder;
+pub mod gelu;
 pub mod ggml_types;
 pub mod moe;
 pub mod mxfp4;

@@ -21,7 +21,7 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 /// `Q4_K`/`Q5_K`'s 12 bytes of packed 6-bit scales and mins → (8 scales, 8 mins).
-fn k4_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(super) fn k4_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let mut sc = [0u8; 8];
     let mut mn = [0u8; 8];
     for j in 0..4 {

@@ -16,6 +16,8 @@ pub mod k_quants;
 pub mod legacy;
 pub mod q8;
 mod repacked;
+mod repacked_k;
+mod repacked_q5;
 mod repacked_tq;
 pub mod ternary;
 
@@ -81,6 +83,10 @@ pub struct QuantMatrix {
     ty: GgmlType,
     data: Vec<u8>,
     repacked: Option<repacked::Repacked>,
+    /// `Q4_K`/`Q5_K`/`Q6_K` repacked the same way ([`repacked_k`]; `data` empty too).
+    repacked_k: Option<Box<repacked_k::RepackedK>>,
+    /// `Q5_0`/`Q5_1` repacked the same way ([`repacked_q5`]; `data` empty too).
+    repacked_q5: Option<Box<repacked_q5::RepackedQ5>>,
     // Boxed: keeps the matrix (held inline in architecture enums) small.
     repacked_tq: Option<Box<repacked_tq::RepackedTq>>,
     rows: usize,
@@ -114,6 +120,42 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: Some(rep),
+                repacked_k: None,
+                repacked_q5: None,
+                repacked_tq: None,
+                rows,
+                cols,
+            };
+        }
+        if rows > 0
+            && rows % repacked_k::GROUP == 0
+            && repacked_k::supports(ty)
+            && has_avx512_vnni()
+        {
+            let rep = repacked_k::RepackedK::new(ty, &data, rows, cols / ty.block_elems);
+            return Self {
+                ty,
+                data: Vec::new(),
+                repacked: None,
+                repacked_k: Some(Box::new(rep)),
+                repacked_tq: None,
+                repacked_q5: None,
+                rows,
+                cols,
+            };
+        }
+        if rows > 0
+            && rows % repacked_q5::GROUP == 0
+            && repacked_q5::supports(ty)
+            && has_avx512_vnni()
+        {
+            let rep = repacked_q5::RepackedQ5::new(ty, &data, rows, cols / ty.block_elems);
+            return Self {
+                ty,
+                data: Vec::new(),
+                repacked: None,
+                repacked_k: None,
+                repacked_q5: Some(Box::new(rep)),
                 repacked_tq: None,
                 rows,
                 cols,
@@ -129,6 +171,8 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: None,
+                repacked_k: None,
+                repacked_q5: None,
                 repacked_tq: Some(Box::new(rep)),
                 rows,
                 cols,
@@ -138,6 +182,8 @@ impl QuantMatrix {
             ty,
             data,
             repacked: None,
+            repacked_k: None,
+            repacked_q5: None,
             repacked_tq: None,
             rows,
             cols,
@@ -174,6 +220,44 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: Some(rep),
+                repacked_k: None,
+                repacked_q5: None,
+                repacked_tq: None,
+                rows,
+                cols,
+            });
+        }
+        let reps_k: Vec<&repacked_k::RepackedK> = parts
+            .iter()
+            .filter_map(|p| p.repacked_k.as_deref())
+            .collect();
+        if reps_k.len() == parts.len() {
+            let rep = repacked_k::RepackedK::stack(&reps_k);
+            debug_assert_eq!(rep.rows(), rows);
+            return Some(Self {
+                ty,
+                data: Vec::new(),
+                repacked: None,
+                repacked_k: Some(Box::new(rep)),
+                repacked_q5: None,
+                repacked_tq: None,
+                rows,
+                cols,
+            });
+        }
+        let reps_q5: Vec<&repacked_q5::RepackedQ5> = parts
+            .iter()
+            .filter_map(|p| p.repacked_q5.as_deref())
+            .collect();
+        if reps_q5.len() == parts.len() {
+            let rep = repacked_q5::RepackedQ5::stack(&reps_q5);
+            debug_assert_eq!(rep.rows(), rows);
+            return Some(Self {
+                ty,
+                data: Vec::new(),
+                repacked: None,
+                repacked_k: None,
+                repacked_q5: Some(Box::new(rep)),
                 repacked_tq: None,
                 rows,
                 cols,
@@ -190,12 +274,14 @@ impl QuantMatrix {
                 ty,
                 data: Vec::new(),
                 repacked: None,
+                repacked_k: None,
+                repacked_q5: None,
                 repacked_tq: Some(Box::new(rep)),
                 rows,
                 cols,
             });
         }
-        if !reps.is_empty() || !tqs.is_empty() {
+        if !reps.is_empty() || !reps_k.is_empty() || !reps_q5.is_empty() || !tqs.is_empty() {
             // Some parts repacked, some not (a part with rows outside whole groups): keep them
             // apart rather than rebuild.
             return None;
@@ -208,6 +294,8 @@ impl QuantMatrix {
             ty,
             data,
             repacked: None,
+            repacked_k: None,
+            repacked_q5: None,
             repacked_tq: None,
             rows,
             cols,
@@ -281,6 +369,21 @@ impl QuantMatrix {
         #[cfg(target_arch = "x86_64")]
         if let (Some(rep), Some(xq)) = (&self.repacked, A::as_q8(xq)) {
             return self.run_repacked(rep, xq, m);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(rep), Some(xq)) = (&self.repacked_q5, A::as_q8(xq)) {
+            let groups = self.rows / repacked_q5::GROUP;
+            let mut yt = vec![0f32; self.rows * m];
+            let per_task = rows_per_task(groups, 1);
+            for_each_chunk(&mut yt, per_task * repacked_q5::GROUP * m, |c, out| {
+                // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
+                unsafe { rep.run_groups(c * per_task, xq, m, out) }
+            });
+            return transposed(yt, self.rows, m);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(rep), Some(xq)) = (&self.repacked_k, A::as_q8k(xq)) {
+            return self.run_repacked_k(rep, xq, m);
         }
         #[cfg(target_arch = "x86_64")]
         if let (Some(rep), Some(xq)) = (&self.repacked_tq, A::as_q8k(xq)) {
@@ -364,12 +467,32 @@ impl QuantMatrix {
         transposed(yt, self.rows, m)
     }
 
+    /// The repacked k-quant kernel over groups of 16 rows, spread over threads like
+    /// [`Self::run_repacked`] (it writes `[rows, m]` per task; transposed to `[m, rows]`).
+    #[cfg(target_arch = "x86_64")]
+    fn run_repacked_k(&self, rep: &repacked_k::RepackedK, xq: &[BlockQ8K], m: usize) -> Vec<f32> {
+        let groups = self.rows / repacked_k::GROUP;
+        let mut yt = vec![0f32; self.rows * m];
+        let per_task = rows_per_task(groups, 1);
+        for_each_chunk(&mut yt, per_task * repacked_k::GROUP * m, |c, out| {
+            // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
+            unsafe { rep.run_groups(c * per_task, xq, m, out) }
+        });
+        transposed(yt, self.rows, m)
+    }
+
     /// Row `r` dequantized into `out` (`cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        match (&self.repacked, &self.repacked_tq) {
-            (Some(rep), _) => dequantize(self.ty, &rep.row_blocks(r), out),
-            (_, Some(rep)) => dequantize(self.ty, &rep.row_blocks(r), out),
-            _ => dequantize(self.ty, self.row(r), out),
+        if let Some(rep) = &self.repacked {
+            dequantize(self.ty, &rep.row_blocks(r), out)
+        } else if let Some(rep) = &self.repacked_k {
+            dequantize(self.ty, &rep.row_blocks(r), out)
+        } else if let Some(rep) = &self.repacked_q5 {
+            dequantize(self.ty, &rep.row_blocks(r), out)
+        } else if let Some(rep) = &self.repacked_tq {
+            dequantize(self.ty, &rep.row_blocks(r), out)
+        } else {
+            dequantize(self.ty, self.row(r), out)
         }
         .expect("row of a checked matrix");
     }
@@ -390,7 +513,7 @@ impl QuantMatrix {
     /// The whole matrix as f32 `[rows, cols]` (tests, and weights a kernel cannot take).
     pub fn dequantize_all(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        if self.repacked.is_some() || self.repacked_tq.is_some() {
+        if self.data.is_empty() && self.rows > 0 {
             for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
                 self.dequantize_row(r, o);
             }

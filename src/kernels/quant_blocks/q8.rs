@@ -156,6 +156,7 @@ pub(super) fn quantize_q8k_scalar(x: &[f32]) -> BlockQ8K {
     }
 }
 
+#[inline(always)]
 fn bsums(qs: &[i8; QK_K]) -> [i16; QK_K / 16] {
     std::array::from_fn(|g| qs[16 * g..16 * g + 16].iter().map(|&q| q as i16).sum())
 }
