@@ -493,7 +493,7 @@ mod tests {
                 .iter()
                 .flat_map(|b| b.dequantize())
                 .collect();
-            let full = w.matmul_transposed(&xs, 16);
+            let full = w.matmul(&xs, 16);
             for i in 0..16 {
                 for r in 0..n {
                     let (mut want, mut mag) = (0f64, 0f64);
@@ -502,7 +502,7 @@ mod tests {
                         want += p;
                         mag += p.abs();
                     }
-                    let got = full[r * 16 + i] as f64;
+                    let got = full[i * n + r] as f64;
                     assert!(
                         (got - want).abs() <= 1e-5 * mag + 1e-6,
                         "{ty} [{i},{r}]: {got} vs {want}"
@@ -511,12 +511,12 @@ mod tests {
             }
             for m in [1usize, 5] {
                 for i0 in [0usize, 16 - m] {
-                    let part = w.matmul_transposed(&xs[i0 * k..(i0 + m) * k], m);
+                    let part = w.matmul(&xs[i0 * k..(i0 + m) * k], m);
                     for r in 0..n {
                         for i in 0..m {
                             assert_eq!(
-                                part[r * m + i].to_bits(),
-                                full[r * 16 + i0 + i].to_bits(),
+                                part[i * n + r].to_bits(),
+                                full[(i0 + i) * n + r].to_bits(),
                                 "{ty} m={m} row {r} activation {}",
                                 i0 + i
                             );

@@ -330,7 +330,7 @@ mod tests {
             let data = random_blocks(ty, n * blocks, 43 + ty.id as u64);
             let w = QuantMatrix::new(ty, data.clone(), n, k).unwrap();
             assert!(w.repacked_q5.is_some(), "{ty} was not repacked");
-            let full = w.matmul_transposed(&xs, 16);
+            let full = w.matmul(&xs, 16);
             let bb = ty.block_bytes;
             for i in 0..16 {
                 for r in 0..n {
@@ -347,7 +347,7 @@ mod tests {
                         want += p;
                         mag += p.abs() + (d as f64 * x.d as f64).abs() * 16.0 * 128.0;
                     }
-                    let got = full[r * 16 + i] as f64;
+                    let got = full[i * n + r] as f64;
                     assert!(
                         (got - want).abs() <= 1e-5 * mag + 1e-6,
                         "{ty} [{i},{r}]: {got} vs {want}"
@@ -356,12 +356,12 @@ mod tests {
             }
             for m in [1usize, 5] {
                 for i0 in [0usize, 16 - m] {
-                    let part = w.matmul_transposed(&xs[i0 * k..(i0 + m) * k], m);
+                    let part = w.matmul(&xs[i0 * k..(i0 + m) * k], m);
                     for r in 0..n {
                         for i in 0..m {
                             assert_eq!(
-                                part[r * m + i].to_bits(),
-                                full[r * 16 + i0 + i].to_bits(),
+                                part[i * n + r].to_bits(),
+                                full[(i0 + i) * n + r].to_bits(),
                                 "{ty} m={m} row {r} activation {}",
                                 i0 + i
                             );
