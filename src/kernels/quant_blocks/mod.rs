@@ -72,7 +72,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
-/// Activation rows per prefill tile (see [`QuantMatrix::matmul_transposed`]).
+/// Activation rows per prefill tile (see [`QuantMatrix::matmul`]).
 const ACT_TILE: usize = 64;
 
 /// A `[rows, cols]` matrix of GGUF blocks, as stored in the file — or, for `Q4_0`/`Q4_1`/`Q8_0`
