@@ -28,7 +28,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::bytes::SharedBytes;
-use super::mxfp4::{contiguous_f32, from_f32, BLOCK_BYTES, BLOCK_VALUES};
+use super::mxfp4::{self, contiguous_f32, from_f32, BLOCK_BYTES, BLOCK_VALUES};
 
 /// The experts' clamped SwiGLU constants (gpt-oss: limit 7.0, alpha 1.702).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -300,8 +300,11 @@ pub fn moe_cpu(
     dispatch(x, routing, tokens, w, out)
 }
 
-/// gpt-oss's MXFP4 SwiGLU experts (biases included in each expert's output), on the
-/// integer-activation kernel [`super::mxfp4_int`] (f32-level rounding, see its module doc).
+/// gpt-oss's MXFP4 SwiGLU experts (biases included in each expert's output): on CPUs with
+/// AVX-512 VNNI/VBMI the integer-activation kernel [`super::mxfp4_int`] (f32-level rounding, see
+/// its module doc), elsewhere the f32 kernel. Why not the integer kernel's AVX2 form: a token's
+/// result there was not independent of the batch (tests/batching.rs failed on the gpt-oss fixture
+/// with `XLLM_NO_AVX512=1`); until that is found, AVX2 CPUs keep the kernel that is.
 impl ExpertFfn for MoeWeightsRef<'_> {
     fn experts(&self) -> usize {
         self.experts
@@ -318,7 +321,7 @@ impl ExpertFfn for MoeWeightsRef<'_> {
         let dn_block_bytes = h * i / BLOCK_VALUES * BLOCK_BYTES;
         let dn_scale_bytes = h * i / BLOCK_VALUES;
         let mut gate_up = vec![0f32; n * 2 * i];
-        super::mxfp4_int::mxfp4_int_matmul_cpu(
+        expert_matmul(
             xs,
             &self.gate_up_blocks[e * gu_block_bytes..(e + 1) * gu_block_bytes],
             &self.gate_up_scales[e * gu_scale_bytes..(e + 1) * gu_scale_bytes],
@@ -333,7 +336,7 @@ impl ExpertFfn for MoeWeightsRef<'_> {
         }
         let mut act = vec![0f32; n * i];
         clamped_swiglu(&gate_up, self.swiglu, &mut act);
-        super::mxfp4_int::mxfp4_int_matmul_cpu(
+        expert_matmul(
             &act,
             &self.down_blocks[e * dn_block_bytes..(e + 1) * dn_block_bytes],
             &self.down_scales[e * dn_scale_bytes..(e + 1) * dn_scale_bytes],
@@ -569,5 +572,30 @@ mod tests {
             "gate has no lower clamp"
         );
         assert!((out[2] - f(1.0, 0.5)).abs() < 1e-6);
+    }
+}
+
+/// The experts' MXFP4 matmul for this CPU (see [`MoeWeightsRef`]'s `ExpertFfn`).
+fn expert_matmul(
+    x: &[f32],
+    blocks: &[u8],
+    scales: &[u8],
+    tokens: usize,
+    in_features: usize,
+    out_features: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    if super::mxfp4_int::has_fast_kernel() {
+        super::mxfp4_int::mxfp4_int_matmul_cpu(
+            x,
+            blocks,
+            scales,
+            tokens,
+            in_features,
+            out_features,
+            out,
+        )
+    } else {
+        mxfp4::mxfp4_matmul_cpu(x, blocks, scales, tokens, in_features, out_features, out)
     }
 }

@@ -239,6 +239,18 @@ fn matmul_converted(
 /// (`xs`: `n · nq` quads) into `acc[..n]`.
 type Kernel = fn(&[u8], &[u8], &[QuadI24], usize, usize, &mut [f32; TOKEN_GROUP]);
 
+/// Whether this CPU runs the AVX-512 (VNNI + VBMI) form, the one the experts use.
+pub fn has_fast_kernel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::cpu_matmul::has_avx512_vnni() && std::is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn select_kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     {
