@@ -452,6 +452,31 @@ impl CustomOp2 for MoeOp<'_> {
     }
 }
 
+/// The experts' MXFP4 matmul for this CPU (see [`MoeWeightsRef`]'s `ExpertFfn`).
+fn expert_matmul(
+    x: &[f32],
+    blocks: &[u8],
+    scales: &[u8],
+    tokens: usize,
+    in_features: usize,
+    out_features: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    if super::mxfp4_int::has_fast_kernel() {
+        super::mxfp4_int::mxfp4_int_matmul_cpu(
+            x,
+            blocks,
+            scales,
+            tokens,
+            in_features,
+            out_features,
+            out,
+        )
+    } else {
+        mxfp4::mxfp4_matmul_cpu(x, blocks, scales, tokens, in_features, out_features, out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,30 +597,5 @@ mod tests {
             "gate has no lower clamp"
         );
         assert!((out[2] - f(1.0, 0.5)).abs() < 1e-6);
-    }
-}
-
-/// The experts' MXFP4 matmul for this CPU (see [`MoeWeightsRef`]'s `ExpertFfn`).
-fn expert_matmul(
-    x: &[f32],
-    blocks: &[u8],
-    scales: &[u8],
-    tokens: usize,
-    in_features: usize,
-    out_features: usize,
-    out: &mut [f32],
-) -> Result<()> {
-    if super::mxfp4_int::has_fast_kernel() {
-        super::mxfp4_int::mxfp4_int_matmul_cpu(
-            x,
-            blocks,
-            scales,
-            tokens,
-            in_features,
-            out_features,
-            out,
-        )
-    } else {
-        mxfp4::mxfp4_matmul_cpu(x, blocks, scales, tokens, in_features, out_features, out)
     }
 }
