@@ -3,7 +3,7 @@
 
 transformers dequantizes the GGUF on load (`gguf_file=`); we save the weights in bf16 (the dtype the
 original checkpoint ships in) with the tokenizer, so `xllm` can be compared with transformers on the
-same numbers. Needs torch + transformers + gguf (scripts/README: /work/refenv/.venv).
+same numbers. Needs torch + transformers + gguf (the peers venv: scripts/peers.sh venv).
 Usage: python scripts/convert_smollm2_safetensors.py [gguf_path] [out_dir]
 """
 import glob

@@ -15,7 +15,7 @@
 # Usage:
 #   scripts/cuda-toolkit.sh [DEST]        # default DEST: .dev/cuda (ignored by git)
 #   source DEST/env.sh                    # exports CUDA_HOME, NVCC, PATH, CUDA_COMPUTE_CAP, ...
-#   CARGO_TARGET_DIR=/work/target-cuda nice -n 19 cargo build --release --features cuda
+#   CARGO_TARGET_DIR=target-cuda nice -n 19 cargo build --release --features cuda
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "$0")/.." && pwd)

@@ -18,7 +18,7 @@ build() {
     [[ -f "$repo_root/.dev/cuda/env.sh" ]] || nice -n 19 "$repo_root/scripts/cuda-toolkit.sh"
     # shellcheck disable=SC1091
     source "$repo_root/.dev/cuda/env.sh"
-    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR_CUDA:-/work/target-cuda}
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR_CUDA:-target-cuda}
     cd "$repo_root"
     nice -n 19 cargo build --release --features cuda
     local test_bin

@@ -12,7 +12,7 @@ the checkpoint holds (experts dequantized from the stored blocks/scales, bf16 va
 perplexity of a text, logits at a few positions, greedy continuations of prompts that cross the
 sliding window, with each step's top-1/top-2 margin.
 
-Run: /work/refenv/.venv/bin/python scripts/make_gpt_oss_fixture.py [out_dir]
+Run: $XLLM_PEERS/venv/bin/python scripts/make_gpt_oss_fixture.py [out_dir]
 """
 
 import json

@@ -12,7 +12,7 @@ tests/fixtures/texts/gpl3-excerpt.txt. Its last part is held out: the reference 
 greedy continuations are computed on it, after quantizing the experts to MXFP4 and reloading exactly
 the stored values (bf16 widened, experts dequantized) into an f32 eager-attention model.
 
-Run: nice /work/refenv/.venv/bin/python scripts/make_gpt_oss_trained_fixture.py [out_dir] [steps]
+Run: nice $XLLM_PEERS/venv/bin/python scripts/make_gpt_oss_trained_fixture.py [out_dir] [steps]
 """
 
 import json

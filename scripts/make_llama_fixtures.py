@@ -6,7 +6,7 @@ Writes tests/fixtures/<name>/ for llama (GQA, llama3 RoPE, untied head, attentio
   config.json, model.safetensors, tokenizer.json (a small byte-level BPE trained on the text),
   reference.safetensors  input_ids [T] (i64), logits [T, vocab] (f32)
   reference.json         the text, its token count, mean NLL and perplexity (no BOS added)
-Run with the reference env: /work/refenv/.venv/bin/python scripts/make_llama_fixtures.py
+Run with the reference env: $XLLM_PEERS/venv/bin/python scripts/make_llama_fixtures.py
 """
 import json
 import math

@@ -7,7 +7,7 @@
   (no BOS, context = whole text), computed from llama.cpp's logits in float64;
   and, when models/smollm2-st exists (scripts/convert_smollm2_safetensors.py), the same for
   transformers f32 on the safetensors copy.
-Usage: /work/refenv/.venv/bin/python scripts/make_smollm2_reference.py
+Usage: $XLLM_PEERS/venv/bin/python scripts/make_smollm2_reference.py
 """
 import glob
 import json

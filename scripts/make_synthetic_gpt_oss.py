@@ -7,7 +7,7 @@ Same layout as the real checkpoint (see make_gpt_oss_fixture.py) with hidden 288
 model is not meant to say anything): expert codes uniform, scales 2^-7..2^-4, bf16 weights small.
 Needs numpy, torch (bf16) and safetensors.
 
-Run: /work/refenv/.venv/bin/python scripts/make_synthetic_gpt_oss.py [out_dir] [layers] [experts]
+Run: $XLLM_PEERS/venv/bin/python scripts/make_synthetic_gpt_oss.py [out_dir] [layers] [experts]
 """
 
 import json
