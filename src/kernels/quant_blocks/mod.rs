@@ -75,22 +75,94 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
 /// Activation rows per prefill tile (see [`QuantMatrix::matmul`]).
 const ACT_TILE: usize = 64;
 
-/// A `[rows, cols]` matrix of GGUF blocks, as stored in the file — or, for `Q4_0`/`Q4_1`/`Q8_0`
-/// on a CPU with AVX-512 VNNI, repacked in groups of 16 rows ([`repacked`]; `data` is then
-/// empty: the repacked form rebuilds any row exactly); `TQ1_0`/`TQ2_0` likewise in
-/// [`repacked_tq`].
+/// A `[rows, cols]` matrix of GGUF blocks: as stored in the file or, on a CPU with AVX-512 VNNI
+/// and rows that fill groups of 16, repacked for its type's group kernel ([`Layout`]).
 pub struct QuantMatrix {
     ty: GgmlType,
-    data: Vec<u8>,
-    repacked: Option<repacked::Repacked>,
-    /// `Q4_K`/`Q5_K`/`Q6_K` repacked the same way ([`repacked_k`]; `data` empty too).
-    repacked_k: Option<Box<repacked_k::RepackedK>>,
-    /// `Q5_0`/`Q5_1` repacked the same way ([`repacked_q5`]; `data` empty too).
-    repacked_q5: Option<Box<repacked_q5::RepackedQ5>>,
-    // Boxed: keeps the matrix (held inline in architecture enums) small.
-    repacked_tq: Option<Box<repacked_tq::RepackedTq>>,
+    layout: Layout,
     rows: usize,
     cols: usize,
+}
+
+/// How a [`QuantMatrix`] holds its blocks. The repacked forms rebuild every row's blocks exactly
+/// (`row_blocks`), so no copy of the file's blocks is kept beside them. Boxed to keep the matrix
+/// (held inline in architecture enums) small.
+enum Layout {
+    /// Row after row, as in the file.
+    Rows(Vec<u8>),
+    /// `Q4_0`/`Q4_1`/`Q8_0` ([`repacked`]).
+    Legacy(Box<repacked::Repacked>),
+    /// `Q4_K`/`Q5_K`/`Q6_K` ([`repacked_k`]).
+    K(Box<repacked_k::RepackedK>),
+    /// `Q5_0`/`Q5_1` ([`repacked_q5`]).
+    Q5(Box<repacked_q5::RepackedQ5>),
+    /// `TQ1_0`/`TQ2_0` ([`repacked_tq`]).
+    Tq(Box<repacked_tq::RepackedTq>),
+}
+
+/// Rows per group, the same for every repacked form.
+const GROUP: usize = repacked::GROUP;
+const _: () = assert!(
+    repacked_k::GROUP == GROUP && repacked_q5::GROUP == GROUP && repacked_tq::GROUP == GROUP
+);
+
+impl Layout {
+    /// The repacked form when this CPU and type have a group kernel and the rows fill whole
+    /// groups; the rows as stored otherwise.
+    fn new(ty: GgmlType, data: Vec<u8>, rows: usize, cols: usize) -> Layout {
+        if rows == 0 || rows % GROUP != 0 || !has_avx512_vnni() {
+            return Layout::Rows(data);
+        }
+        let blocks = cols / ty.block_elems;
+        if repacked::supports(ty) {
+            Layout::Legacy(Box::new(repacked::Repacked::new(ty, &data, rows, blocks)))
+        } else if repacked_k::supports(ty) {
+            Layout::K(Box::new(repacked_k::RepackedK::new(
+                ty, &data, rows, blocks,
+            )))
+        } else if repacked_q5::supports(ty) {
+            Layout::Q5(Box::new(repacked_q5::RepackedQ5::new(
+                ty, &data, rows, blocks,
+            )))
+        } else if repacked_tq::supports(ty) {
+            Layout::Tq(Box::new(repacked_tq::RepackedTq::new(
+                ty, &data, rows, blocks,
+            )))
+        } else {
+            Layout::Rows(data)
+        }
+    }
+
+    /// The layouts one above the other: all repacked the same way, or all as stored. `None` for
+    /// a mix (a part with rows outside whole groups): those are kept apart rather than rebuilt.
+    fn stack(parts: &[&Layout]) -> Option<Layout> {
+        macro_rules! same {
+            ($variant:ident, $ty:ty) => {
+                let all: Option<Vec<&$ty>> = parts
+                    .iter()
+                    .map(|p| match p {
+                        Layout::$variant(r) => Some(&**r),
+                        _ => None,
+                    })
+                    .collect();
+                if let Some(all) = all {
+                    return Some(Layout::$variant(Box::new(<$ty>::stack(&all))));
+                }
+            };
+        }
+        same!(Legacy, repacked::Repacked);
+        same!(K, repacked_k::RepackedK);
+        same!(Q5, repacked_q5::RepackedQ5);
+        same!(Tq, repacked_tq::RepackedTq);
+        let rows: Option<Vec<&[u8]>> = parts
+            .iter()
+            .map(|p| match p {
+                Layout::Rows(data) => Some(data.as_slice()),
+                _ => None,
+            })
+            .collect();
+        rows.map(|rows| Layout::Rows(rows.concat()))
+    }
 }
 
 impl QuantMatrix {
@@ -109,85 +181,12 @@ impl QuantMatrix {
                 data.len()
             );
         }
-        Ok(Self::with_layout(ty, data, rows, cols))
-    }
-
-    /// Repacks when this CPU and type have the repacked kernels and the rows fill whole groups.
-    fn with_layout(ty: GgmlType, data: Vec<u8>, rows: usize, cols: usize) -> Self {
-        if rows > 0 && rows % repacked::GROUP == 0 && repacked::supports(ty) && has_avx512_vnni() {
-            let rep = repacked::Repacked::new(ty, &data, rows, cols / ty.block_elems);
-            return Self {
-                ty,
-                data: Vec::new(),
-                repacked: Some(rep),
-                repacked_k: None,
-                repacked_q5: None,
-                repacked_tq: None,
-                rows,
-                cols,
-            };
-        }
-        if rows > 0
-            && rows % repacked_k::GROUP == 0
-            && repacked_k::supports(ty)
-            && has_avx512_vnni()
-        {
-            let rep = repacked_k::RepackedK::new(ty, &data, rows, cols / ty.block_elems);
-            return Self {
-                ty,
-                data: Vec::new(),
-                repacked: None,
-                repacked_k: Some(Box::new(rep)),
-                repacked_tq: None,
-                repacked_q5: None,
-                rows,
-                cols,
-            };
-        }
-        if rows > 0
-            && rows % repacked_q5::GROUP == 0
-            && repacked_q5::supports(ty)
-            && has_avx512_vnni()
-        {
-            let rep = repacked_q5::RepackedQ5::new(ty, &data, rows, cols / ty.block_elems);
-            return Self {
-                ty,
-                data: Vec::new(),
-                repacked: None,
-                repacked_k: None,
-                repacked_q5: Some(Box::new(rep)),
-                repacked_tq: None,
-                rows,
-                cols,
-            };
-        }
-        if rows > 0
-            && rows % repacked_tq::GROUP == 0
-            && repacked_tq::supports(ty)
-            && has_avx512_vnni()
-        {
-            let rep = repacked_tq::RepackedTq::new(ty, &data, rows, cols / ty.block_elems);
-            return Self {
-                ty,
-                data: Vec::new(),
-                repacked: None,
-                repacked_k: None,
-                repacked_q5: None,
-                repacked_tq: Some(Box::new(rep)),
-                rows,
-                cols,
-            };
-        }
-        Self {
+        Ok(Self {
             ty,
-            data,
-            repacked: None,
-            repacked_k: None,
-            repacked_q5: None,
-            repacked_tq: None,
+            layout: Layout::new(ty, data, rows, cols),
             rows,
             cols,
-        }
+        })
     }
 
     pub fn ggml_type(&self) -> GgmlType {
@@ -202,102 +201,19 @@ impl QuantMatrix {
         self.cols
     }
 
-    /// The matrices one above the other (`[Σ rows, cols]`), or `None` when their types or
-    /// widths differ.
+    /// The matrices one above the other (`[sum of rows, cols]`), or `None` when their types or
+    /// widths differ or their layouts cannot be joined.
     pub fn stack(parts: &[&Self]) -> Option<Self> {
         let first = parts.first()?;
         let (ty, cols) = (first.ty, first.cols);
         if parts.iter().any(|p| p.ty != ty || p.cols != cols) {
             return None;
         }
-        let rows = parts.iter().map(|p| p.rows).sum();
-        let reps: Vec<&repacked::Repacked> =
-            parts.iter().filter_map(|p| p.repacked.as_ref()).collect();
-        if reps.len() == parts.len() {
-            let rep = repacked::Repacked::stack(&reps);
-            debug_assert_eq!(rep.rows(), rows);
-            return Some(Self {
-                ty,
-                data: Vec::new(),
-                repacked: Some(rep),
-                repacked_k: None,
-                repacked_q5: None,
-                repacked_tq: None,
-                rows,
-                cols,
-            });
-        }
-        let reps_k: Vec<&repacked_k::RepackedK> = parts
-            .iter()
-            .filter_map(|p| p.repacked_k.as_deref())
-            .collect();
-        if reps_k.len() == parts.len() {
-            let rep = repacked_k::RepackedK::stack(&reps_k);
-            debug_assert_eq!(rep.rows(), rows);
-            return Some(Self {
-                ty,
-                data: Vec::new(),
-                repacked: None,
-                repacked_k: Some(Box::new(rep)),
-                repacked_q5: None,
-                repacked_tq: None,
-                rows,
-                cols,
-            });
-        }
-        let reps_q5: Vec<&repacked_q5::RepackedQ5> = parts
-            .iter()
-            .filter_map(|p| p.repacked_q5.as_deref())
-            .collect();
-        if reps_q5.len() == parts.len() {
-            let rep = repacked_q5::RepackedQ5::stack(&reps_q5);
-            debug_assert_eq!(rep.rows(), rows);
-            return Some(Self {
-                ty,
-                data: Vec::new(),
-                repacked: None,
-                repacked_k: None,
-                repacked_q5: Some(Box::new(rep)),
-                repacked_tq: None,
-                rows,
-                cols,
-            });
-        }
-        let tqs: Vec<&repacked_tq::RepackedTq> = parts
-            .iter()
-            .filter_map(|p| p.repacked_tq.as_deref())
-            .collect();
-        if tqs.len() == parts.len() {
-            let rep = repacked_tq::RepackedTq::stack(&tqs);
-            debug_assert_eq!(rep.rows(), rows);
-            return Some(Self {
-                ty,
-                data: Vec::new(),
-                repacked: None,
-                repacked_k: None,
-                repacked_q5: None,
-                repacked_tq: Some(Box::new(rep)),
-                rows,
-                cols,
-            });
-        }
-        if !reps.is_empty() || !reps_k.is_empty() || !reps_q5.is_empty() || !tqs.is_empty() {
-            // Some parts repacked, some not (a part with rows outside whole groups): keep them
-            // apart rather than rebuild.
-            return None;
-        }
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
-        for p in parts {
-            data.extend_from_slice(&p.data);
-        }
+        let layouts: Vec<&Layout> = parts.iter().map(|p| &p.layout).collect();
         Some(Self {
             ty,
-            data,
-            repacked: None,
-            repacked_k: None,
-            repacked_q5: None,
-            repacked_tq: None,
-            rows,
+            layout: Layout::stack(&layouts)?,
+            rows: parts.iter().map(|p| p.rows).sum(),
             cols,
         })
     }
@@ -306,9 +222,13 @@ impl QuantMatrix {
         self.cols / self.ty.block_elems * self.ty.block_bytes
     }
 
+    /// Row `r` as stored (the row-by-row kernels' input: a matrix kept as stored).
     fn row(&self, r: usize) -> &[u8] {
+        let Layout::Rows(data) = &self.layout else {
+            unreachable!("row-by-row kernels on a repacked matrix")
+        };
         let rb = self.row_bytes();
-        &self.data[r * rb..(r + 1) * rb]
+        &data[r * rb..(r + 1) * rb]
     }
 
     /// `x`: `[.., cols]` f32 on the CPU → `[.., rows]`.
@@ -366,28 +286,24 @@ impl QuantMatrix {
 
     /// `[m, rows]`.
     fn run<A: Activations>(&self, xq: &[A], m: usize, k: RowKernels<A>) -> Vec<f32> {
+        // SAFETY (each kernel call below): AVX-512 VNNI was detected when the matrix was
+        // repacked.
         #[cfg(target_arch = "x86_64")]
-        if let (Some(rep), Some(xq)) = (&self.repacked, A::as_q8(xq)) {
-            return self.run_repacked(rep, xq, m);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let (Some(rep), Some(xq)) = (&self.repacked_q5, A::as_q8(xq)) {
-            let groups = self.rows / repacked_q5::GROUP;
-            let mut yt = vec![0f32; self.rows * m];
-            let per_task = rows_per_task(groups, 1);
-            for_each_chunk(&mut yt, per_task * repacked_q5::GROUP * m, |c, out| {
-                // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
-                unsafe { rep.run_groups(c * per_task, xq, m, out) }
-            });
-            return transposed(yt, self.rows, m);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let (Some(rep), Some(xq)) = (&self.repacked_k, A::as_q8k(xq)) {
-            return self.run_repacked_k(rep, xq, m);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let (Some(rep), Some(xq)) = (&self.repacked_tq, A::as_q8k(xq)) {
-            return self.run_repacked_tq(rep, xq, m);
+        match (&self.layout, A::as_q8(xq), A::as_q8k(xq)) {
+            (Layout::Legacy(rep), Some(xq), _) => return self.run_repacked(rep, xq, m),
+            (Layout::Q5(rep), Some(xq), _) => {
+                return self
+                    .run_groups_transposed(m, |g0, out| unsafe { rep.run_groups(g0, xq, m, out) })
+            }
+            (Layout::K(rep), _, Some(xq)) => {
+                return self
+                    .run_groups_transposed(m, |g0, out| unsafe { rep.run_groups(g0, xq, m, out) })
+            }
+            (Layout::Tq(rep), _, Some(xq)) => {
+                return self
+                    .run_groups_transposed(m, |g0, out| unsafe { rep.run_groups(g0, xq, m, out) })
+            }
+            _ => {}
         }
         let n = self.rows;
         let blocks = self.cols / self.ty.block_elems;
@@ -438,9 +354,9 @@ impl QuantMatrix {
     /// written straight into `[m, rows]`.
     #[cfg(target_arch = "x86_64")]
     fn run_repacked(&self, rep: &repacked::Repacked, xq: &[BlockQ8], m: usize) -> Vec<f32> {
-        let groups = self.rows / repacked::GROUP;
+        let groups = self.rows / GROUP;
         let mut y = vec![0f32; self.rows * m];
-        let per_task = rows_per_task(groups, 1) * repacked::GROUP;
+        let per_task = rows_per_task(groups, 1) * GROUP;
         for_each_column_range(&mut y, self.rows, m, per_task, |mut out| {
             // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
             unsafe { rep.run_groups(xq, m, &mut out) }
@@ -448,51 +364,30 @@ impl QuantMatrix {
         y
     }
 
-    /// The repacked ternary kernel over groups of 16 rows, spread over threads like
-    /// [`Self::run`] (it writes `[rows, m]` per task; transposed to `[m, rows]` at the end).
+    /// A repacked kernel that writes `[rows, m]` per task (`run(first group, out)`), spread over
+    /// threads like [`Self::run`] and transposed to `[m, rows]` at the end.
     #[cfg(target_arch = "x86_64")]
-    fn run_repacked_tq(
+    fn run_groups_transposed(
         &self,
-        rep: &repacked_tq::RepackedTq,
-        xq: &[BlockQ8K],
         m: usize,
+        run: impl Fn(usize, &mut [f32]) + Sync + Send,
     ) -> Vec<f32> {
-        let groups = self.rows / repacked_tq::GROUP;
         let mut yt = vec![0f32; self.rows * m];
-        let per_task = rows_per_task(groups, 1);
-        for_each_chunk(&mut yt, per_task * repacked_tq::GROUP * m, |c, out| {
-            // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
-            unsafe { rep.run_groups(c * per_task, xq, m, out) }
-        });
-        transposed(yt, self.rows, m)
-    }
-
-    /// The repacked k-quant kernel over groups of 16 rows, spread over threads like
-    /// [`Self::run_repacked`] (it writes `[rows, m]` per task; transposed to `[m, rows]`).
-    #[cfg(target_arch = "x86_64")]
-    fn run_repacked_k(&self, rep: &repacked_k::RepackedK, xq: &[BlockQ8K], m: usize) -> Vec<f32> {
-        let groups = self.rows / repacked_k::GROUP;
-        let mut yt = vec![0f32; self.rows * m];
-        let per_task = rows_per_task(groups, 1);
-        for_each_chunk(&mut yt, per_task * repacked_k::GROUP * m, |c, out| {
-            // SAFETY: AVX-512 VNNI was detected when the matrix was repacked.
-            unsafe { rep.run_groups(c * per_task, xq, m, out) }
+        let per_task = rows_per_task(self.rows / GROUP, 1);
+        for_each_chunk(&mut yt, per_task * GROUP * m, |c, out| {
+            run(c * per_task, out)
         });
         transposed(yt, self.rows, m)
     }
 
     /// Row `r` dequantized into `out` (`cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        if let Some(rep) = &self.repacked {
-            dequantize(self.ty, &rep.row_blocks(r), out)
-        } else if let Some(rep) = &self.repacked_k {
-            dequantize(self.ty, &rep.row_blocks(r), out)
-        } else if let Some(rep) = &self.repacked_q5 {
-            dequantize(self.ty, &rep.row_blocks(r), out)
-        } else if let Some(rep) = &self.repacked_tq {
-            dequantize(self.ty, &rep.row_blocks(r), out)
-        } else {
-            dequantize(self.ty, self.row(r), out)
+        match &self.layout {
+            Layout::Rows(_) => dequantize(self.ty, self.row(r), out),
+            Layout::Legacy(rep) => dequantize(self.ty, &rep.row_blocks(r), out),
+            Layout::K(rep) => dequantize(self.ty, &rep.row_blocks(r), out),
+            Layout::Q5(rep) => dequantize(self.ty, &rep.row_blocks(r), out),
+            Layout::Tq(rep) => dequantize(self.ty, &rep.row_blocks(r), out),
         }
         .expect("row of a checked matrix");
     }
@@ -513,13 +408,13 @@ impl QuantMatrix {
     /// The whole matrix as f32 `[rows, cols]` (tests, and weights a kernel cannot take).
     pub fn dequantize_all(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        if self.data.is_empty() && self.rows > 0 {
-            for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
-                self.dequantize_row(r, o);
-            }
+        if let Layout::Rows(data) = &self.layout {
+            dequantize(self.ty, data, &mut out).expect("checked matrix");
             return out;
         }
-        dequantize(self.ty, &self.data, &mut out).expect("checked matrix");
+        for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.dequantize_row(r, o);
+        }
         out
     }
 }

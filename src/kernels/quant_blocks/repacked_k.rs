@@ -127,6 +127,7 @@ impl RepackedK {
         }
     }
 
+    #[cfg(test)]
     pub(super) fn rows(&self) -> usize {
         self.rows
     }
@@ -480,7 +481,10 @@ mod tests {
         for ty in TYPES {
             let data = random_blocks(ty, n * k / QK_K, 29 + ty.id as u64);
             let w = QuantMatrix::new(ty, data.clone(), n, k).unwrap();
-            assert!(w.repacked_k.is_some(), "{ty} was not repacked");
+            assert!(
+                matches!(w.layout, crate::kernels::quant_blocks::Layout::K(_)),
+                "{ty} was not repacked"
+            );
             let mut dense = vec![0f32; n * k];
             dequantize(ty, &data, &mut dense).unwrap();
             assert_eq!(

@@ -91,10 +91,6 @@ impl RepackedTq {
         }
     }
 
-    pub(super) fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Row `r`'s blocks exactly as they were stored in the file.
     pub(super) fn row_blocks(&self, r: usize) -> Vec<u8> {
         let (g, lane) = (r / GROUP, r % GROUP);
