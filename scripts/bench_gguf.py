@@ -11,6 +11,8 @@ Usage: scripts/bench_gguf.py [-p 128] [-n 32] [-r 5] [--threads 2] [--xllm targe
 A MODEL may be `OURS::PEER.gguf`: xllm runs OURS (e.g. a safetensors folder) and llama-bench
 PEER.gguf (llama.cpp's conversion of the same weights; the gpt-oss comparison).
 llama-bench is taken from $XLLM_PEERS/llama.cpp/build/bin (default .peers/, scripts/peers.sh).
+--avx2 compares the AVX2 paths on both sides, as an AVX2-only CPU runs them: xllm with
+XLLM_NO_AVX512=1 against llama.cpp/build-avx2 (`scripts/peers.sh llama.cpp-avx2`).
 Only the standard library is needed.
 """
 import argparse
@@ -23,10 +25,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def xllm_run(exe, model, p, n, threads):
+def xllm_run(exe, model, p, n, threads, env=None):
     out = subprocess.run([exe, "bench", model, "-p", str(p), "-n", str(n), "-r", "1",
                           "--threads", str(threads), "--json"],
-                         check=True, capture_output=True, text=True)
+                         check=True, capture_output=True, text=True, env=env)
     j = json.loads(out.stdout)
     return j["prefill_tokens_per_second"], j["decode_tokens_per_second"], j.get("weights", "?")
 
@@ -45,18 +47,23 @@ def main():
     ap.add_argument("-r", type=int, default=5, help="interleaved rounds (medians are compared)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--xllm", default=os.path.join(ROOT, "target/release/xllm"))
+    ap.add_argument("--avx2", action="store_true",
+                    help="AVX2 paths on both sides (XLLM_NO_AVX512=1 vs llama.cpp/build-avx2)")
     a = ap.parse_args()
     peers = os.environ.get("XLLM_PEERS", os.path.join(ROOT, ".peers"))
-    bench = os.path.join(peers, "llama.cpp/build/bin/llama-bench")
+    build = "build-avx2" if a.avx2 else "build"
+    bench = os.path.join(peers, "llama.cpp", build, "bin/llama-bench")
     if not os.access(bench, os.X_OK):
-        sys.exit(f"no {bench}: run scripts/peers.sh llama.cpp (or set XLLM_PEERS)")
+        setup = "llama.cpp-avx2" if a.avx2 else "llama.cpp"
+        sys.exit(f"no {bench}: run scripts/peers.sh {setup} (or set XLLM_PEERS)")
+    env = dict(os.environ, XLLM_NO_AVX512="1") if a.avx2 else None
     rows = []
     for model in a.models:
         ours, peer = model.split("::", 1) if "::" in model else (model, model)
         xp, xd, lp, ld = [], [], [], []
         weights = "?"
         for _ in range(a.r):
-            p, d, weights = xllm_run(a.xllm, ours, a.p, a.n, a.threads)
+            p, d, weights = xllm_run(a.xllm, ours, a.p, a.n, a.threads, env)
             xp.append(p)
             xd.append(d)
             lp.append(llama_bench(bench, peer, ["-p", str(a.p), "-n", "0"], a.threads))
@@ -67,7 +74,8 @@ def main():
         print(json.dumps({"model": model, "weights": weights, "xllm_prefill": xp,
                           "llama_prefill": lp, "xllm_decode": xd, "llama_decode": ld}),
               file=sys.stderr)
-    print(f"threads {a.threads}, prefill {a.p} tokens, decode {a.n} tokens at depth {a.p}, "
+    print(f"{'AVX2 paths (XLLM_NO_AVX512=1 vs llama.cpp build-avx2), ' if a.avx2 else ''}"
+          f"threads {a.threads}, prefill {a.p} tokens, decode {a.n} tokens at depth {a.p}, "
           f"medians of {a.r} interleaved rounds (tokens/s)")
     print(f"{'model':36} {'type':8} {'prefill xllm':>12} {'llama.cpp':>10} {'ratio':>6}"
           f" {'decode xllm':>12} {'llama.cpp':>10} {'ratio':>6}")

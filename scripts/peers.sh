@@ -5,6 +5,9 @@
 #   scripts/peers.sh venv        # Python env: torch (CPU), transformers, sentence-transformers, gguf,
 #                                # llama-cpp-python, openai, ollama, jsonschema
 #   scripts/peers.sh llama.cpp   # llama.cpp's own tools built from the llama-cpp-python sdist
+#   scripts/peers.sh llama.cpp-avx2  # the same tools built for AVX2 only (no AVX-512, no VNNI) into
+#                                # llama.cpp/build-avx2: the peer for our AVX2 paths (XLLM_NO_AVX512=1),
+#                                # i.e. what an AVX2-only CPU runs on both sides
 #   scripts/peers.sh all
 #
 # Afterwards: $XLLM_PEERS/venv/bin/python, $XLLM_PEERS/llama.cpp/build/bin/llama-{bench,batched-bench,
@@ -27,6 +30,7 @@ setup_venv() {
 }
 
 setup_llama_cpp() {
+  local variant=${1:-native}
   local dir="$PEERS/llama.cpp"
   mkdir -p "$dir"
   if [ ! -d "$dir/src" ]; then
@@ -50,16 +54,28 @@ setup_llama_cpp() {
     -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)" -DGGML_AVX_VNNI="$(has avx_vnni)"
     -DGGML_AVX512="$(has avx512f)" -DGGML_AVX512_VBMI="$(has avx512vbmi)"
     -DGGML_AVX512_VNNI="$(has avx512_vnni)" -DGGML_AVX512_BF16="$(has avx512_bf16)")
-  "$cmake" -S "$dir/src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+  local build="$dir/build"
+  if [ "$variant" = avx2 ]; then
+    # Later -D options win: everything past AVX2 off, as on a CPU that has only AVX2/FMA/F16C.
+    flags+=(-DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF
+      -DGGML_AVX512_BF16=OFF)
+    build="$dir/build-avx2"
+  fi
+  "$cmake" -S "$dir/src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     "${flags[@]}" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON >/dev/null
-  "$cmake" --build "$dir/build" -j "${JOBS:-2}" --target llama-bench llama-batched-bench llama-server \
-    llama-perplexity llama-quantize llama-imatrix llama-tokenize llama-cli
-  echo "llama.cpp tools: $dir/build/bin"
+  if [ "$variant" = avx2 ]; then
+    "$cmake" --build "$build" -j "${JOBS:-2}" --target llama-bench llama-batched-bench
+  else
+    "$cmake" --build "$build" -j "${JOBS:-2}" --target llama-bench llama-batched-bench llama-server \
+      llama-perplexity llama-quantize llama-imatrix llama-tokenize llama-cli
+  fi
+  echo "llama.cpp tools: $build/bin"
 }
 
 case "${1:-all}" in
   venv) setup_venv ;;
   llama.cpp) setup_llama_cpp ;;
+  llama.cpp-avx2) setup_llama_cpp avx2 ;;
   all) setup_venv; setup_llama_cpp ;;
-  *) echo "usage: $0 [venv|llama.cpp|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [venv|llama.cpp|llama.cpp-avx2|all]" >&2; exit 2 ;;
 esac
