@@ -1,5 +1,6 @@
 //! `Q4_0`, `Q4_1` and `Q8_0` weights repacked at load into groups of 16 rows, for CPUs with
-//! AVX-512 VNNI (llama.cpp's "repack" idea, our own layout).
+//! AVX-512 VNNI or AVX2 (llama.cpp's "repack" idea, our own layout; [`avx2`] says how the AVX2
+//! kernel reads it).
 //!
 //! Why: in the row-by-row kernels ([`super::legacy`]) every 32-element block of every row costs
 //! float work of its own (two f16 scales, `d · x.d`, the min term) beside a small integer dot, so
@@ -142,14 +143,17 @@ impl Repacked {
     /// on a multiple of [`GROUP`], or at the last row) times the `m` activation rows `xq`
     /// (blocks of [`BlockQ8`], `blocks` per row), each group's 16 results stored side by side.
     ///
+    /// `vnni`: the AVX-512 VNNI kernel, else the AVX2 one (the same results bit for bit).
+    ///
     /// # Safety
-    /// AVX-512 F/BW/VNNI, AVX2, FMA and F16C must be available.
+    /// AVX2, FMA and F16C must be available, and AVX-512 F/BW/VNNI when `vnni`.
     #[cfg(target_arch = "x86_64")]
     pub(super) unsafe fn run_groups(
         &self,
         xq: &[BlockQ8],
         m: usize,
         out: &mut crate::kernels::cpu_matmul::ColumnRange<'_>,
+        vnni: bool,
     ) {
         let cols = out.cols();
         debug_assert!(cols.start % GROUP == 0 && cols.len() % GROUP == 0);
@@ -162,7 +166,7 @@ impl Repacked {
         } else {
             Vec::new()
         };
-        let xu: Vec<[u8; QK]> = if self.ty == GgmlType::Q8_0 {
+        let xu: Vec<[u8; QK]> = if vnni && self.ty == GgmlType::Q8_0 {
             xq.iter().map(|b| b.qs.map(|q| (q as u8) ^ 0x80)).collect()
         } else {
             Vec::new()
@@ -187,10 +191,13 @@ impl Repacked {
                             &xu[(i + k) * self.blocks..(i + k + 1) * self.blocks]
                         }
                     });
-                    let acc = match self.ty {
-                        GgmlType::Q4_0 => avx512::group::<2, $t>(self, g, x, sums, us),
-                        GgmlType::Q4_1 => avx512::group::<3, $t>(self, g, x, sums, us),
-                        _ => avx512::group::<8, $t>(self, g, x, sums, us),
+                    let acc = match (self.ty, vnni) {
+                        (GgmlType::Q4_0, true) => avx512::group::<2, $t>(self, g, x, sums, us),
+                        (GgmlType::Q4_1, true) => avx512::group::<3, $t>(self, g, x, sums, us),
+                        (_, true) => avx512::group::<8, $t>(self, g, x, sums, us),
+                        (GgmlType::Q4_0, false) => avx2::group::<2, $t>(self, g, x, sums),
+                        (GgmlType::Q4_1, false) => avx2::group::<3, $t>(self, g, x, sums),
+                        (_, false) => avx2::group::<8, $t>(self, g, x, sums),
                     };
                     for (k, lanes) in acc.iter().enumerate() {
                         out.row_mut(i + k)[gl * GROUP..(gl + 1) * GROUP].copy_from_slice(lanes);
@@ -205,6 +212,111 @@ impl Repacked {
                 tile!(1);
             }
         }
+    }
+}
+
+/// The same kernel for CPUs with AVX2 but no AVX-512 VNNI (most CI runners and many laptops).
+/// Each 64-byte register of a group is two 32-byte halves (rows 0–7, 8–15), taken one after
+/// the other. `vpdpbusd` becomes `vpmaddubsw` (u8 levels × i8 activations, pairs into i16) and
+/// one `vpmaddwd` by ones per block: `Q4_*` levels are at most 15 and activations at most 128
+/// in magnitude, so all 16 products of a row's four-byte slices fit one i16 lane (≤ 30720).
+/// `Q8_0` levels are signed: their sign moves onto the activations (`vpsignb`) and each
+/// register's pairs widen to i32 at once. The integer sums equal the VNNI kernel's, and the
+/// float work per row is the same operations in the same order, so both give the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BlockQ8, Repacked, GROUP};
+    use std::arch::x86_64::*;
+
+    /// One group of 16 rows times `T` activation rows: 16 f32 per activation row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group<const F: u32, const T: usize>(
+        w: &Repacked,
+        g: usize,
+        x: [&[BlockQ8]; T],
+        xsum: [&[i32]; T],
+    ) -> [[f32; GROUP]; T] {
+        let v = if F == 8 { 8 } else { 4 };
+        let nibble = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut out = [[0f32; GROUP]; T];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..w.blocks {
+                let gb = g * w.blocks + b;
+                let qs = w.qs.as_ptr().add(gb * v * 64 + 32 * half);
+                let reg = |j: usize| _mm256_loadu_si256(qs.add(64 * j) as *const __m256i);
+                let at = gb * GROUP + 8 * half;
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
+                if F == 8 {
+                    let regs: [__m256i; 8] = std::array::from_fn(reg);
+                    let abs: [__m256i; 8] = std::array::from_fn(|j| _mm256_abs_epi8(regs[j]));
+                    for t in 0..T {
+                        let xb = x[t].get_unchecked(b);
+                        let xw = xb.qs.as_ptr() as *const i32;
+                        let mut s0 = _mm256_setzero_si256();
+                        let mut s1 = _mm256_setzero_si256();
+                        for j in 0..4 {
+                            let x0 = _mm256_set1_epi32(xw.add(j).read_unaligned());
+                            let x1 = _mm256_set1_epi32(xw.add(4 + j).read_unaligned());
+                            let p0 = _mm256_maddubs_epi16(abs[j], _mm256_sign_epi8(x0, regs[j]));
+                            let p1 =
+                                _mm256_maddubs_epi16(abs[4 + j], _mm256_sign_epi8(x1, regs[4 + j]));
+                            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, ones));
+                            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, ones));
+                        }
+                        let isum = _mm256_add_epi32(s0, s1);
+                        acc[t] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(isum),
+                            _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
+                            acc[t],
+                        );
+                    }
+                } else {
+                    let mut lo = [_mm256_setzero_si256(); 4];
+                    let mut hi = [_mm256_setzero_si256(); 4];
+                    for j in 0..4 {
+                        let r = reg(j);
+                        lo[j] = _mm256_and_si256(r, nibble);
+                        hi[j] = _mm256_and_si256(_mm256_srli_epi16::<4>(r), nibble);
+                    }
+                    let mins = if F == 3 {
+                        _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(at) as *const __m128i))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    for t in 0..T {
+                        let xb = x[t].get_unchecked(b);
+                        let xw = xb.qs.as_ptr() as *const i32;
+                        let mut s16 = _mm256_setzero_si256();
+                        for j in 0..4 {
+                            let x0 = _mm256_set1_epi32(xw.add(j).read_unaligned());
+                            let x1 = _mm256_set1_epi32(xw.add(4 + j).read_unaligned());
+                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[j], x0));
+                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[j], x1));
+                        }
+                        let mut isum = _mm256_madd_epi16(s16, ones);
+                        if F == 2 {
+                            // Q4_0 levels carry an offset of 8: Σ (q − 8)·x = Σ q·x − 8·Σ x.
+                            let offset = 8 * *xsum[t].get_unchecked(b);
+                            isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(offset));
+                        }
+                        acc[t] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(isum),
+                            _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
+                            acc[t],
+                        );
+                        if F == 3 {
+                            acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), acc[t]);
+                        }
+                    }
+                }
+            }
+            for t in 0..T {
+                _mm256_storeu_ps(out[t].as_mut_ptr().add(8 * half), acc[t]);
+            }
+        }
+        out
     }
 }
 

@@ -1,5 +1,5 @@
 //! `Q5_0` and `Q5_1` weights repacked at load into groups of 16 rows, for CPUs with AVX-512
-//! VNNI — the 5-bit counterpart of [`super::repacked`] (same idea: one `vpdpbusd` with a
+//! VNNI or AVX2 ([`avx2`]) — the 5-bit counterpart of [`super::repacked`] (same idea: one `vpdpbusd` with a
 //! broadcast activation word advances 16 rows, one multiply-add per block for all 16).
 //!
 //! Why: llama.cpp's `Q4_K_M`/`Q5_K_M` give `Q5_0`/`Q5_1` to every matrix whose width is not a
@@ -132,10 +132,19 @@ impl RepackedQ5 {
     /// Groups `g0..g0 + out.len() / (GROUP · m)` times the `m` activation rows `xq` (`blocks`
     /// blocks per row), written `[row, m]` into `out` (the contract of `Repacked::run_groups`).
     ///
+    /// `vnni`: the AVX-512 VNNI kernel, else the AVX2 one (the same results bit for bit).
+    ///
     /// # Safety
-    /// AVX-512 F/BW/VNNI, AVX2, FMA and F16C must be available.
+    /// AVX2, FMA and F16C must be available, and AVX-512 F/BW/VNNI when `vnni`.
     #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn run_groups(&self, g0: usize, xq: &[BlockQ8], m: usize, out: &mut [f32]) {
+    pub(super) unsafe fn run_groups(
+        &self,
+        g0: usize,
+        xq: &[BlockQ8],
+        m: usize,
+        out: &mut [f32],
+        vnni: bool,
+    ) {
         let groups = out.len() / (GROUP * m);
         let x_row = |i: usize| &xq[i * self.blocks..(i + 1) * self.blocks];
         // Activation sums (`Q5_0`'s offset of 16), once per call.
@@ -160,10 +169,11 @@ impl RepackedQ5 {
                             &xsum[(i + k) * self.blocks..(i + k + 1) * self.blocks]
                         }
                     });
-                    let acc = if self.ty == GgmlType::Q5_0 {
-                        avx512::group::<false, $t>(self, g, x, sums)
-                    } else {
-                        avx512::group::<true, $t>(self, g, x, sums)
+                    let acc = match (self.ty == GgmlType::Q5_1, vnni) {
+                        (false, true) => avx512::group::<false, $t>(self, g, x, sums),
+                        (true, true) => avx512::group::<true, $t>(self, g, x, sums),
+                        (false, false) => avx2::group::<false, $t>(self, g, x, sums),
+                        (true, false) => avx2::group::<true, $t>(self, g, x, sums),
                     };
                     for (k, lanes) in acc.iter().enumerate() {
                         for (lane, v) in lanes.iter().enumerate() {
@@ -180,6 +190,110 @@ impl RepackedQ5 {
                 tile!(1);
             }
         }
+    }
+}
+
+/// The same kernel for CPUs with AVX2 but no AVX-512 VNNI, on each 32-byte half (rows 0–7,
+/// 8–15) of a group's registers in turn. The high bits reach bit 4 with `vpshufb` (the qh byte
+/// that holds them), a compare against each byte's bit and a mask; `vpdpbusd` becomes
+/// `vpmaddubsw` + `vpmaddwd` by ones. Levels are at most 31, so the low and the high halves of
+/// a block each sum their 8 products per row in one i16 lane (≤ 31744). The integer sums equal
+/// the VNNI kernel's and the float work per row is the same, so both give the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BlockQ8, RepackedQ5, GROUP, V};
+    use std::arch::x86_64::*;
+
+    /// One group of 16 rows times `T` activation rows (`MIN`: `Q5_1`), 16 f32 per activation
+    /// row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group<const MIN: bool, const T: usize>(
+        w: &RepackedQ5,
+        g: usize,
+        x: [&[BlockQ8]; T],
+        xsum: [&[i32]; T],
+    ) -> [[f32; GROUP]; T] {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let bit4 = _mm256_set1_epi8(0x10);
+        let ones = _mm256_set1_epi16(1);
+        // Byte offsets of the four 32-bit lanes of each 128-bit lane (for `vpshufb`).
+        let base = _mm256_setr_epi32(
+            0,
+            0x0404_0404,
+            0x0808_0808,
+            0x0C0C_0C0C,
+            0,
+            0x0404_0404,
+            0x0808_0808,
+            0x0C0C_0C0C,
+        );
+        // Register `j`'s elements `4j + t` (low) / `16 + 4j + t` (high) have their high bit in
+        // qh byte `j / 2` / `2 + j / 2`, at bit `4(j % 2) + t`.
+        let bits = [
+            _mm256_set1_epi32(0x0804_0201),
+            _mm256_set1_epi32(0x8040_2010_u32 as i32),
+        ];
+        let high = |qh: __m256i, byte: usize, bits: __m256i| {
+            let sel = _mm256_add_epi8(base, _mm256_set1_epi8(byte as i8));
+            let v = _mm256_and_si256(_mm256_shuffle_epi8(qh, sel), bits);
+            _mm256_and_si256(_mm256_cmpeq_epi8(v, bits), bit4)
+        };
+        let mut out = [[0f32; GROUP]; T];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..w.blocks {
+                let gb = g * w.blocks + b;
+                let qs = w.qs.as_ptr().add(gb * V * 64 + 32 * half);
+                let qh = _mm256_loadu_si256(qs as *const __m256i);
+                let mut lo = [_mm256_setzero_si256(); 4];
+                let mut hi = [_mm256_setzero_si256(); 4];
+                for j in 0..4 {
+                    let r = _mm256_loadu_si256(qs.add(64 * (1 + j)) as *const __m256i);
+                    let l = _mm256_and_si256(r, nibble);
+                    lo[j] = _mm256_or_si256(l, high(qh, j / 2, bits[j % 2]));
+                    let h = _mm256_and_si256(_mm256_srli_epi16::<4>(r), nibble);
+                    hi[j] = _mm256_or_si256(h, high(qh, 2 + j / 2, bits[j % 2]));
+                }
+                let at = gb * GROUP + 8 * half;
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
+                let mins = if MIN {
+                    _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(at) as *const __m128i))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for t in 0..T {
+                    let xb = x[t].get_unchecked(b);
+                    let xw = xb.qs.as_ptr() as *const i32;
+                    let mut s0 = _mm256_setzero_si256();
+                    let mut s1 = _mm256_setzero_si256();
+                    for j in 0..4 {
+                        let x0 = _mm256_set1_epi32(xw.add(j).read_unaligned());
+                        let x1 = _mm256_set1_epi32(xw.add(4 + j).read_unaligned());
+                        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(lo[j], x0));
+                        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(hi[j], x1));
+                    }
+                    let mut isum =
+                        _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones));
+                    if !MIN {
+                        // Q5_0 levels carry an offset of 16: Σ (q − 16)·x = Σ q·x − 16·Σ x.
+                        let offset = 16 * *xsum[t].get_unchecked(b);
+                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(offset));
+                    }
+                    acc[t] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum),
+                        _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
+                        acc[t],
+                    );
+                    if MIN {
+                        acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), acc[t]);
+                    }
+                }
+            }
+            for t in 0..T {
+                _mm256_storeu_ps(out[t].as_mut_ptr().add(8 * half), acc[t]);
+            }
+        }
+        out
     }
 }
 

@@ -298,3 +298,79 @@ fn gather_rows_returns_dequantized_rows() {
         assert!(w.gather_rows(&[10]).is_err(), "an id past the table");
     }
 }
+
+/// The 32-element formats repacked in groups of 16 rows (AVX2 or AVX-512 VNNI): against the f64
+/// product of the stored levels and the 8-bit activations, each output row bit-identical
+/// whatever the number of activation rows, the AVX2 group kernel bit-identical to the detected
+/// one (the VNNI kernel on a CPU that has it), and close to the row-by-row kernels.
+#[test]
+fn repacked_32_element_matmul_matches_f64_both_kernels_and_batches() {
+    if !has_avx2_fma_f16c() {
+        eprintln!("skipped: no AVX2/FMA/F16C");
+        return;
+    }
+    let (n, k) = (48, 576);
+    let blocks = k / q8::QK;
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
+        let data = random_blocks(ty, n * blocks, 29 + ty.id as u64);
+        let w = QuantMatrix::new(ty, data.clone(), n, k).unwrap();
+        assert!(
+            matches!(w.layout, Layout::Legacy(_) | Layout::Q5(_)),
+            "{ty} was not repacked"
+        );
+        let rows = QuantMatrix {
+            ty,
+            layout: Layout::Rows(data.clone()),
+            rows: n,
+            cols: k,
+        };
+        let m = 9;
+        let xs = activations(m, k, 31);
+        let full = w.matmul(&xs, m);
+        let avx2 = w.matmul_avx2_groups(&xs, m);
+        let by_rows = rows.matmul(&xs, m);
+        let want = legacy_product(ty, &rows, &xs, m);
+        let xq = q8::quantize_q8(&xs, false);
+        let bb = ty.block_bytes;
+        for i in 0..m {
+            for r in 0..n {
+                let j = i * n + r;
+                assert_eq!(full[j].to_bits(), avx2[j].to_bits(), "{ty} [{i},{r}]");
+                let mag: f64 = (0..blocks)
+                    .map(|b| {
+                        let (_, d, c) = legacy::unpack(ty, &data[(r * blocks + b) * bb..][..bb]);
+                        let x = &xq[i * blocks + b];
+                        (d as f64 * x.d as f64).abs() * 32.0 * 128.0 * 16.0
+                            + (c as f64 * x.s as f64).abs()
+                    })
+                    .sum();
+                let tol = 1e-6 * mag + 1e-6;
+                for (path, got) in [("repacked", full[j]), ("rows", by_rows[j])] {
+                    assert!(
+                        (got as f64 - want[j]).abs() <= tol,
+                        "{ty} {path} [{i},{r}]: {got} vs {} (tol {tol})",
+                        want[j]
+                    );
+                }
+            }
+        }
+        for mm in [1usize, 4, 5] {
+            for i0 in [0usize, m - mm] {
+                let part = w.matmul(&xs[i0 * k..(i0 + mm) * k], mm);
+                let part2 = w.matmul_avx2_groups(&xs[i0 * k..(i0 + mm) * k], mm);
+                for (a, b) in part.iter().zip(&part2) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{ty} m={mm}");
+                }
+                for (a, b) in part.iter().zip(&full[i0 * n..(i0 + mm) * n]) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{ty} m={mm} from {i0}");
+                }
+            }
+        }
+    }
+}
