@@ -76,8 +76,8 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
 const ACT_TILE: usize = 64;
 
 /// A `[rows, cols]` matrix of GGUF blocks: as stored in the file or, on a CPU with AVX-512 VNNI
-/// (AVX2 for the 32-element formats) and rows that fill groups of 16, repacked for its type's
-/// group kernel ([`Layout`]).
+/// (AVX2 for all but the ternary formats) and rows that fill groups of 16, repacked for its
+/// type's group kernel ([`Layout`]).
 pub struct QuantMatrix {
     ty: GgmlType,
     layout: Layout,
@@ -109,8 +109,8 @@ const _: () = assert!(
 
 impl Layout {
     /// The repacked form when this CPU and type have a group kernel and the rows fill whole
-    /// groups; the rows as stored otherwise. `Q4_0`/`Q4_1`/`Q8_0`/`Q5_0`/`Q5_1` have AVX2 group
-    /// kernels too; the other forms need AVX-512 VNNI.
+    /// groups; the rows as stored otherwise. All but the ternary forms have AVX2 group kernels
+    /// too; those need AVX-512 VNNI.
     fn new(ty: GgmlType, data: Vec<u8>, rows: usize, cols: usize) -> Layout {
         let vnni = has_avx512_vnni();
         if rows == 0 || rows % GROUP != 0 || !(vnni || has_avx2_fma_f16c()) {
@@ -123,13 +123,11 @@ impl Layout {
             Layout::Q5(Box::new(repacked_q5::RepackedQ5::new(
                 ty, &data, rows, blocks,
             )))
-        } else if !vnni {
-            Layout::Rows(data)
         } else if repacked_k::supports(ty) {
             Layout::K(Box::new(repacked_k::RepackedK::new(
                 ty, &data, rows, blocks,
             )))
-        } else if repacked_tq::supports(ty) {
+        } else if vnni && repacked_tq::supports(ty) {
             Layout::Tq(Box::new(repacked_tq::RepackedTq::new(
                 ty, &data, rows, blocks,
             )))
@@ -291,9 +289,8 @@ impl QuantMatrix {
 
     /// `[m, rows]`.
     fn run<A: Activations>(&self, xq: &[A], m: usize, k: RowKernels<A>) -> Vec<f32> {
-        // SAFETY (each kernel call below): AVX-512 VNNI (the K and Tq forms), or AVX2, FMA and
-        // F16C (the Legacy and Q5 forms, with VNNI when `vnni`) were detected when the matrix
-        // was repacked.
+        // SAFETY (each kernel call below): AVX-512 VNNI (the Tq form), or AVX2, FMA and F16C
+        // (the others, with VNNI when `vnni`) were detected when the matrix was repacked.
         #[cfg(target_arch = "x86_64")]
         match (&self.layout, A::as_q8(xq), A::as_q8k(xq)) {
             (Layout::Legacy(rep), Some(xq), _) => return self.run_repacked(rep, xq, m),
@@ -304,8 +301,10 @@ impl QuantMatrix {
                 });
             }
             (Layout::K(rep), _, Some(xq)) => {
-                return self
-                    .run_groups_transposed(m, |g0, out| unsafe { rep.run_groups(g0, xq, m, out) })
+                let vnni = has_avx512_vnni();
+                return self.run_groups_transposed(m, |g0, out| unsafe {
+                    rep.run_groups(g0, xq, m, out, vnni)
+                });
             }
             (Layout::Tq(rep), _, Some(xq)) => {
                 return self
@@ -390,14 +389,18 @@ impl QuantMatrix {
         transposed(yt, self.rows, m)
     }
 
-    /// [`Self::matmul`] through the AVX2 group kernels of a repacked 32-element matrix, whatever
-    /// AVX-512 the CPU has (tests compare them with the VNNI kernels bit for bit).
+    /// [`Self::matmul`] through the AVX2 group kernels of a repacked matrix, whatever AVX-512
+    /// the CPU has (tests compare them with the VNNI kernels bit for bit).
     #[cfg(all(test, target_arch = "x86_64"))]
     fn matmul_avx2_groups(&self, xs: &[f32], m: usize) -> Vec<f32> {
         assert!(has_avx2_fma_f16c());
         let xq = q8::quantize_q8(xs, true);
+        let xk = q8::quantize_q8k(xs, true);
         // SAFETY: AVX2, FMA and F16C were checked above.
         match &self.layout {
+            Layout::K(rep) => self.run_groups_transposed(m, |g0, out| unsafe {
+                rep.run_groups(g0, &xk, m, out, false)
+            }),
             Layout::Legacy(rep) => {
                 let mut y = vec![0f32; self.rows * m];
                 for_each_column_range(&mut y, self.rows, m, GROUP, |mut out| unsafe {

@@ -236,87 +236,116 @@ mod avx2 {
         x: [&[BlockQ8]; T],
         xsum: [&[i32]; T],
     ) -> [[f32; GROUP]; T] {
-        let v = if F == 8 { 8 } else { 4 };
-        let nibble = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut out = [[0f32; GROUP]; T];
-        for half in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); T];
+        let mut acc = [[_mm256_setzero_ps(); T]; 2];
+        if T == 1 {
+            // Decode: both halves of each block in turn, so every 64-byte line of the group is
+            // used whole in one pass over memory.
             for b in 0..w.blocks {
-                let gb = g * w.blocks + b;
-                let qs = w.qs.as_ptr().add(gb * v * 64 + 32 * half);
-                let reg = |j: usize| _mm256_loadu_si256(qs.add(64 * j) as *const __m256i);
-                let at = gb * GROUP + 8 * half;
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
-                if F == 8 {
-                    let regs: [__m256i; 8] = std::array::from_fn(reg);
-                    let abs: [__m256i; 8] = std::array::from_fn(|j| _mm256_abs_epi8(regs[j]));
-                    for t in 0..T {
-                        let xb = x[t].get_unchecked(b);
-                        let xw = xb.qs.as_ptr() as *const i32;
-                        let mut s0 = _mm256_setzero_si256();
-                        let mut s1 = _mm256_setzero_si256();
-                        for j in 0..4 {
-                            let x0 = _mm256_set1_epi32(xw.add(j).read_unaligned());
-                            let x1 = _mm256_set1_epi32(xw.add(4 + j).read_unaligned());
-                            let p0 = _mm256_maddubs_epi16(abs[j], _mm256_sign_epi8(x0, regs[j]));
-                            let p1 =
-                                _mm256_maddubs_epi16(abs[4 + j], _mm256_sign_epi8(x1, regs[4 + j]));
-                            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, ones));
-                            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, ones));
-                        }
-                        let isum = _mm256_add_epi32(s0, s1);
-                        acc[t] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(isum),
-                            _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
-                            acc[t],
-                        );
-                    }
-                } else {
-                    let mut lo = [_mm256_setzero_si256(); 4];
-                    let mut hi = [_mm256_setzero_si256(); 4];
-                    for j in 0..4 {
-                        let r = reg(j);
-                        lo[j] = _mm256_and_si256(r, nibble);
-                        hi[j] = _mm256_and_si256(_mm256_srli_epi16::<4>(r), nibble);
-                    }
-                    let mins = if F == 3 {
-                        _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(at) as *const __m128i))
-                    } else {
-                        _mm256_setzero_ps()
-                    };
-                    for t in 0..T {
-                        let xb = x[t].get_unchecked(b);
-                        let xw = xb.qs.as_ptr() as *const i32;
-                        let mut s16 = _mm256_setzero_si256();
-                        for j in 0..4 {
-                            let x0 = _mm256_set1_epi32(xw.add(j).read_unaligned());
-                            let x1 = _mm256_set1_epi32(xw.add(4 + j).read_unaligned());
-                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[j], x0));
-                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[j], x1));
-                        }
-                        let mut isum = _mm256_madd_epi16(s16, ones);
-                        if F == 2 {
-                            // Q4_0 levels carry an offset of 8: Σ (q − 8)·x = Σ q·x − 8·Σ x.
-                            let offset = 8 * *xsum[t].get_unchecked(b);
-                            isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(offset));
-                        }
-                        acc[t] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(isum),
-                            _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
-                            acc[t],
-                        );
-                        if F == 3 {
-                            acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), acc[t]);
-                        }
-                    }
+                for (half, acc) in acc.iter_mut().enumerate() {
+                    block::<F, T>(w, g, b, half, &x, &xsum, acc);
                 }
             }
-            for t in 0..T {
+        } else {
+            // Prefill: one half at a time keeps the unpacked levels and 2·T accumulators
+            // fewer than the 16 registers.
+            for (half, acc) in acc.iter_mut().enumerate() {
+                for b in 0..w.blocks {
+                    block::<F, T>(w, g, b, half, &x, &xsum, acc);
+                }
+            }
+        }
+        let mut out = [[0f32; GROUP]; T];
+        for t in 0..T {
+            for (half, acc) in acc.iter().enumerate() {
                 _mm256_storeu_ps(out[t].as_mut_ptr().add(8 * half), acc[t]);
             }
         }
         out
+    }
+
+    /// Block `b` of rows `8·half..8·half + 8` of group `g`, added into `acc`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const F: u32, const T: usize>(
+        w: &Repacked,
+        g: usize,
+        b: usize,
+        half: usize,
+        x: &[&[BlockQ8]; T],
+        xsum: &[&[i32]; T],
+        acc: &mut [__m256; T],
+    ) {
+        let v = if F == 8 { 8 } else { 4 };
+        let nibble = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let gb = g * w.blocks + b;
+        let qs = w.qs.as_ptr().add(gb * v * 64 + 32 * half);
+        let reg = |j: usize| _mm256_loadu_si256(qs.add(64 * j) as *const __m256i);
+        let at = gb * GROUP + 8 * half;
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
+        if F == 8 {
+            let regs: [__m256i; 8] = std::array::from_fn(reg);
+            let abs: [__m256i; 8] = std::array::from_fn(|j| _mm256_abs_epi8(regs[j]));
+            for t in 0..T {
+                let xb = x[t].get_unchecked(b);
+                let xw = xb.qs.as_ptr() as *const i32;
+                let mut s0 = _mm256_setzero_si256();
+                let mut s1 = _mm256_setzero_si256();
+                for j in 0..4 {
+                    let x0 = _mm256_set1_epi32(xw.add(j).read_unaligned());
+                    let x1 = _mm256_set1_epi32(xw.add(4 + j).read_unaligned());
+                    let p0 = _mm256_maddubs_epi16(abs[j], _mm256_sign_epi8(x0, regs[j]));
+                    let p1 = _mm256_maddubs_epi16(abs[4 + j], _mm256_sign_epi8(x1, regs[4 + j]));
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, ones));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, ones));
+                }
+                let isum = _mm256_add_epi32(s0, s1);
+                acc[t] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum),
+                    _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
+                    acc[t],
+                );
+            }
+        } else {
+            let mut lo = [_mm256_setzero_si256(); 4];
+            let mut hi = [_mm256_setzero_si256(); 4];
+            for j in 0..4 {
+                let r = reg(j);
+                lo[j] = _mm256_and_si256(r, nibble);
+                hi[j] = _mm256_and_si256(_mm256_srli_epi16::<4>(r), nibble);
+            }
+            let mins = if F == 3 {
+                _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(at) as *const __m128i))
+            } else {
+                _mm256_setzero_ps()
+            };
+            for t in 0..T {
+                let xb = x[t].get_unchecked(b);
+                let xw = xb.qs.as_ptr() as *const i32;
+                let mut s16 = _mm256_setzero_si256();
+                for j in 0..4 {
+                    let x0 = _mm256_set1_epi32(xw.add(j).read_unaligned());
+                    let x1 = _mm256_set1_epi32(xw.add(4 + j).read_unaligned());
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[j], x0));
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[j], x1));
+                }
+                let mut isum = _mm256_madd_epi16(s16, ones);
+                if F == 2 {
+                    // Q4_0 levels carry an offset of 8: Σ (q − 8)·x = Σ q·x − 8·Σ x.
+                    let offset = 8 * *xsum[t].get_unchecked(b);
+                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(offset));
+                }
+                acc[t] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum),
+                    _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
+                    acc[t],
+                );
+                if F == 3 {
+                    acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), acc[t]);
+                }
+            }
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! `Q4_K`, `Q5_K` and `Q6_K` weights repacked at load into groups of 16 rows, for CPUs with
-//! AVX-512 VNNI — the k-quant counterpart of [`super::repacked`].
+//! AVX-512 VNNI or AVX2 ([`avx2`]) — the k-quant counterpart of [`super::repacked`].
 //!
 //! Why: the row-by-row AVX2 kernel ([`super::k_quants::avx2`]) unpacks every super-block of every
 //! row and dots it with `maddubs`/`madd` pairs, 32 bytes at a time: it ran at 0.46–0.86× llama.cpp's
@@ -180,10 +180,19 @@ impl RepackedK {
     /// super-blocks per row), written `[row, m]` into `out` (the contract of
     /// `Repacked::run_groups`).
     ///
+    /// `vnni`: the AVX-512 VNNI kernel, else the AVX2 one (the same results bit for bit).
+    ///
     /// # Safety
-    /// AVX-512 F/BW/VNNI, AVX2, FMA and F16C must be available.
+    /// AVX2, FMA and F16C must be available, and AVX-512 F/BW/VNNI when `vnni`.
     #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn run_groups(&self, g0: usize, xq: &[BlockQ8K], m: usize, out: &mut [f32]) {
+    pub(super) unsafe fn run_groups(
+        &self,
+        g0: usize,
+        xq: &[BlockQ8K],
+        m: usize,
+        out: &mut [f32],
+        vnni: bool,
+    ) {
         let groups = out.len() / (GROUP * m);
         let x_row = |i: usize| &xq[i * self.blocks..(i + 1) * self.blocks];
         // `Q4_K`/`Q5_K`: sums of each 32 activations (one per scale), as 16-bit pairs.
@@ -213,10 +222,13 @@ impl RepackedK {
                             &pairs[(i + k) * self.blocks..(i + k + 1) * self.blocks]
                         }
                     });
-                    let acc = match self.ty {
-                        GgmlType::Q4_K => avx512::group_k4::<false, $t>(self, g, x, p),
-                        GgmlType::Q5_K => avx512::group_k4::<true, $t>(self, g, x, p),
-                        _ => avx512::group_q6k::<$t>(self, g, x),
+                    let acc = match (self.ty, vnni) {
+                        (GgmlType::Q4_K, true) => avx512::group_k4::<false, $t>(self, g, x, p),
+                        (GgmlType::Q5_K, true) => avx512::group_k4::<true, $t>(self, g, x, p),
+                        (_, true) => avx512::group_q6k::<$t>(self, g, x),
+                        (GgmlType::Q4_K, false) => avx2::group::<12, $t>(self, g, x, p),
+                        (GgmlType::Q5_K, false) => avx2::group::<13, $t>(self, g, x, p),
+                        (_, false) => avx2::group::<14, $t>(self, g, x, p),
                     };
                     for (k, lanes) in acc.iter().enumerate() {
                         for (lane, v) in lanes.iter().enumerate() {
@@ -232,6 +244,246 @@ impl RepackedK {
             while i < m {
                 tile!(1);
             }
+        }
+    }
+}
+
+/// The same kernels for CPUs with AVX2 but no AVX-512 VNNI, on each 32-byte half (rows 0–7,
+/// 8–15) of a group's registers. `vpdpbusd` becomes `vpmaddubsw` (u8 levels × i8 activations,
+/// pairs into i16), a few of which are summed in i16 before one `vpmaddwd` by the sub-block's
+/// scale (so no `vpmulld`): as many as keep every i16 lane exact with activations down to −128
+/// (`Q4_K`: 8, 16 products ≤ 15·128 each; `Q5_K`: 4, levels ≤ 31; `Q6_K`: 2, levels ≤ 63).
+/// The integer sums equal the VNNI kernels' and the float work per row is the same operations in
+/// the same order, so both give the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BlockQ8K, RepackedK, GROUP, SC_BYTES};
+    use std::arch::x86_64::*;
+
+    /// `v` shifted left by `k` bits (right by `−k`) in 16-bit lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn shift(v: __m256i, k: i32) -> __m256i {
+        if k >= 0 {
+            _mm256_sll_epi16(v, _mm_cvtsi32_si128(k))
+        } else {
+            _mm256_srl_epi16(v, _mm_cvtsi32_si128(-k))
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn word(x: &BlockQ8K, at: usize) -> __m256i {
+        _mm256_set1_epi32((x.qs.as_ptr().add(at) as *const i32).read_unaligned())
+    }
+
+    /// 16-bit pairs `(a, b)` per 32-bit lane → `(a, a)` and `(b, b)`: `vpmaddwd` factors.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn split_pairs(p: __m256i) -> (__m256i, __m256i) {
+        let a = _mm256_shufflehi_epi16::<0xA0>(_mm256_shufflelo_epi16::<0xA0>(p));
+        let b = _mm256_shufflehi_epi16::<0xF5>(_mm256_shufflelo_epi16::<0xF5>(p));
+        (a, b)
+    }
+
+    /// `Σ_a q[a] · x[at + 4a..at + 4a + 4]` per row lane times `scale` (the same in both 16-bit
+    /// halves), summing `CHUNK` products of pairs in i16 before widening.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn scaled_dot<const CHUNK: usize>(
+        q: &[__m256i],
+        xb: &BlockQ8K,
+        at: usize,
+        scale: __m256i,
+    ) -> __m256i {
+        let mut sum = _mm256_setzero_si256();
+        for (c, qc) in q.chunks_exact(CHUNK).enumerate() {
+            let mut s16 = _mm256_setzero_si256();
+            for (a, &qa) in qc.iter().enumerate() {
+                let p = _mm256_maddubs_epi16(qa, word(xb, at + 4 * (CHUNK * c + a)));
+                s16 = _mm256_add_epi16(s16, p);
+            }
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(s16, scale));
+        }
+        sum
+    }
+
+    /// One group of 16 rows of `Q4_K` (`F = 12`), `Q5_K` (13) or `Q6_K` (14) times `T` activation
+    /// rows, 16 f32 per activation row (`pairs`: as for the VNNI `group_k4`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group<const F: u32, const T: usize>(
+        w: &RepackedK,
+        g: usize,
+        x: [&[BlockQ8K]; T],
+        pairs: [&[[i32; 4]]; T],
+    ) -> [[f32; GROUP]; T] {
+        let mut acc = [[_mm256_setzero_ps(); T]; 2];
+        let block = |b: usize, half: usize, acc: &mut [__m256; T]| {
+            if F == 14 {
+                q6k_block::<T>(w, g, b, half, &x, acc)
+            } else {
+                k4_block::<F, T>(w, g, b, half, &x, &pairs, acc)
+            }
+        };
+        if T == 1 {
+            // Decode: both halves of each super-block in turn, so every 64-byte line of the
+            // group is used whole in one pass over memory.
+            for b in 0..w.blocks {
+                for (half, acc) in acc.iter_mut().enumerate() {
+                    block(b, half, acc);
+                }
+            }
+        } else {
+            for (half, acc) in acc.iter_mut().enumerate() {
+                for b in 0..w.blocks {
+                    block(b, half, acc);
+                }
+            }
+        }
+        let mut out = [[0f32; GROUP]; T];
+        for t in 0..T {
+            for (half, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out[t].as_mut_ptr().add(8 * half), acc[t]);
+            }
+        }
+        out
+    }
+
+    /// `Q4_K`/`Q5_K` super-block `b` of rows `8·half..8·half + 8` of group `g`, into `acc`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn k4_block<const F: u32, const T: usize>(
+        w: &RepackedK,
+        g: usize,
+        b: usize,
+        half: usize,
+        x: &[&[BlockQ8K]; T],
+        pairs: &[&[[i32; 4]]; T],
+        acc: &mut [__m256; T],
+    ) {
+        let h5 = F == 13;
+        let v = if h5 { 40 } else { 32 };
+        let q0 = if h5 { 8 } else { 0 };
+        let nibble = _mm256_set1_epi8(0x0F);
+        let bit4 = _mm256_set1_epi8(0x10);
+        let gb = g * w.blocks + b;
+        let qs = w.qs.as_ptr().add(gb * v * 64 + 32 * half);
+        let reg = |j: usize| _mm256_loadu_si256(qs.add(64 * j) as *const __m256i);
+        let sc = w.sc.as_ptr().add(gb * SC_BYTES + 16 * half);
+        let mut sumi = [_mm256_setzero_si256(); T];
+        for c in 0..4 {
+            // Scales of sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles).
+            let pair = _mm256_cvtepu8_epi16(_mm_loadu_si128(sc.add(32 * c) as *const __m128i));
+            let (s_lo, s_hi) = split_pairs(pair);
+            for (nib, scale) in [(0, s_lo), (1, s_hi)] {
+                let q: [__m256i; 8] = std::array::from_fn(|a| {
+                    let r = reg(q0 + 8 * c + a);
+                    let r = if nib == 1 {
+                        _mm256_srli_epi16::<4>(r)
+                    } else {
+                        r
+                    };
+                    let l = _mm256_and_si256(r, nibble);
+                    if h5 {
+                        // Bit `s` of qh byte `l` is bit 4 of element `32s + l`.
+                        let s = (2 * c + nib) as i32;
+                        _mm256_or_si256(l, _mm256_and_si256(shift(reg(a), 4 - s), bit4))
+                    } else {
+                        l
+                    }
+                });
+                for t in 0..T {
+                    let xb = x[t].get_unchecked(b);
+                    let at = 64 * c + 32 * nib;
+                    let d = if h5 {
+                        scaled_dot::<4>(&q, xb, at, scale)
+                    } else {
+                        scaled_dot::<8>(&q, xb, at, scale)
+                    };
+                    sumi[t] = _mm256_add_epi32(sumi[t], d);
+                }
+            }
+        }
+        let mins: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(sc.add(128 + 32 * k) as *const __m128i))
+        });
+        let at = gb * GROUP + 8 * half;
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
+        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(w.dmin.as_ptr().add(at) as *const __m128i));
+        for t in 0..T {
+            let p = pairs[t].get_unchecked(b);
+            let mut off = _mm256_setzero_si256();
+            for (k, mins) in mins.iter().enumerate() {
+                off = _mm256_add_epi32(off, _mm256_madd_epi16(*mins, _mm256_set1_epi32(p[k])));
+            }
+            let xd = _mm256_set1_ps(x[t].get_unchecked(b).d);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(d, xd), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(off), _mm256_mul_ps(dmin, xd), acc[t]);
+        }
+    }
+
+    /// `Q6_K` super-block `b` of rows `8·half..8·half + 8` of group `g`, into `acc`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn q6k_block<const T: usize>(
+        w: &RepackedK,
+        g: usize,
+        b: usize,
+        half: usize,
+        x: &[&[BlockQ8K]; T],
+        acc: &mut [__m256; T],
+    ) {
+        const V: usize = 48;
+        let nibble = _mm256_set1_epi8(0x0F);
+        let crumb = _mm256_set1_epi8(0x30);
+        let gb = g * w.blocks + b;
+        let qs = w.qs.as_ptr().add(gb * V * 64 + 32 * half);
+        let reg = |j: usize| _mm256_loadu_si256(qs.add(64 * j) as *const __m256i);
+        let sc = w.sc.as_ptr().add(gb * SC_BYTES + 16 * half);
+        let scale_pair =
+            |k: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.add(32 * k) as *const __m128i));
+        let mut sumi = [_mm256_setzero_si256(); T];
+        // Element `128n + 32j + l`: low 4 bits in nibble `j / 2` of ql byte
+        // `64n + 32(j % 2) + l`, high 2 bits at bit `2j` of qh byte `32n + l`.
+        for n in 0..2 {
+            for j in 0..4 {
+                let q: [__m256i; 8] = std::array::from_fn(|a| {
+                    let l = reg(16 * n + 8 * (j % 2) + a);
+                    let l = if j >= 2 { _mm256_srli_epi16::<4>(l) } else { l };
+                    let h = shift(reg(32 + 8 * n + a), 4 - 2 * j as i32);
+                    _mm256_or_si256(_mm256_and_si256(l, nibble), _mm256_and_si256(h, crumb))
+                });
+                // Sub-blocks 8n + 2j (a < 4) and 8n + 2j + 1: scale pair 4n + j.
+                let (s0, s1) = split_pairs(scale_pair(4 * n + j));
+                for t in 0..T {
+                    let xb = x[t].get_unchecked(b);
+                    let at = 128 * n + 32 * j;
+                    let d0 = scaled_dot::<2>(&q[..4], xb, at, s0);
+                    let d1 = scaled_dot::<2>(&q[4..], xb, at + 16, s1);
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(d0, d1));
+                }
+            }
+        }
+        let pairs: [__m256i; 8] = std::array::from_fn(scale_pair);
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(
+            w.d.as_ptr().add(gb * GROUP + 8 * half) as *const __m128i
+        ));
+        for t in 0..T {
+            let xb = x[t].get_unchecked(b);
+            let bs = xb.bsums.as_ptr() as *const i32;
+            // The levels' offset of 32: Σ_g sc[g] · 32 · bsum[g].
+            let mut off = _mm256_setzero_si256();
+            for (k, p) in pairs.iter().enumerate() {
+                let bsum = _mm256_set1_epi32(bs.add(k).read_unaligned());
+                off = _mm256_add_epi32(off, _mm256_madd_epi16(*p, bsum));
+            }
+            let isum = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(off));
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(isum),
+                _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
+                acc[t],
+            );
         }
     }
 }

@@ -213,6 +213,46 @@ mod avx2 {
         x: [&[BlockQ8]; T],
         xsum: [&[i32]; T],
     ) -> [[f32; GROUP]; T] {
+        let mut acc = [[_mm256_setzero_ps(); T]; 2];
+        if T == 1 {
+            // Decode: both halves of each block in turn, so every 64-byte line of the group is
+            // used whole in one pass over memory.
+            for b in 0..w.blocks {
+                for (half, acc) in acc.iter_mut().enumerate() {
+                    block::<MIN, T>(w, g, b, half, &x, &xsum, acc);
+                }
+            }
+        } else {
+            // Prefill: one half at a time keeps the unpacked levels and 2·T accumulators
+            // fewer than the 16 registers.
+            for (half, acc) in acc.iter_mut().enumerate() {
+                for b in 0..w.blocks {
+                    block::<MIN, T>(w, g, b, half, &x, &xsum, acc);
+                }
+            }
+        }
+        let mut out = [[0f32; GROUP]; T];
+        for t in 0..T {
+            for (half, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out[t].as_mut_ptr().add(8 * half), acc[t]);
+            }
+        }
+        out
+    }
+
+    /// Block `b` of rows `8·half..8·half + 8` of group `g`, added into `acc`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const MIN: bool, const T: usize>(
+        w: &RepackedQ5,
+        g: usize,
+        b: usize,
+        half: usize,
+        x: &[&[BlockQ8]; T],
+        xsum: &[&[i32]; T],
+        acc: &mut [__m256; T],
+    ) {
         let nibble = _mm256_set1_epi8(0x0F);
         let bit4 = _mm256_set1_epi8(0x10);
         let ones = _mm256_set1_epi16(1);
@@ -238,62 +278,52 @@ mod avx2 {
             let v = _mm256_and_si256(_mm256_shuffle_epi8(qh, sel), bits);
             _mm256_and_si256(_mm256_cmpeq_epi8(v, bits), bit4)
         };
-        let mut out = [[0f32; GROUP]; T];
-        for half in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); T];
-            for b in 0..w.blocks {
-                let gb = g * w.blocks + b;
-                let qs = w.qs.as_ptr().add(gb * V * 64 + 32 * half);
-                let qh = _mm256_loadu_si256(qs as *const __m256i);
-                let mut lo = [_mm256_setzero_si256(); 4];
-                let mut hi = [_mm256_setzero_si256(); 4];
-                for j in 0..4 {
-                    let r = _mm256_loadu_si256(qs.add(64 * (1 + j)) as *const __m256i);
-                    let l = _mm256_and_si256(r, nibble);
-                    lo[j] = _mm256_or_si256(l, high(qh, j / 2, bits[j % 2]));
-                    let h = _mm256_and_si256(_mm256_srli_epi16::<4>(r), nibble);
-                    hi[j] = _mm256_or_si256(h, high(qh, 2 + j / 2, bits[j % 2]));
-                }
-                let at = gb * GROUP + 8 * half;
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
-                let mins = if MIN {
-                    _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(at) as *const __m128i))
-                } else {
-                    _mm256_setzero_ps()
-                };
-                for t in 0..T {
-                    let xb = x[t].get_unchecked(b);
-                    let xw = xb.qs.as_ptr() as *const i32;
-                    let mut s0 = _mm256_setzero_si256();
-                    let mut s1 = _mm256_setzero_si256();
-                    for j in 0..4 {
-                        let x0 = _mm256_set1_epi32(xw.add(j).read_unaligned());
-                        let x1 = _mm256_set1_epi32(xw.add(4 + j).read_unaligned());
-                        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(lo[j], x0));
-                        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(hi[j], x1));
-                    }
-                    let mut isum =
-                        _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones));
-                    if !MIN {
-                        // Q5_0 levels carry an offset of 16: Σ (q − 16)·x = Σ q·x − 16·Σ x.
-                        let offset = 16 * *xsum[t].get_unchecked(b);
-                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(offset));
-                    }
-                    acc[t] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(isum),
-                        _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
-                        acc[t],
-                    );
-                    if MIN {
-                        acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), acc[t]);
-                    }
-                }
+        let gb = g * w.blocks + b;
+        let qs = w.qs.as_ptr().add(gb * V * 64 + 32 * half);
+        let qh = _mm256_loadu_si256(qs as *const __m256i);
+        let mut lo = [_mm256_setzero_si256(); 4];
+        let mut hi = [_mm256_setzero_si256(); 4];
+        for j in 0..4 {
+            let r = _mm256_loadu_si256(qs.add(64 * (1 + j)) as *const __m256i);
+            let l = _mm256_and_si256(r, nibble);
+            lo[j] = _mm256_or_si256(l, high(qh, j / 2, bits[j % 2]));
+            let h = _mm256_and_si256(_mm256_srli_epi16::<4>(r), nibble);
+            hi[j] = _mm256_or_si256(h, high(qh, 2 + j / 2, bits[j % 2]));
+        }
+        let at = gb * GROUP + 8 * half;
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
+        let mins = if MIN {
+            _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(at) as *const __m128i))
+        } else {
+            _mm256_setzero_ps()
+        };
+        for t in 0..T {
+            let xb = x[t].get_unchecked(b);
+            let xw = xb.qs.as_ptr() as *const i32;
+            let mut s0 = _mm256_setzero_si256();
+            let mut s1 = _mm256_setzero_si256();
+            for j in 0..4 {
+                let x0 = _mm256_set1_epi32(xw.add(j).read_unaligned());
+                let x1 = _mm256_set1_epi32(xw.add(4 + j).read_unaligned());
+                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(lo[j], x0));
+                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(hi[j], x1));
             }
-            for t in 0..T {
-                _mm256_storeu_ps(out[t].as_mut_ptr().add(8 * half), acc[t]);
+            let mut isum =
+                _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones));
+            if !MIN {
+                // Q5_0 levels carry an offset of 16: Σ (q − 16)·x = Σ q·x − 16·Σ x.
+                let offset = 16 * *xsum[t].get_unchecked(b);
+                isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(offset));
+            }
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(isum),
+                _mm256_mul_ps(d, _mm256_set1_ps(xb.d)),
+                acc[t],
+            );
+            if MIN {
+                acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), acc[t]);
             }
         }
-        out
     }
 }
 

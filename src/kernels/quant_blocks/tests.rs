@@ -374,3 +374,47 @@ fn repacked_32_element_matmul_matches_f64_both_kernels_and_batches() {
         }
     }
 }
+
+/// The k-quants repacked in groups of 16 rows (AVX2 or AVX-512 VNNI): against the
+/// dequantize-then-f64 product with the 8-bit activations, the AVX2 group kernel bit-identical
+/// to the detected one, and each output row bit-identical whatever the number of activation rows.
+#[test]
+fn repacked_k_quant_matmul_matches_f64_both_kernels_and_batches() {
+    if !has_avx2_fma_f16c() {
+        eprintln!("skipped: no AVX2/FMA/F16C");
+        return;
+    }
+    let (n, k) = (32, 768);
+    for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        let w =
+            QuantMatrix::new(ty, random_blocks(ty, n * k / 256, 37 + ty.id as u64), n, k).unwrap();
+        assert!(matches!(w.layout, Layout::K(_)), "{ty} was not repacked");
+        let dense = w.dequantize_all();
+        let m = 6;
+        // Large activations, so some 8-bit values reach −128 (the i16 sums' worst case).
+        let xs: Vec<f32> = activations(m, k, 41).iter().map(|v| v * 50.0).collect();
+        let (want, mag) = f64_product(&quantized_activations(ty, &xs), &dense, m, n, k);
+        let full = w.matmul(&xs, m);
+        let avx2 = w.matmul_avx2_groups(&xs, m);
+        for j in 0..m * n {
+            assert_eq!(full[j].to_bits(), avx2[j].to_bits(), "{ty} [{j}]");
+            let tol = 1e-5 * mag[j] + 1e-6;
+            assert!(
+                (full[j] as f64 - want[j]).abs() <= tol,
+                "{ty} [{j}]: {} vs {} (tol {tol})",
+                full[j],
+                want[j]
+            );
+        }
+        for mm in [1usize, 5] {
+            for i0 in [0usize, m - mm] {
+                let part = w.matmul(&xs[i0 * k..(i0 + mm) * k], mm);
+                let part2 = w.matmul_avx2_groups(&xs[i0 * k..(i0 + mm) * k], mm);
+                assert_eq!(part, part2, "{ty} m={mm}");
+                for (a, b) in part.iter().zip(&full[i0 * n..(i0 + mm) * n]) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{ty} m={mm} from {i0}");
+                }
+            }
+        }
+    }
+}
