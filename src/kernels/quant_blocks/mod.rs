@@ -110,10 +110,22 @@ impl Layout {
     /// The repacked form when this CPU and type have a group kernel and the rows fill whole
     /// groups; the rows as stored otherwise.
     fn new(ty: GgmlType, data: Vec<u8>, rows: usize, cols: usize) -> Layout {
-        if rows == 0 || rows % GROUP != 0 || !has_avx512_vnni() {
+        if rows == 0 || rows % GROUP != 0 {
             return Layout::Rows(data);
         }
         let blocks = cols / ty.block_elems;
+        // The ternary group kernels have an AVX2 form as well.
+        if repacked_tq::supports(ty)
+            && has_avx2_fma_f16c()
+            && std::env::var_os("XLLM_TQ_ROWS").is_none()
+        {
+            return Layout::Tq(Box::new(repacked_tq::RepackedTq::new(
+                ty, &data, rows, blocks,
+            )));
+        }
+        if !has_avx512_vnni() {
+            return Layout::Rows(data);
+        }
         if repacked::supports(ty) {
             Layout::Legacy(Box::new(repacked::Repacked::new(ty, &data, rows, blocks)))
         } else if repacked_k::supports(ty) {
@@ -122,10 +134,6 @@ impl Layout {
             )))
         } else if repacked_q5::supports(ty) {
             Layout::Q5(Box::new(repacked_q5::RepackedQ5::new(
-                ty, &data, rows, blocks,
-            )))
-        } else if repacked_tq::supports(ty) {
-            Layout::Tq(Box::new(repacked_tq::RepackedTq::new(
                 ty, &data, rows, blocks,
             )))
         } else {
@@ -286,8 +294,8 @@ impl QuantMatrix {
 
     /// `[m, rows]`.
     fn run<A: Activations>(&self, xq: &[A], m: usize, k: RowKernels<A>) -> Vec<f32> {
-        // SAFETY (each kernel call below): AVX-512 VNNI was detected when the matrix was
-        // repacked.
+        // SAFETY (each kernel call below): AVX-512 VNNI (ternary: AVX2, FMA and F16C, and VNNI
+        // when the matrix chose those kernels) was detected when the matrix was repacked.
         #[cfg(target_arch = "x86_64")]
         match (&self.layout, A::as_q8(xq), A::as_q8k(xq)) {
             (Layout::Legacy(rep), Some(xq), _) => return self.run_repacked(rep, xq, m),
