@@ -385,7 +385,7 @@ mod avx2 {
 
     /// One group of 16 `TQ2_0` rows times `T` activation rows (see the VNNI `group_tq2` for the
     /// register order). Levels are `(p >> 2n) & 3`; a 16-bit sum takes 32 products of at most
-    /// 2·3·128 (any byte, level 3 included) before it is widened.
+    /// 2·3·128 in magnitude (any byte, level 3 included) before it is widened.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn group_tq2<const T: usize>(
         w: &RepackedTq,
@@ -401,47 +401,38 @@ mod avx2 {
             for b in 0..w.blocks {
                 let gb = g * w.blocks + b;
                 let qs = w.qs.as_ptr().add(gb * 16 * 64 + 32 * half);
-                let mut s32 = [_mm256_setzero_si256(); T];
-                for j in 0..2 {
-                    let mut s16 = [_mm256_setzero_si256(); T];
-                    for u in 0..8 {
-                        let reg = 8 * j + u;
-                        if half == 0 {
-                            // Past the matrix's end the address is only a hint (no fault).
-                            _mm_prefetch::<_MM_HINT_T0>(
-                                qs.wrapping_add(64 * reg + AHEAD_TQ2) as *const i8
-                            );
-                        }
-                        let r = _mm256_loadu_si256(qs.add(64 * reg) as *const __m256i);
-                        let l = [
-                            _mm256_and_si256(r, m3),
-                            _mm256_and_si256(_mm256_srli_epi16::<2>(r), m3),
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(r), m3),
-                            _mm256_and_si256(_mm256_srli_epi16::<6>(r), m3),
-                        ];
+                // Two 16-bit chains per activation row (levels 0, 1 and 2, 3): 32 products each.
+                let mut s16 = [[_mm256_setzero_si256(); 2]; T];
+                for reg in 0..16 {
+                    let (j, u) = (reg / 8, reg % 8);
+                    // Past the matrix's end the address is only a hint (no fault).
+                    _mm_prefetch::<_MM_HINT_T0>(qs.wrapping_add(64 * reg + AHEAD_TQ2) as *const i8);
+                    let r = _mm256_loadu_si256(qs.add(64 * reg) as *const __m256i);
+                    let l = [
+                        _mm256_and_si256(r, m3),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(r), m3),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(r), m3),
+                        _mm256_and_si256(_mm256_srli_epi16::<6>(r), m3),
+                    ];
+                    for n in 0..4 {
                         for t in 0..T {
-                            // (No closure here: it would not inherit the target features.)
-                            let xb = x[t].get_unchecked(b);
-                            let k = 32 * j + u;
-                            let p0 = _mm256_maddubs_epi16(l[0], word(xb, k));
-                            let p1 = _mm256_maddubs_epi16(l[1], word(xb, k + 8));
-                            let p2 = _mm256_maddubs_epi16(l[2], word(xb, k + 16));
-                            let p3 = _mm256_maddubs_epi16(l[3], word(xb, k + 24));
-                            let p = _mm256_add_epi16(
-                                _mm256_add_epi16(p0, p1),
-                                _mm256_add_epi16(p2, p3),
-                            );
-                            s16[t] = _mm256_add_epi16(s16[t], p);
+                            let xw = word(x[t].get_unchecked(b), 32 * j + 8 * n + u);
+                            // Saturating adds (never saturating here: every partial sum is at
+                            // most 32·2·3·128) keep LLVM from regrouping the chain into a tree
+                            // whose terms all stay live (it spilled them to the stack).
+                            s16[t][n / 2] =
+                                _mm256_adds_epi16(s16[t][n / 2], _mm256_maddubs_epi16(l[n], xw));
                         }
-                    }
-                    for t in 0..T {
-                        s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(s16[t], ones));
                     }
                 }
                 let d = scales(w, gb, half);
                 for t in 0..T {
+                    let isum = _mm256_add_epi32(
+                        _mm256_madd_epi16(s16[t][0], ones),
+                        _mm256_madd_epi16(s16[t][1], ones),
+                    );
                     let xd = x[t].get_unchecked(b).d;
-                    acc[t] = scale_add(acc[t], s32[t], *xsum[t].get_unchecked(b), d, xd);
+                    acc[t] = scale_add(acc[t], isum, *xsum[t].get_unchecked(b), d, xd);
                 }
             }
             for t in 0..T {
@@ -451,11 +442,57 @@ mod avx2 {
         out
     }
 
+    /// Bytes times 3, wrapping: two additions. The empty `asm!` hides the result from LLVM,
+    /// which otherwise folds a chain of triplings into byte multiplies by 9, 27 and 81 (no such
+    /// instruction: five each, `vpmullw` included).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn triple(v: __m256i) -> __m256i {
+        let mut t = _mm256_add_epi8(_mm256_add_epi8(v, v), v);
+        std::arch::asm!("/* {0} */", inout(ymm_reg) t, options(pure, nomem, nostack, preserves_flags));
+        t
+    }
+
+    /// `TRITS` trits of the 8 rows' words at `p` (register `reg`) times the `T` activation rows'
+    /// words, into two 16-bit chains per row (even and odd trits: at most 38 products of
+    /// 2·2·128, so the saturating adds, there for the reason given in `group_tq2`, never
+    /// saturate).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tq1_reg<const T: usize, const TRITS: usize>(
+        p: *const u8,
+        reg: usize,
+        x: &[&BlockQ8K; T],
+        s16: &mut [[__m256i; 2]; T],
+    ) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD_TQ1) as *const i8);
+        let ge86 = _mm256_set1_epi8((85u8 ^ 0x80) as i8);
+        let ge171 = _mm256_set1_epi8((170u8 ^ 0x80) as i8);
+        let one8 = _mm256_set1_epi8(1);
+        let mut q = _mm256_xor_si256(
+            _mm256_loadu_si256(p as *const __m256i),
+            _mm256_set1_epi8(0x80u8 as i8),
+        );
+        for n in 0..TRITS {
+            // −1 where q ≥ 86 (resp. 171): trit = (c86 & 1) − c171.
+            let c86 = _mm256_cmpgt_epi8(q, ge86);
+            let c171 = _mm256_cmpgt_epi8(q, ge171);
+            let trit = _mm256_sub_epi8(_mm256_and_si256(c86, one8), c171);
+            for t in 0..T {
+                let xw = word(x[t], tq1_word(reg, n));
+                s16[t][n & 1] = _mm256_adds_epi16(s16[t][n & 1], _mm256_maddubs_epi16(trit, xw));
+            }
+            if n + 1 < TRITS {
+                q = triple(q);
+            }
+        }
+    }
+
     /// One group of 16 `TQ1_0` rows times `T` activation rows. Trit `n` of byte `q` is
     /// `⌊3q/256⌋ = [q ≥ 86] + [q ≥ 171]`, two signed compares on `q ^ 0x80`; the bytes are
     /// tripled (two additions) from one trit to the next, and tripling commutes with the `^ 0x80`
     /// (`3·(q + 128) ≡ 3q + 128 mod 256`), so the flip is done once per register. Trits are at
-    /// most 2, so one 16-bit sum holds a block's 64 products per lane (|Σ| ≤ 64·512).
+    /// most 2, so 16-bit sums hold the products (any byte).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn group_tq1<const T: usize>(
         w: &RepackedTq,
@@ -463,10 +500,6 @@ mod avx2 {
         x: [&[BlockQ8K]; T],
         xsum: [&[i32]; T],
     ) -> [[f32; GROUP]; T] {
-        let flip = _mm256_set1_epi8(0x80u8 as i8);
-        let ge86 = _mm256_set1_epi8((85u8 ^ 0x80) as i8);
-        let ge171 = _mm256_set1_epi8((170u8 ^ 0x80) as i8);
-        let one8 = _mm256_set1_epi8(1);
         let ones = _mm256_set1_epi16(1);
         let mut out = [[0f32; GROUP]; T];
         for half in 0..2 {
@@ -474,35 +507,19 @@ mod avx2 {
             for b in 0..w.blocks {
                 let gb = g * w.blocks + b;
                 let qs = w.qs.as_ptr().add(gb * 13 * 64 + 32 * half);
-                let mut s16 = [_mm256_setzero_si256(); T];
-                for reg in 0..13 {
-                    let trits = if reg < 12 { 5 } else { 4 };
-                    if half == 0 {
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            qs.wrapping_add(64 * reg + AHEAD_TQ1) as *const i8
-                        );
-                    }
-                    let mut q = _mm256_xor_si256(
-                        _mm256_loadu_si256(qs.add(64 * reg) as *const __m256i),
-                        flip,
-                    );
-                    for n in 0..trits {
-                        // −1 where q ≥ 86 (resp. 171): trit = (c86 & 1) − c171.
-                        let c86 = _mm256_cmpgt_epi8(q, ge86);
-                        let c171 = _mm256_cmpgt_epi8(q, ge171);
-                        let trit = _mm256_sub_epi8(_mm256_and_si256(c86, one8), c171);
-                        for t in 0..T {
-                            let xw = word(x[t].get_unchecked(b), tq1_word(reg, n));
-                            s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(trit, xw));
-                        }
-                        q = _mm256_add_epi8(_mm256_add_epi8(q, q), q);
-                    }
+                let xb: [&BlockQ8K; T] = std::array::from_fn(|t| x[t].get_unchecked(b));
+                let mut s16 = [[_mm256_setzero_si256(); 2]; T];
+                for reg in 0..12 {
+                    tq1_reg::<T, 5>(qs.add(64 * reg), reg, &xb, &mut s16);
                 }
+                tq1_reg::<T, 4>(qs.add(64 * 12), 12, &xb, &mut s16);
                 let d = scales(w, gb, half);
                 for t in 0..T {
-                    let isum = _mm256_madd_epi16(s16[t], ones);
-                    let xd = x[t].get_unchecked(b).d;
-                    acc[t] = scale_add(acc[t], isum, *xsum[t].get_unchecked(b), d, xd);
+                    let isum = _mm256_add_epi32(
+                        _mm256_madd_epi16(s16[t][0], ones),
+                        _mm256_madd_epi16(s16[t][1], ones),
+                    );
+                    acc[t] = scale_add(acc[t], isum, *xsum[t].get_unchecked(b), d, xb[t].d);
                 }
             }
             for t in 0..T {
