@@ -76,7 +76,8 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
 const ACT_TILE: usize = 64;
 
 /// A `[rows, cols]` matrix of GGUF blocks: as stored in the file or, on a CPU with AVX-512 VNNI
-/// and rows that fill groups of 16, repacked for its type's group kernel ([`Layout`]).
+/// (ternary types: AVX2) and rows that fill groups of 16, repacked for its type's group kernel
+/// ([`Layout`]).
 pub struct QuantMatrix {
     ty: GgmlType,
     layout: Layout,
@@ -96,7 +97,7 @@ enum Layout {
     K(Box<repacked_k::RepackedK>),
     /// `Q5_0`/`Q5_1` ([`repacked_q5`]).
     Q5(Box<repacked_q5::RepackedQ5>),
-    /// `TQ1_0`/`TQ2_0` ([`repacked_tq`]).
+    /// `TQ1_0`/`TQ2_0` ([`repacked_tq`]; AVX-512 VNNI or AVX2 kernels).
     Tq(Box<repacked_tq::RepackedTq>),
 }
 
@@ -115,10 +116,7 @@ impl Layout {
         }
         let blocks = cols / ty.block_elems;
         // The ternary group kernels have an AVX2 form as well.
-        if repacked_tq::supports(ty)
-            && has_avx2_fma_f16c()
-            && std::env::var_os("XLLM_TQ_ROWS").is_none()
-        {
+        if repacked_tq::supports(ty) && has_avx2_fma_f16c() {
             return Layout::Tq(Box::new(repacked_tq::RepackedTq::new(
                 ty, &data, rows, blocks,
             )));
