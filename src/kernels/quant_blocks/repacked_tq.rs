@@ -1,7 +1,8 @@
 //! `TQ1_0` and `TQ2_0` weights repacked at load into groups of 16 rows, for CPUs with AVX-512
 //! VNNI: one `vpdpbusd` with a broadcast activation word advances 16 rows by four elements each,
 //! and the float work is one multiply-add per super-block for all 16 rows (the pattern of
-//! [`super::repacked`]).
+//! [`super::repacked`]). CPUs with AVX2 only run the same layout through `vpmaddubsw` kernels
+//! (module `avx2` below), which give the same bits.
 //!
 //! Layout per group of 16 rows and per super-block `b`: `W` registers of 64 bytes, register `w`,
 //! lane `r` holding bytes `4w..4w+4` of row `r`'s block as stored (`TQ2_0`: the 64 bytes of `qs`,
