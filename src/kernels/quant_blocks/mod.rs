@@ -76,8 +76,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
 const ACT_TILE: usize = 64;
 
 /// A `[rows, cols]` matrix of GGUF blocks: as stored in the file or, on a CPU with AVX-512 VNNI
-/// (AVX2 for all but the ternary formats) and rows that fill groups of 16, repacked for its
-/// type's group kernel ([`Layout`]).
+/// or AVX2 and rows that fill groups of 16, repacked for its type's group kernel ([`Layout`]).
 pub struct QuantMatrix {
     ty: GgmlType,
     layout: Layout,
@@ -97,7 +96,7 @@ enum Layout {
     K(Box<repacked_k::RepackedK>),
     /// `Q5_0`/`Q5_1` ([`repacked_q5`]).
     Q5(Box<repacked_q5::RepackedQ5>),
-    /// `TQ1_0`/`TQ2_0` ([`repacked_tq`]).
+    /// `TQ1_0`/`TQ2_0` ([`repacked_tq`]; AVX-512 VNNI or AVX2 kernels).
     Tq(Box<repacked_tq::RepackedTq>),
 }
 
@@ -108,12 +107,11 @@ const _: () = assert!(
 );
 
 impl Layout {
-    /// The repacked form when this CPU and type have a group kernel and the rows fill whole
-    /// groups; the rows as stored otherwise. All but the ternary forms have AVX2 group kernels
-    /// too; those need AVX-512 VNNI.
+    /// The repacked form when this CPU (AVX2, FMA and F16C; every group kernel has an AVX2 form
+    /// beside the AVX-512 VNNI one) and type have a group kernel and the rows fill whole groups;
+    /// the rows as stored otherwise.
     fn new(ty: GgmlType, data: Vec<u8>, rows: usize, cols: usize) -> Layout {
-        let vnni = has_avx512_vnni();
-        if rows == 0 || rows % GROUP != 0 || !(vnni || has_avx2_fma_f16c()) {
+        if rows == 0 || rows % GROUP != 0 || !(has_avx512_vnni() || has_avx2_fma_f16c()) {
             return Layout::Rows(data);
         }
         let blocks = cols / ty.block_elems;
@@ -127,7 +125,7 @@ impl Layout {
             Layout::K(Box::new(repacked_k::RepackedK::new(
                 ty, &data, rows, blocks,
             )))
-        } else if vnni && repacked_tq::supports(ty) {
+        } else if repacked_tq::supports(ty) {
             Layout::Tq(Box::new(repacked_tq::RepackedTq::new(
                 ty, &data, rows, blocks,
             )))
@@ -289,8 +287,8 @@ impl QuantMatrix {
 
     /// `[m, rows]`.
     fn run<A: Activations>(&self, xq: &[A], m: usize, k: RowKernels<A>) -> Vec<f32> {
-        // SAFETY (each kernel call below): AVX-512 VNNI (the Tq form), or AVX2, FMA and F16C
-        // (the others, with VNNI when `vnni`) were detected when the matrix was repacked.
+        // SAFETY (each kernel call below): AVX2, FMA and F16C were detected when the matrix was
+        // repacked, and AVX-512 VNNI where `vnni` (or the ternary kernel) chooses it.
         #[cfg(target_arch = "x86_64")]
         match (&self.layout, A::as_q8(xq), A::as_q8k(xq)) {
             (Layout::Legacy(rep), Some(xq), _) => return self.run_repacked(rep, xq, m),
