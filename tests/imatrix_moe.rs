@@ -9,7 +9,8 @@
 //!   first MoE layer's per-expert counts equal the number of tokens transformers' router sent to
 //!   each expert, and the sums equal the squares of transformers' MoE input on those tokens
 //!   (tests/fixtures/nemotron_h_b/reference.safetensors, scripts/make_nemotron_fixtures.py);
-//! - for both architectures, the names are exactly the matmul weights llama.cpp would quantize.
+//! - for both architectures, the names are exactly the matmul weights llama.cpp would quantize;
+//! - BitNet (both checkpoint layouts) records its seven projections per layer.
 
 mod common;
 
@@ -189,6 +190,42 @@ fn gpt_oss_matches_llama_imatrix_per_expert() {
     assert_eq!(ours.entries.keys().cloned().collect::<BTreeSet<_>>(), want);
     let e = &ours.entries["blk.0.ffn_gate_exps.weight"];
     assert_eq!(e.sums.len(), 64 * 8, "64 columns per expert");
+
+    // `xllm quantize --imatrix` takes it: the weighted attention differs from the unweighted
+    // one, the MXFP4 experts are kept as they are.
+    let imatrix = env.dir.path().join("ours.imatrix.gguf");
+    let quantize = |out: &Path, with: bool| {
+        let mut args = vec![
+            "quantize",
+            model.to_str().unwrap(),
+            "--type",
+            "Q4_0",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        if with {
+            args.extend(["--imatrix", imatrix.to_str().unwrap()]);
+        }
+        env.run(&args).ok();
+        xllm::quantize::gguf::GgufReader::open(out).unwrap()
+    };
+    let (a, b) = (
+        quantize(&env.dir.path().join("w.gguf"), true),
+        quantize(&env.dir.path().join("p.gguf"), false),
+    );
+    let bytes = |r: &xllm::quantize::gguf::GgufReader, name: &str| {
+        let t = r.tensors.iter().find(|t| t.name == name).unwrap();
+        (t.ty.name(), r.data(t).to_vec())
+    };
+    let (wq, pq) = (bytes(&a, "blk.0.attn_q.weight"), bytes(&b, "blk.0.attn_q.weight"));
+    assert_eq!(wq.0, "Q4_0");
+    assert_ne!(wq.1, pq.1, "the importance changed nothing in attn_q");
+    let (we, pe) = (
+        bytes(&a, "blk.0.ffn_down_exps.weight"),
+        bytes(&b, "blk.0.ffn_down_exps.weight"),
+    );
+    assert_eq!(we.0, "MXFP4");
+    assert_eq!(we, pe);
 }
 
 #[test]
@@ -325,4 +362,46 @@ fn nemotron_h_expert_counts_follow_transformers_routing() {
     }
     assert!(used > 1, "the router used {used} experts");
     assert_eq!(entry("ffn_down_exps").counts, up.counts);
+}
+
+#[test]
+fn bitnet_records_every_projection() {
+    for fixture in ["tiny-bitnet-bf16", "tiny-bitnet-packed"] {
+        let env = Env::new("http://127.0.0.1:9");
+        let model = env.dir.path().join(fixture);
+        copy_fixture(fixture, &model, |_| {});
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap())
+                .unwrap();
+        let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+        let m = ours(&env, &model);
+        let mut want = BTreeSet::new();
+        for l in 0..layers {
+            for p in [
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            ] {
+                want.insert(format!("blk.{l}.{p}.weight"));
+            }
+        }
+        assert_eq!(
+            m.entries.keys().cloned().collect::<BTreeSet<_>>(),
+            want,
+            "{fixture}"
+        );
+        for (name, e) in &m.entries {
+            assert_eq!(e.counts, vec![(CTX * CHUNKS) as f32], "{fixture} {name}");
+            assert!(e.sums.iter().all(|v| *v > 0.0 && v.is_finite()), "{fixture} {name}");
+        }
+        // q, k and v share one input.
+        assert_eq!(
+            m.entries["blk.0.attn_q.weight"],
+            m.entries["blk.0.attn_v.weight"]
+        );
+    }
 }
