@@ -28,7 +28,9 @@ const CHUNKS: usize = 4;
 fn reference(name: &str) -> Option<Imatrix> {
     let path = format!("tests/fixtures/quantize/{name}.llama-imatrix.gguf");
     if !Path::new(&path).is_file() {
-        eprintln!("skipped: {path} missing; run scripts/make_imatrix_fixtures.py with llama.cpp built");
+        eprintln!(
+            "skipped: {path} missing; run scripts/make_imatrix_fixtures.py with llama.cpp built"
+        );
         return None;
     }
     Some(Imatrix::read(Path::new(&path)).unwrap())
@@ -106,7 +108,10 @@ fn assert_matches(ours: &Imatrix, theirs: &Imatrix, tol: f64) {
                 &o.sums[m * cols..(m + 1) * cols],
                 &t.sums[m * cols..(m + 1) * cols],
             );
-            assert!(r <= tol, "{name} matrix {m}: sums differ by {r:.2e} relative");
+            assert!(
+                r <= tol,
+                "{name} matrix {m}: sums differ by {r:.2e} relative"
+            );
         }
         if t.counts.len() > 1 {
             experts += 1;
@@ -126,7 +131,11 @@ fn assert_expert_counts(m: &Imatrix, experts: usize, top_k: usize) {
             continue;
         }
         assert_eq!(e.counts.len(), experts, "{name}");
-        assert_eq!(e.counts.iter().sum::<f32>(), tokens * top_k as f32, "{name}");
+        assert_eq!(
+            e.counts.iter().sum::<f32>(),
+            tokens * top_k as f32,
+            "{name}"
+        );
         let distinct: BTreeSet<u32> = e.counts.iter().map(|&c| c as u32).collect();
         assert!(distinct.len() > 1, "{name}: {:?}", e.counts);
         let layer = name.split('.').nth(1).unwrap();
@@ -217,7 +226,10 @@ fn gpt_oss_matches_llama_imatrix_per_expert() {
         let t = r.tensors.iter().find(|t| t.name == name).unwrap();
         (t.ty.name(), r.data(t).to_vec())
     };
-    let (wq, pq) = (bytes(&a, "blk.0.attn_q.weight"), bytes(&b, "blk.0.attn_q.weight"));
+    let (wq, pq) = (
+        bytes(&a, "blk.0.attn_q.weight"),
+        bytes(&b, "blk.0.attn_q.weight"),
+    );
     assert_eq!(wq.0, "Q4_0");
     assert_ne!(wq.1, pq.1, "the importance changed nothing in attn_q");
     let (we, pe) = (
@@ -315,9 +327,10 @@ fn nemotron_h_expert_counts_follow_transformers_routing() {
         nemotron_names(pattern)
     );
 
-    let reference =
-        xllm::model::safetensors::SafetensorsWeights::open_files(&[dir.join("reference.safetensors")])
-            .unwrap();
+    let reference = xllm::model::safetensors::SafetensorsWeights::open_files(&[
+        dir.join("reference.safetensors")
+    ])
+    .unwrap();
     let moe_in: Vec<Vec<f32>> = reference
         .load("kernel.moe_in", DType::F32, &Device::Cpu)
         .unwrap()
@@ -396,7 +409,10 @@ fn bitnet_records_every_projection() {
         );
         for (name, e) in &m.entries {
             assert_eq!(e.counts, vec![(CTX * CHUNKS) as f32], "{fixture} {name}");
-            assert!(e.sums.iter().all(|v| *v > 0.0 && v.is_finite()), "{fixture} {name}");
+            assert!(
+                e.sums.iter().all(|v| *v > 0.0 && v.is_finite()),
+                "{fixture} {name}"
+            );
         }
         // q, k and v share one input.
         assert_eq!(

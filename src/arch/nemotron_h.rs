@@ -519,7 +519,9 @@ impl NemotronH {
         let stats = options.activation_stats.as_ref();
         // `xllm imatrix`: a projection's inputs are recorded under llama.cpp's GGUF name
         // (`blk.N.<gguf>.weight`); an expert's under its matrix of the 3-D expert tensor.
-        let tap = |l: usize, gguf: &str| stats.map(|s| Tap::new(s, vec![format!("blk.{l}.{gguf}.weight")]));
+        let tap = |l: usize, gguf: &str| {
+            stats.map(|s| Tap::new(s, vec![format!("blk.{l}.{gguf}.weight")]))
+        };
         let expert_tap = |l: usize, gguf: &str, x: usize| {
             stats.map(|s| Tap::expert(s, vec![format!("blk.{l}.{gguf}.weight")], c.experts, x))
         };

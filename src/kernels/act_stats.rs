@@ -108,7 +108,12 @@ impl Tap {
     }
 
     /// A tap for matrix `expert` of the `n_mat` of 3-D expert tensors `names`.
-    pub fn expert(stats: &Arc<ActivationStats>, names: Vec<String>, n_mat: usize, expert: usize) -> Tap {
+    pub fn expert(
+        stats: &Arc<ActivationStats>,
+        names: Vec<String>,
+        n_mat: usize,
+        expert: usize,
+    ) -> Tap {
         Tap {
             stats: stats.clone(),
             names,
