@@ -181,6 +181,11 @@ mod avx512 {
 
     /// Elements per step.
     const STEP: usize = 32;
+    /// Weights prefetched ahead of the ones being read (4 KB). Decode reads each weight once
+    /// from memory; as for the MXFP4 experts (`kernels::mxfp4_int`), the loads otherwise wait on
+    /// DRAM at well below what two cores can stream. A task's rows are contiguous, so the
+    /// prefetch runs on into its next row; past the matrix it is a harmless no-op.
+    const AHEAD: usize = 2048;
 
     /// Each row of `x` (`[m, k]`): every whole 32-element chunk as its 16 even then 16 odd
     /// elements; the tail (`k % 32`) as it is.
@@ -235,6 +240,8 @@ mod avx512 {
             }};
         }
         while i + 2 * STEP <= k {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + AHEAD) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + AHEAD + STEP) as *const i8);
             step!(i, 0);
             step!(i + STEP, 2);
             i += 2 * STEP;
