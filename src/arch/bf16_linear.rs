@@ -276,6 +276,10 @@ unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut i = 0;
     while i + 16 <= k {
+        // 4 KB ahead, as in the AVX-512 path (`avx512::AHEAD`); one line per 32 elements.
+        if i % 32 == 0 {
+            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(i + 2048) as *const i8);
+        }
         let raw = _mm256_loadu_si256(w.as_ptr().add(i) as *const __m256i);
         let lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16);
         let hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16);
