@@ -462,7 +462,7 @@ fn expert_matmul(
     out_features: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    if super::mxfp4_int::has_simd_kernel() {
+    if super::mxfp4_int::has_fast_kernel() {
         super::mxfp4_int::mxfp4_int_matmul_cpu(
             x,
             blocks,
