@@ -127,6 +127,19 @@ fn name_adds_a_store_model_with_its_quantization() {
     let show = env.run(&["show", "me/tiny-q8", "--json"]).ok().json();
     assert_eq!(show["quantization"], "Q8_0", "{show}");
     assert!(ppl(&env, "me/tiny-q8").is_finite());
+    // The manifest records the file's real sha256 (hashed while writing, not read back).
+    let dir = env.model_dir("me/tiny-q8");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let file = &manifest["files"][0];
+    let bytes = std::fs::read(dir.join(file["path"].as_str().unwrap())).unwrap();
+    use sha2::Digest;
+    assert_eq!(
+        file["sha256"].as_str().unwrap(),
+        hex::encode(sha2::Sha256::digest(&bytes)),
+        "{manifest}"
+    );
+    assert_eq!(file["size"].as_u64().unwrap(), bytes.len() as u64);
     // The store model is itself a quantize source; the name cannot be taken twice.
     let out = env.dir.path().join("from-store.gguf");
     env.run(&[
@@ -196,7 +209,7 @@ fn write_narrow_gguf(path: &std::path::Path) {
             size: ne.iter().product::<u64>() * 4,
         })
         .collect();
-    let mut w = GgufWriter::create(path, &md, &outs, 32).unwrap();
+    let mut w = GgufWriter::create(path, &md, &outs, 32, false).unwrap();
     for (_, ne) in &shapes {
         let n = ne.iter().product::<u64>() as usize;
         let bytes: Vec<u8> = (0..n)

@@ -28,12 +28,13 @@ fn quantize_fixture(name: &str, dir: &Path, ty: &str) -> (PathBuf, String) {
         source.as_ref(),
         &prepared,
         &out,
+        true,
         None,
         &AtomicBool::new(false),
         &mut |_| {},
     )
     .unwrap();
-    (out, written.sha256)
+    (out, written.sha256.unwrap())
 }
 
 fn logits(model: &GptOss, tokens: &[u32]) -> Vec<Vec<f32>> {

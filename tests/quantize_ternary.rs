@@ -82,7 +82,7 @@ fn write_source(path: &Path) {
             size: ne.iter().product::<u64>() * 4,
         })
         .collect();
-    let mut w = GgufWriter::create(path, &md, &outs, 32).unwrap();
+    let mut w = GgufWriter::create(path, &md, &outs, 32, false).unwrap();
     for (n, ne) in tensors() {
         let bytes: Vec<u8> = tensor_values(&n, &ne)
             .iter()

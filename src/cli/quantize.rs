@@ -272,10 +272,13 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let table = imatrix.as_ref().map(Imatrix::importance);
     let importance = table.as_ref().map(|t| t as &dyn quantize::Importance);
+    // Only a store model needs the file's sha256 (its manifest); `-o` files skip the hashing.
+    let into_store = store.is_some() && a.name.is_some();
     let result = quantize::execute(
         source.as_ref(),
         &prepared,
         &dest,
+        into_store,
         importance,
         &cancel,
         &mut |p| {
@@ -293,6 +296,10 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     };
     let secs = start.elapsed().as_secs_f64();
     if let (Some(store), Some(name)) = (&store, &a.name) {
+        let Some(sha256) = written.sha256.clone() else {
+            remove_staging();
+            bail!("internal error: the output's sha256 was not computed");
+        };
         let file = dest
             .file_name()
             .map(|f| f.to_string_lossy().to_string())
@@ -317,7 +324,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
             files: vec![FileEntry {
                 path: file,
                 size: written.size,
-                sha256: written.sha256,
+                sha256,
             }],
             pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         };

@@ -205,7 +205,7 @@ impl Imatrix {
                 size: n_mat * 4,
             });
         }
-        let mut w = GgufWriter::create(path, &md, &tensors, DEFAULT_ALIGNMENT)?;
+        let mut w = GgufWriter::create(path, &md, &tensors, DEFAULT_ALIGNMENT, false)?;
         for e in self.entries.values() {
             w.write(&f32_bytes(&e.sums))?;
             w.write(&f32_bytes(&e.counts))?;

@@ -332,17 +332,20 @@ pub trait Importance: Sync {
 }
 
 /// Streams the planned tensors into `dest`. On error or when `cancel` becomes true, the temp file
-/// is removed and `dest` is untouched.
+/// is removed and `dest` is untouched. `sha256`: hash the output as it is written (for a store
+/// manifest); [`gguf::Written::sha256`] is `None` otherwise.
 pub fn execute(
     source: &dyn Source,
     prepared: &Prepared,
     dest: &Path,
+    sha256: bool,
     importance: Option<&dyn Importance>,
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<gguf::Written> {
     let outs = prepared.out_tensors();
-    let mut writer = gguf::GgufWriter::create(dest, &prepared.metadata, &outs, prepared.alignment)?;
+    let mut writer =
+        gguf::GgufWriter::create(dest, &prepared.metadata, &outs, prepared.alignment, sha256)?;
     let total = prepared.tensors.len();
     let mut done_bytes = 0u64;
     for (k, (si, t)) in prepared.tensors.iter().enumerate() {

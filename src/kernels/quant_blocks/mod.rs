@@ -76,7 +76,8 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
 const ACT_TILE: usize = 64;
 
 /// A `[rows, cols]` matrix of GGUF blocks: as stored in the file or, on a CPU with AVX-512 VNNI
-/// and rows that fill groups of 16, repacked for its type's group kernel ([`Layout`]).
+/// (ternary types: AVX2) and rows that fill groups of 16, repacked for its type's group kernel
+/// ([`Layout`]).
 pub struct QuantMatrix {
     ty: GgmlType,
     layout: Layout,
@@ -96,7 +97,7 @@ enum Layout {
     K(Box<repacked_k::RepackedK>),
     /// `Q5_0`/`Q5_1` ([`repacked_q5`]).
     Q5(Box<repacked_q5::RepackedQ5>),
-    /// `TQ1_0`/`TQ2_0` ([`repacked_tq`]).
+    /// `TQ1_0`/`TQ2_0` ([`repacked_tq`]; AVX-512 VNNI or AVX2 kernels).
     Tq(Box<repacked_tq::RepackedTq>),
 }
 
@@ -110,10 +111,19 @@ impl Layout {
     /// The repacked form when this CPU and type have a group kernel and the rows fill whole
     /// groups; the rows as stored otherwise.
     fn new(ty: GgmlType, data: Vec<u8>, rows: usize, cols: usize) -> Layout {
-        if rows == 0 || rows % GROUP != 0 || !has_avx512_vnni() {
+        if rows == 0 || rows % GROUP != 0 {
             return Layout::Rows(data);
         }
         let blocks = cols / ty.block_elems;
+        // The ternary group kernels have an AVX2 form as well.
+        if repacked_tq::supports(ty) && has_avx2_fma_f16c() {
+            return Layout::Tq(Box::new(repacked_tq::RepackedTq::new(
+                ty, &data, rows, blocks,
+            )));
+        }
+        if !has_avx512_vnni() {
+            return Layout::Rows(data);
+        }
         if repacked::supports(ty) {
             Layout::Legacy(Box::new(repacked::Repacked::new(ty, &data, rows, blocks)))
         } else if repacked_k::supports(ty) {
@@ -122,10 +132,6 @@ impl Layout {
             )))
         } else if repacked_q5::supports(ty) {
             Layout::Q5(Box::new(repacked_q5::RepackedQ5::new(
-                ty, &data, rows, blocks,
-            )))
-        } else if repacked_tq::supports(ty) {
-            Layout::Tq(Box::new(repacked_tq::RepackedTq::new(
                 ty, &data, rows, blocks,
             )))
         } else {
@@ -286,8 +292,8 @@ impl QuantMatrix {
 
     /// `[m, rows]`.
     fn run<A: Activations>(&self, xq: &[A], m: usize, k: RowKernels<A>) -> Vec<f32> {
-        // SAFETY (each kernel call below): AVX-512 VNNI was detected when the matrix was
-        // repacked.
+        // SAFETY (each kernel call below): AVX-512 VNNI (ternary: AVX2, FMA and F16C, and VNNI
+        // when the matrix chose those kernels) was detected when the matrix was repacked.
         #[cfg(target_arch = "x86_64")]
         match (&self.layout, A::as_q8(xq), A::as_q8k(xq)) {
             (Layout::Legacy(rep), Some(xq), _) => return self.run_repacked(rep, xq, m),

@@ -298,3 +298,35 @@ fn gather_rows_returns_dequantized_rows() {
         assert!(w.gather_rows(&[10]).is_err(), "an id past the table");
     }
 }
+
+/// Ternary matrices whose rows fill groups of 16 run the group kernels (AVX2 or AVX-512 VNNI, as
+/// detected) and the rest the row kernels; both against the dequantize-then-f64 product, decode
+/// and prefill shapes, with rows in whole groups, one row past them and a remainder.
+#[test]
+fn ternary_matrices_in_and_outside_whole_groups_match_the_f64_product() {
+    let k = 768;
+    for ty in [GgmlType::TQ1_0, GgmlType::TQ2_0] {
+        for n in [48usize, 49, 40] {
+            let data = random_blocks(ty, n * k / q8::QK_K, 17 + n as u64);
+            let w = QuantMatrix::new(ty, data, n, k).unwrap();
+            assert_eq!(
+                matches!(w.layout, Layout::Tq(_)),
+                n % 16 == 0 && has_avx2_fma_f16c(),
+                "{ty} rows {n}: layout"
+            );
+            let dense = w.dequantize_all();
+            for m in [1usize, 3, 6] {
+                let xs = activations(m, k, 5 + m as u64);
+                let (want, mag) = f64_product(&quantized_activations(ty, &xs), &dense, m, n, k);
+                let got = w.matmul(&xs, m);
+                for (j, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * mag[j] + 1e-6;
+                    assert!(
+                        (g as f64 - e).abs() <= tol,
+                        "{ty} rows {n} m={m} [{j}]: {g} vs {e} (tol {tol})"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -267,10 +267,10 @@ fn make_q3_quants(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
 }
 
 /// `make_qkx2_quants`: asymmetric scale + min search; returns (scale, -min). The one-sub-block
-/// reference the lanes of [`qkx2_lanes`] are tested against.
-#[cfg(test)]
+/// reference the lanes of [`qkx2_lanes`] are tested against, and the imatrix-weighted search
+/// (`make_qkx3_quants` in weighted.rs).
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+pub(super) fn make_qkx2_quants(
     x: &[f32],
     nmax: i32,
     weights: &[f32],

@@ -23,79 +23,11 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 const QK: usize = 32;
 
 /// Asymmetric levels `0..=nmax` with a weighted search over 37 inverse scales (ggml's
-/// `make_qkx3_quants`, always called with rmin -0.9, rdelta 0.05, 36 steps, squared error).
+/// `make_qkx3_quants`, always called with rmin -0.9, rdelta 0.05, 36 steps, squared error — with
+/// weights given, the same arithmetic as `make_qkx2_quants` with those arguments).
 /// Returns (scale, -min).
 fn make_qkx3_quants(x: &[f32], nmax: i32, weights: &[f32], l_out: &mut [u8]) -> (f32, f32) {
-    const RMIN: f32 = -0.9;
-    const RDELTA: f32 = 0.05;
-    const NSTEP: i32 = 36;
-    let n = x.len();
-    let mut min = x[0];
-    let mut max = x[0];
-    let mut sum_w = weights[0];
-    let mut sum_x = sum_w * x[0];
-    for i in 1..n {
-        if x[i] < min {
-            min = x[i];
-        }
-        if x[i] > max {
-            max = x[i];
-        }
-        let w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
-    }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max <= min {
-        l_out[..n].iter_mut().for_each(|l| *l = 0);
-        return (0.0, -min);
-    }
-    let mut iscale = nmax as f32 / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best_mad = 0.0f32;
-    for i in 0..n {
-        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-        l_out[i] = l as u8;
-        let diff = scale * l as f32 + min - x[i];
-        best_mad += weights[i] * (diff * diff);
-    }
-    let mut laux = [0u8; 32];
-    for is in 0..=NSTEP {
-        iscale = (RMIN + RDELTA * is as f32 + nmax as f32) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
-        for i in 0..n {
-            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            laux[i] = l as u8;
-            let w = weights[i];
-            let lf = l as f32;
-            sum_l += w * lf;
-            sum_l2 += w * lf * lf;
-            sum_xl += w * lf * x[i];
-        }
-        let d = sum_w * sum_l2 - sum_l * sum_l;
-        if d > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
-            }
-            let mut mad = 0.0f32;
-            for i in 0..n {
-                let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                mad += weights[i] * (diff * diff);
-            }
-            if mad < best_mad {
-                l_out[..n].copy_from_slice(&laux[..n]);
-                best_mad = mad;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    (scale, -min)
+    super::kquants::make_qkx2_quants(x, nmax, weights, l_out, -0.9, 0.05, 36, false)
 }
 
 /// Non-negative levels `0..=nmax` for the sub-block scales (or mins) of a super-block, weighted by
