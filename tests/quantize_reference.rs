@@ -497,3 +497,49 @@ fn imatrix_quantization_matches_llama_quantize() {
     // Every type but Q8_0 weighs the error.
     assert_eq!(changed, refj["types"].as_array().unwrap().len() - 1);
 }
+
+/// `--imatrix` on expert tensors: llama.cpp's conversion of the Nemotron-H MoE fixture
+/// (tests/fixtures/quantize/nemotron_h_a.bf16.gguf) with llama-imatrix's matrix of it, whose
+/// `ffn_up_exps`/`ffn_down_exps` hold one row of sums and one count per expert: every tensor and
+/// the whole file equal llama-quantize's (so each expert's slice weighs that expert's rows), and
+/// the weighted files differ from the unweighted ones (scripts/make_imatrix_fixtures.py).
+#[test]
+fn imatrix_per_expert_quantization_matches_llama_quantize() {
+    let path = "tests/fixtures/quantize/imatrix_moe_reference.json";
+    let Ok(text) = std::fs::read_to_string(path) else {
+        eprintln!(
+            "skipped: {path} missing; run scripts/make_imatrix_fixtures.py with llama.cpp built"
+        );
+        return;
+    };
+    let refj: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let imatrix = refj["imatrix"].as_str().unwrap();
+    let src = Path::new("tests/fixtures/quantize/nemotron_h_a.bf16.gguf");
+    let m = Imatrix::read(Path::new(imatrix)).unwrap();
+    assert_eq!(m.entries["blk.1.ffn_up_exps.weight"].counts.len(), 12);
+    let mut problems = vec![];
+    let mut weighted = 0;
+    for ty in refj["types"].as_array().unwrap() {
+        let ty = ty.as_str().unwrap();
+        let want = &refj["nemotron_h_a"][ty];
+        let plain = &refj["nemotron_h_a_plain"][ty];
+        problems.extend(compare_with(src, ty, want, true, Some(imatrix)));
+        problems.extend(compare_with(src, ty, plain, true, None));
+        // 64-wide expert rows fall back from K-quants to Q4_0/Q5_0/Q8_0; Q8_0 ignores importance.
+        let (w, p) = (
+            &want["tensors"]["blk.1.ffn_up_exps.weight"],
+            &plain["tensors"]["blk.1.ffn_up_exps.weight"],
+        );
+        if w[0] != "Q8_0" {
+            weighted += 1;
+            assert_ne!(w, p, "{ty}: the importance changed nothing in the experts");
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} mismatches:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    assert!(weighted >= 2, "{weighted} types weigh the expert rows");
+}

@@ -26,6 +26,7 @@ use super::llama::{
 };
 use super::rope::{Rope, RopeLayout};
 use super::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, StateSlot, WeightSource};
+use crate::kernels::act_stats::Tap;
 use crate::kernels::ggml_types::GgmlType;
 use crate::kernels::quant_blocks::{ternary, QuantMatrix};
 use crate::model::config::LlamaConfig;
@@ -191,10 +192,15 @@ struct BitProjections {
     matrix: QuantMatrix,
     /// (rows, scale) per part, in order.
     parts: Vec<(usize, f32)>,
+    /// `xllm imatrix` only: records the shared input under every part's name.
+    tap: Option<Tap>,
 }
 
 impl BitProjections {
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        if let Some(tap) = &self.tap {
+            tap.record(x)?;
+        }
         let y = self
             .matrix
             .forward_per_token(&x.to_dtype(DType::F32)?, &self.parts)?;
@@ -414,13 +420,18 @@ impl BitNet {
             cfg.intermediate_size,
         );
         // One group of projections of the same input: stacked ternary, or plain.
+        let stats = options.activation_stats.as_ref();
         let group = |layer: usize, parts: &[(Role, usize, usize)]| -> anyhow::Result<Proj> {
+            let name = |role: Role| format!("{}.weight", role.gguf_name(layer));
             let mut mats = Vec::new();
             let mut plain = Vec::new();
             for &(role, out, inp) in parts {
                 match bits.ternary(role, layer, [out, inp])? {
                     Some(m) => mats.push(m),
-                    None => plain.push(Linear::new(loader.matrix(role, layer, [out, inp])?, None)),
+                    None => plain.push(
+                        Linear::new(loader.matrix(role, layer, [out, inp])?, None)
+                            .tapped(stats, name(role)),
+                    ),
                 }
             }
             if !plain.is_empty() {
@@ -438,8 +449,10 @@ impl BitNet {
                 QuantMatrix::stack(&refs)
                     .context("BitLinear weights of one input differ in type")?
             };
+            let names: Vec<String> = parts.iter().map(|&(role, _, _)| name(role)).collect();
+            let tap = stats.map(|s| Tap::new(s, names));
             let parts = scales;
-            Ok(Proj::Bit(BitProjections { matrix, parts }))
+            Ok(Proj::Bit(BitProjections { matrix, parts, tap }))
         };
         let embed = loader.matrix(Role::Embed, 0, [cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);

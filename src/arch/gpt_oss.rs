@@ -23,6 +23,7 @@ use serde::Deserialize;
 use crate::arch::llama::{Linear, Projections, Weight};
 use crate::arch::mask::causal_mask;
 use crate::arch::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, Span, WeightSource};
+use crate::kernels::act_stats::{ExpertTaps, Tap};
 use crate::kernels::bytes::SharedBytes;
 use crate::kernels::ggml_types::GgmlType;
 use crate::kernels::moe::{MoeExperts, SwigluParams};
@@ -429,6 +430,8 @@ struct Layer {
     attn: Attention,
     router: Linear,
     experts: MoeExperts,
+    /// `xllm imatrix` only: where each expert's inputs are recorded.
+    expert_taps: Option<ExpertTaps>,
 }
 
 /// A loaded gpt-oss model.
@@ -801,10 +804,11 @@ impl GptOss {
                 "gpt-oss config.json: hidden_size {h} and intermediate_size {i} must be multiples of 32 for MXFP4 experts"
             );
         }
+        let stats = options.activation_stats.as_ref();
         let linear = |p: &str, out: usize, inp: usize| -> anyhow::Result<Linear> {
             let w = weights.matrix(&format!("{p}.weight"), [out, inp])?;
             let b = weights.tensor(&format!("{p}.bias"), &[out], dtype)?;
-            Ok(Linear::new(w, Some(b)))
+            Ok(Linear::new(w, Some(b)).tapped(stats, gguf_name(&format!("{p}.weight"))))
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -847,8 +851,22 @@ impl GptOss {
                         DType::F32,
                     )?),
                     Some(weights.tensor(&format!("{p}.mlp.router.bias"), &[e], DType::F32)?),
-                ),
+                )
+                .tapped(stats, gguf_name(&format!("{p}.mlp.router.weight"))),
                 experts,
+                // llama.cpp's names: gate and up are two tensors of one input.
+                expert_taps: stats.map(|stats| {
+                    let name = |t: &str| format!("blk.{l}.{t}.weight");
+                    ExpertTaps {
+                        input: Tap::expert(
+                            stats,
+                            vec![name("ffn_gate_exps"), name("ffn_up_exps")],
+                            e,
+                            0,
+                        ),
+                        hidden: Tap::expert(stats, vec![name("ffn_down_exps")], e, 0),
+                    }
+                }),
             });
         }
         // The embedding stays as stored: only looked-up rows are widened.
@@ -1069,7 +1087,9 @@ impl CausalLm for GptOss {
             x = (x + a)?;
             let h = rms_norm(&x, &layer.post_attention_norm, eps)?;
             let router_logits = layer.router.forward(&h)?;
-            let m = layer.experts.forward(&h, &router_logits)?;
+            let m = layer
+                .experts
+                .forward_tapped(&h, &router_logits, layer.expert_taps.as_ref())?;
             x = (x + m)?;
         }
         plan.commit(batch);

@@ -139,11 +139,15 @@ impl Linear {
     /// Records this projection's inputs under `name` (the GGUF weight name) when `stats` is set.
     pub fn tapped(mut self, stats: Option<&Arc<ActivationStats>>, name: String) -> Self {
         if let Some(stats) = stats {
-            self.tap = Some(Tap {
-                stats: stats.clone(),
-                names: vec![name],
-            });
+            self.tap = Some(Tap::new(stats, vec![name]));
         }
+        self
+    }
+
+    /// Records this projection's inputs through `tap` (e.g. one expert's slice of a 3-D
+    /// expert tensor); `None` leaves the layer untapped.
+    pub fn with_tap(mut self, tap: Option<Tap>) -> Self {
+        self.tap = tap;
         self
     }
 
@@ -267,12 +271,12 @@ impl Linear {
         };
         // Stacked parts share one input: one tap records it under every part's name.
         let tap = parts.iter().find_map(|l| l.tap.as_ref()).map(|t| Tap {
-            stats: t.stats.clone(),
             names: parts
                 .iter()
                 .filter_map(|l| l.tap.as_ref())
                 .flat_map(|t| t.names.iter().cloned())
                 .collect(),
+            ..t.clone()
         });
         let biases: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
         let bias = match biases.len() {

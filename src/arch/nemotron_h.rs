@@ -30,6 +30,7 @@ use super::bf16_linear::Bf16Matrix;
 use super::llama::{Linear, Weight};
 use super::mask::causal_mask;
 use super::{BatchPlan, BatchSeq, BuildOptions, CausalLm, ModelInfo, StateSlot, WeightSource};
+use crate::kernels::act_stats::Tap;
 use crate::kernels::moe::{self, ExpertFfn, SigmoidRouter};
 use crate::kernels::ssm::{CausalConv1d, GatedGroupNorm, ScanInput, SsmScan};
 use crate::model::safetensors::SafetensorsWeights;
@@ -433,6 +434,8 @@ impl ExpertFfn for Relu2Experts {
 struct MoeBlock {
     /// Router weight `[experts, hidden]` in f32 (transformers computes the router in f32).
     router: Tensor,
+    /// `xllm imatrix` only: where the router's input is recorded.
+    router_tap: Option<Tap>,
     routing: SigmoidRouter,
     experts: Relu2Experts,
     shared: Relu2Mlp,
@@ -513,6 +516,15 @@ impl NemotronH {
             bail!("nemotron_h runs on the CPU only for now (its Mamba2 kernels have no GPU version yet); use --device cpu");
         }
         let h = c.hidden_size;
+        let stats = options.activation_stats.as_ref();
+        // `xllm imatrix`: a projection's inputs are recorded under llama.cpp's GGUF name
+        // (`blk.N.<gguf>.weight`); an expert's under its matrix of the 3-D expert tensor.
+        let tap = |l: usize, gguf: &str| {
+            stats.map(|s| Tap::new(s, vec![format!("blk.{l}.{gguf}.weight")]))
+        };
+        let expert_tap = |l: usize, gguf: &str, x: usize| {
+            stats.map(|s| Tap::expert(s, vec![format!("blk.{l}.{gguf}.weight")], c.experts, x))
+        };
         let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> anyhow::Result<Linear> {
             let w = load_matrix(weights, &format!("{name}.weight"), [rows, cols], options)?;
             let b = if bias {
@@ -549,7 +561,8 @@ impl NemotronH {
                     };
                     let a_log = f32_values(weights, &format!("{m}.A_log"), nh)?;
                     Mixer::Mamba(Box::new(MambaMixer {
-                        in_proj: linear(&format!("{m}.in_proj"), c.in_proj_dim(), h, c.proj_bias)?,
+                        in_proj: linear(&format!("{m}.in_proj"), c.in_proj_dim(), h, c.proj_bias)?
+                            .with_tap(tap(l, "ssm_in")),
                         conv: CausalConv1d::new(&conv_w, conv_b.as_deref(), cd, c.conv_kernel)?,
                         scan: SsmScan {
                             heads: nh,
@@ -567,16 +580,18 @@ impl NemotronH {
                             group_size: di / c.n_groups,
                             eps: c.eps as f32,
                         },
-                        out_proj: linear(&format!("{m}.out_proj"), h, di, c.proj_bias)?,
+                        out_proj: linear(&format!("{m}.out_proj"), h, di, c.proj_bias)?
+                            .with_tap(tap(l, "ssm_out")),
                     }))
                 }
                 LayerKind::Attention => {
                     let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
                     Mixer::Attention(Attention {
-                        q: linear(&format!("{m}.q_proj"), q, h, false)?,
-                        k: linear(&format!("{m}.k_proj"), kv, h, false)?,
-                        v: linear(&format!("{m}.v_proj"), kv, h, false)?,
-                        o: linear(&format!("{m}.o_proj"), h, q, false)?,
+                        q: linear(&format!("{m}.q_proj"), q, h, false)?.with_tap(tap(l, "attn_q")),
+                        k: linear(&format!("{m}.k_proj"), kv, h, false)?.with_tap(tap(l, "attn_k")),
+                        v: linear(&format!("{m}.v_proj"), kv, h, false)?.with_tap(tap(l, "attn_v")),
+                        o: linear(&format!("{m}.o_proj"), h, q, false)?
+                            .with_tap(tap(l, "attn_output")),
                     })
                 }
                 LayerKind::Moe => {
@@ -598,13 +613,16 @@ impl NemotronH {
                     let experts = (0..e)
                         .map(|x| {
                             Ok(Relu2Mlp {
-                                up: linear(&format!("{m}.experts.{x}.up_proj"), i, h, false)?,
-                                down: linear(&format!("{m}.experts.{x}.down_proj"), h, i, false)?,
+                                up: linear(&format!("{m}.experts.{x}.up_proj"), i, h, false)?
+                                    .with_tap(expert_tap(l, "ffn_up_exps", x)),
+                                down: linear(&format!("{m}.experts.{x}.down_proj"), h, i, false)?
+                                    .with_tap(expert_tap(l, "ffn_down_exps", x)),
                             })
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?;
                     Mixer::Moe(Box::new(MoeBlock {
                         router,
+                        router_tap: tap(l, "ffn_gate_inp"),
                         routing: SigmoidRouter {
                             top_k: c.top_k,
                             correction_bias,
@@ -613,14 +631,18 @@ impl NemotronH {
                         },
                         experts: Relu2Experts { experts, hidden: h },
                         shared: Relu2Mlp {
-                            up: linear(&format!("{m}.shared_experts.up_proj"), s, h, false)?,
-                            down: linear(&format!("{m}.shared_experts.down_proj"), h, s, false)?,
+                            up: linear(&format!("{m}.shared_experts.up_proj"), s, h, false)?
+                                .with_tap(tap(l, "ffn_up_shexp")),
+                            down: linear(&format!("{m}.shared_experts.down_proj"), h, s, false)?
+                                .with_tap(tap(l, "ffn_down_shexp")),
                         },
                     }))
                 }
                 LayerKind::Mlp => Mixer::Mlp(Relu2Mlp {
-                    up: linear(&format!("{m}.up_proj"), c.mlp_intermediate, h, false)?,
-                    down: linear(&format!("{m}.down_proj"), h, c.mlp_intermediate, false)?,
+                    up: linear(&format!("{m}.up_proj"), c.mlp_intermediate, h, false)?
+                        .with_tap(tap(l, "ffn_up")),
+                    down: linear(&format!("{m}.down_proj"), h, c.mlp_intermediate, false)?
+                        .with_tap(tap(l, "ffn_down")),
                 }),
             };
             let slot = match mixer {
@@ -832,6 +854,9 @@ impl NemotronH {
 
     fn moe(&self, m: &MoeBlock, h: &Tensor) -> Result<Tensor> {
         let hidden = self.config.hidden_size;
+        if let Some(tap) = &m.router_tap {
+            tap.record(h)?;
+        }
         let logits: Vec<f32> = h.matmul(&m.router.t()?)?.flatten_all()?.to_vec1()?;
         let n = logits.len() / m.routing.correction_bias.len();
         let routing = moe::route_sigmoid_biased(&logits, n, &m.routing)?;

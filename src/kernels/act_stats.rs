@@ -84,23 +84,68 @@ impl ActivationStats {
 }
 
 /// A layer's link to the collector: the weight names whose input it sees (several for stacked
-/// projections such as q/k/v, which share one input).
+/// projections such as q/k/v, which share one input), and for an expert's slice of a 3-D expert
+/// tensor, which matrix of how many (llama.cpp keeps one row of sums and one count per expert).
 #[derive(Debug, Clone)]
 pub struct Tap {
     pub stats: Arc<ActivationStats>,
     pub names: Vec<String>,
+    /// Matrices of the weight (experts; 1 for a 2-D weight).
+    pub n_mat: usize,
+    /// The matrix this tap's rows go to, for [`Tap::record`].
+    pub expert: usize,
 }
 
 impl Tap {
-    /// Records `x [.., cols]` (any float dtype) for every name.
+    /// A tap for 2-D weights (one matrix each).
+    pub fn new(stats: &Arc<ActivationStats>, names: Vec<String>) -> Tap {
+        Tap {
+            stats: stats.clone(),
+            names,
+            n_mat: 1,
+            expert: 0,
+        }
+    }
+
+    /// A tap for matrix `expert` of the `n_mat` of 3-D expert tensors `names`.
+    pub fn expert(
+        stats: &Arc<ActivationStats>,
+        names: Vec<String>,
+        n_mat: usize,
+        expert: usize,
+    ) -> Tap {
+        Tap {
+            stats: stats.clone(),
+            names,
+            n_mat,
+            expert,
+        }
+    }
+
+    /// Records `x [.., cols]` (any float dtype) for every name, as input of this tap's matrix.
     pub fn record(&self, x: &Tensor) -> Result<()> {
         let cols = x.dim(x.rank() - 1)?;
         let rows = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.record_rows(self.expert, &rows, cols)
+    }
+
+    /// Records `rows` (row-major, `cols` each) for every name as input of matrix `expert` (an
+    /// expert dispatch calls this with the rows of the tokens routed to `expert` only).
+    pub fn record_rows(&self, expert: usize, rows: &[f32], cols: usize) -> Result<()> {
         for name in &self.names {
-            self.stats.add_rows(name, 1, 0, &rows, cols)?;
+            self.stats.add_rows(name, self.n_mat, expert, rows, cols)?;
         }
         Ok(())
     }
+}
+
+/// Taps of a layer's routed experts where the expert matmuls are not [`Tap`]-carrying layers
+/// (gpt-oss's MXFP4 kernel): `input` sees the rows entering an expert (gate and up), `hidden`
+/// the rows entering its down projection.
+#[derive(Debug, Clone)]
+pub struct ExpertTaps {
+    pub input: Tap,
+    pub hidden: Tap,
 }
 
 #[cfg(test)]
@@ -125,10 +170,7 @@ mod tests {
     #[test]
     fn a_tap_records_for_every_name_it_serves() {
         let s = ActivationStats::new();
-        let tap = Tap {
-            stats: s.clone(),
-            names: vec!["q".into(), "k".into()],
-        };
+        let tap = Tap::new(&s, vec!["q".into(), "k".into()]);
         let x = Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0]], &candle_core::Device::Cpu).unwrap();
         tap.record(&x).unwrap();
         let m = s.snapshot();

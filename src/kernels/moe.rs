@@ -27,6 +27,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
+use super::act_stats::ExpertTaps;
 use super::bytes::SharedBytes;
 use super::mxfp4::{self, contiguous_f32, from_f32, BLOCK_BYTES, BLOCK_VALUES};
 
@@ -315,7 +316,46 @@ impl ExpertFfn for MoeWeightsRef<'_> {
     }
 
     fn run(&self, e: usize, xs: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        self.run_expert(e, xs, n, y, None)
+    }
+}
+
+/// [`MoeWeightsRef`] whose expert inputs are recorded (`xllm imatrix`): each expert's rows, those
+/// of the tokens routed to it, go to its matrix of the expert tensors.
+struct TappedMoe<'a> {
+    weights: MoeWeightsRef<'a>,
+    taps: &'a ExpertTaps,
+}
+
+impl ExpertFfn for TappedMoe<'_> {
+    fn experts(&self) -> usize {
+        self.weights.experts
+    }
+
+    fn hidden(&self) -> usize {
+        self.weights.hidden
+    }
+
+    fn run(&self, e: usize, xs: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        self.weights.run_expert(e, xs, n, y, Some(self.taps))
+    }
+}
+
+impl MoeWeightsRef<'_> {
+    /// Expert `e` on `xs [n, hidden]` → `y [n, hidden]`; `taps` records the inputs of gate/up
+    /// and of down.
+    fn run_expert(
+        &self,
+        e: usize,
+        xs: &[f32],
+        n: usize,
+        y: &mut [f32],
+        taps: Option<&ExpertTaps>,
+    ) -> Result<()> {
         let (h, i) = (self.hidden, self.intermediate);
+        if let Some(t) = taps {
+            t.input.record_rows(e, xs, h)?;
+        }
         let gu_block_bytes = 2 * i * h / BLOCK_VALUES * BLOCK_BYTES;
         let gu_scale_bytes = 2 * i * h / BLOCK_VALUES;
         let dn_block_bytes = h * i / BLOCK_VALUES * BLOCK_BYTES;
@@ -336,6 +376,9 @@ impl ExpertFfn for MoeWeightsRef<'_> {
         }
         let mut act = vec![0f32; n * i];
         clamped_swiglu(&gate_up, self.swiglu, &mut act);
+        if let Some(t) = taps {
+            t.hidden.record_rows(e, &act, i)?;
+        }
         expert_matmul(
             &act,
             &self.down_blocks[e * dn_block_bytes..(e + 1) * dn_block_bytes],
@@ -400,13 +443,32 @@ impl MoeExperts {
 
     /// `x [tokens, hidden]`, `router_logits [tokens, experts]` → `[tokens, hidden]` (dtype of `x`).
     pub fn forward(&self, x: &Tensor, router_logits: &Tensor) -> Result<Tensor> {
-        x.apply_op2_no_bwd(router_logits, &MoeOp { experts: self })
+        self.forward_tapped(x, router_logits, None)
+    }
+
+    /// [`MoeExperts::forward`], recording each expert's inputs through `taps` when set (CPU
+    /// only: `xllm imatrix` runs there).
+    pub fn forward_tapped(
+        &self,
+        x: &Tensor,
+        router_logits: &Tensor,
+        taps: Option<&ExpertTaps>,
+    ) -> Result<Tensor> {
+        x.apply_op2_no_bwd(
+            router_logits,
+            &MoeOp {
+                experts: self,
+                taps,
+            },
+        )
     }
 }
 
 /// The candle op: `(x, router_logits)` in, experts carried by the op.
 pub struct MoeOp<'a> {
     pub experts: &'a MoeExperts,
+    /// Where expert inputs are recorded (`xllm imatrix`); `None` on the normal path.
+    pub taps: Option<&'a ExpertTaps>,
 }
 
 impl CustomOp2 for MoeOp<'_> {
@@ -435,7 +497,14 @@ impl CustomOp2 for MoeOp<'_> {
         let (_, logits) = contiguous_f32(s2, l2)?;
         let routing = route_top_k(&logits, tokens, m.experts, m.top_k)?;
         let mut out = vec![0f32; tokens * hidden];
-        moe_cpu(&x, &routing, tokens, &m.as_ref(), &mut out)?;
+        match self.taps {
+            None => moe_cpu(&x, &routing, tokens, &m.as_ref(), &mut out)?,
+            Some(taps) => {
+                let weights = m.as_ref();
+                weights.check()?;
+                dispatch(&x, &routing, tokens, &TappedMoe { weights, taps }, &mut out)?
+            }
+        }
         Ok((from_f32(out, dtype), Shape::from((tokens, hidden))))
     }
 
@@ -448,6 +517,9 @@ impl CustomOp2 for MoeOp<'_> {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.taps.is_some() {
+            candle_core::bail!("expert activation statistics are collected on the CPU only");
+        }
         super::cuda::moe_op_cuda_fwd(self.experts, (s1, l1), (s2, l2))
     }
 }

@@ -52,6 +52,15 @@ const LUT_SIGNED: [u8; 16] = [
 /// `2v + 12` for each E2M1 code `v` (unsigned).
 const LUT_OFFSET: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
 const OFFSET: i32 = 12;
+/// Bytes of packed codes prefetched ahead of the one being read (about three 1.5 KB rows of a
+/// gpt-oss expert). Decode reads each expert row once, straight from memory: without it the
+/// loads wait on DRAM and two threads read ~15 GB/s; with it ~25 GB/s, near what two cores can
+/// stream (a C copy of this loop over 32 real-width experts, 2 threads: 15.0 GB/s without,
+/// 22.6 / 24.9 / 25.4 / 22.8 GB/s at 2 / 4 / 6 / 8 KB ahead). Rows of one task are contiguous, so
+/// the prefetch runs on into the next row; past the matrix it is a harmless no-op.
+const AHEAD: usize = 4096;
+/// Scale bytes prefetched ahead: the same rows' worth as [`AHEAD`] (one scale per 16 code bytes).
+const AHEAD_SCALES: usize = AHEAD / BLOCK_BYTES;
 
 /// One byte plane of four activation blocks, in the order the kernels read them.
 #[derive(Clone, Copy)]
@@ -378,6 +387,12 @@ mod avx512 {
         }
         for q in 0..nq {
             let first = q * QUAD_BLOCKS;
+            _mm_prefetch::<_MM_HINT_T0>(blocks.as_ptr().wrapping_add(q * 64 + AHEAD) as *const i8);
+            if q % 16 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    scales.as_ptr().wrapping_add(first + AHEAD_SCALES) as *const i8
+                );
+            }
             let (codes, sc) = if first + QUAD_BLOCKS <= groups {
                 (
                     _mm512_loadu_si512(blocks.as_ptr().add(q * 64) as *const _),
@@ -454,6 +469,12 @@ mod avx2 {
         let mut tail = [0u8; 64];
         for q in 0..nq {
             let first = q * QUAD_BLOCKS;
+            _mm_prefetch::<_MM_HINT_T0>(blocks.as_ptr().wrapping_add(q * 64 + AHEAD) as *const i8);
+            if q % 16 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    scales.as_ptr().wrapping_add(first + AHEAD_SCALES) as *const i8
+                );
+            }
             let (cp, sc) = if first + QUAD_BLOCKS <= groups {
                 (
                     blocks.as_ptr().add(q * 64),

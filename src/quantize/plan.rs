@@ -67,7 +67,7 @@ impl fmt::Display for Role {
 }
 
 /// Architectures whose tensor roles are known (GGUF `general.architecture` names).
-pub const SUPPORTED_ARCHITECTURES: [&str; 9] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 10] = [
     "llama",
     "bitnet",
     "qwen2",
@@ -75,6 +75,7 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 9] = [
     "gemma3",
     "gpt-oss",
     "nemotron_h",
+    "nemotron_h_moe",
     "mamba2",
     "granitehybrid",
 ];
