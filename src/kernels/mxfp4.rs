@@ -268,28 +268,35 @@ unsafe fn row_dot_avx2(
 ) {
     use std::arch::x86_64::*;
     let groups = in_features / BLOCK_VALUES;
-    let lut = _mm256_setr_ps(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0);
-    let low4 = _mm256_set1_epi32(0x0f);
-    let sign_bit = _mm256_set1_epi32(8);
-    // Code → value: magnitude from the 8-entry table (vpermps uses the low 3 bits of the code),
-    // sign bit 3 moved to bit 31 and xored in.
-    let decode = |code: __m256i| -> __m256 {
-        let mag = _mm256_permutevar8x32_ps(lut, code);
-        let sign = _mm256_slli_epi32(_mm256_and_si256(code, sign_bit), 28);
-        _mm256_xor_ps(mag, _mm256_castsi256_ps(sign))
+    // Code → twice its E2M1 value as a signed byte (every 2·value is an integer: 0, 1, 2, 3, 4,
+    // 6, 8, 12, sign in bit 3), one `vpshufb` for 16 codes; the block scale is halved to match.
+    // Doubling a weight and halving the scale are exact, so the sums are the same floats as
+    // with the values themselves (but for the sign of an exact zero), in fewer instructions
+    // than decoding each code as a float (decode was compute-bound on AVX2).
+    let table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    let low4 = _mm_set1_epi8(0x0f);
+    let widen = |codes: __m128i| -> (__m256, __m256) {
+        let w = _mm_shuffle_epi8(table, codes);
+        (
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w)),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w, 8))),
+        )
     };
     let mut total = [_mm256_setzero_ps(); TOKEN_GROUP];
     let bp = blocks.as_ptr();
     let xp = xs.as_ptr();
     for g in 0..groups {
         let p = bp.add(g * BLOCK_BYTES);
-        let b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-        let b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
-        let w_lo0 = decode(_mm256_and_si256(b0, low4));
-        let w_lo1 = decode(_mm256_and_si256(b1, low4));
-        let w_hi0 = decode(_mm256_srli_epi32(b0, 4));
-        let w_hi1 = decode(_mm256_srli_epi32(b1, 4));
-        let scale = _mm256_set1_ps(*E8M0_TO_F32.get_unchecked(*scales.get_unchecked(g) as usize));
+        if g % 4 == 0 {
+            // The weights stream from DRAM once per token group: ask for them 4 KB ahead
+            // (a prefetch past the end of the slice is only a hint, never a fault).
+            _mm_prefetch(p.wrapping_add(4096) as *const i8, _MM_HINT_T0);
+        }
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let (w_lo0, w_lo1) = widen(_mm_and_si128(v, low4));
+        let (w_hi0, w_hi1) = widen(_mm_and_si128(_mm_srli_epi16(v, 4), low4));
+        let scale =
+            _mm256_set1_ps(0.5 * *E8M0_TO_F32.get_unchecked(*scales.get_unchecked(g) as usize));
         for (t, tot) in total.iter_mut().enumerate().take(n) {
             let x = xp.add(t * in_features + g * BLOCK_VALUES);
             let mut s = _mm256_mul_ps(w_lo0, _mm256_loadu_ps(x));
