@@ -646,6 +646,61 @@ mod tests {
         }
     }
 
+    /// The AVX2 kernel doubles the codes and halves the scale; that must give exactly the floats
+    /// of dotting the E2M1 values themselves with the full scale in the kernel's order (8 lanes,
+    /// mul then three FMAs per block, one FMA by the scale, lanes summed 4+4, 2+2, 1+1).
+    #[test]
+    fn avx2_kernel_equals_the_undoubled_values_in_its_order_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+                eprintln!("skipped: no AVX2/FMA");
+                return;
+            }
+            let in_features = 512;
+            let groups = in_features / BLOCK_VALUES;
+            let blocks: Vec<u8> = (0..in_features / 2).map(|b| (b * 91 % 256) as u8).collect();
+            let scales: Vec<u8> = (0..groups).map(|g| 110 + 3 * g as u8).collect();
+            let xs: Vec<f32> = (0..TOKEN_GROUP * in_features)
+                .map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 97.0)
+                .collect();
+            for n in 1..=TOKEN_GROUP {
+                let mut got = [0f32; TOKEN_GROUP];
+                row_dot_avx2_entry(&blocks, &scales, &xs, in_features, n, &mut got);
+                for (t, &g) in got.iter().enumerate().take(n) {
+                    let mut tot = [0f32; 8];
+                    for b in 0..groups {
+                        let bytes = &blocks[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
+                        let w = |j: usize| {
+                            let code = if j < 16 {
+                                bytes[j] & 15
+                            } else {
+                                bytes[j - 16] >> 4
+                            };
+                            E2M1_VALUES[code as usize]
+                        };
+                        let x = &xs[t * in_features + b * BLOCK_VALUES..];
+                        let scale = e8m0_to_f32(scales[b]);
+                        for (l, tl) in tot.iter_mut().enumerate() {
+                            let mut s = w(l) * x[l];
+                            s = w(8 + l).mul_add(x[8 + l], s);
+                            s = w(16 + l).mul_add(x[16 + l], s);
+                            s = w(24 + l).mul_add(x[24 + l], s);
+                            *tl = s.mul_add(scale, *tl);
+                        }
+                    }
+                    let s4: Vec<f32> = (0..4).map(|l| tot[l] + tot[l + 4]).collect();
+                    let want = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "token {t} of {n}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_shapes_are_errors_not_panics() {
         let err = mxfp4_matmul_cpu(&[0.0; 30], &[0; 16], &[0], 1, 30, 1, &mut [0.0])
