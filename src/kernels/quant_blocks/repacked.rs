@@ -224,33 +224,34 @@ impl Repacked {
 /// register's pairs widen to i32 at once. The integer sums equal the VNNI kernel's, and the
 /// float work per row is the same operations in the same order, so both give the same bits.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{BlockQ8, Repacked, GROUP};
     use std::arch::x86_64::*;
 
-    /// One group of 16 rows times `T` activation rows: 16 f32 per activation row.
+    /// The AVX2 group driver the repacked layouts share: `block(b, half, acc)` adds block `b` of
+    /// rows `8·half..8·half + 8` into `acc` (one `__m256` per activation row); the two halves'
+    /// accumulators come back as 16 f32 per activation row.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn group<const F: u32, const T: usize>(
-        w: &Repacked,
-        g: usize,
-        x: [&[BlockQ8]; T],
-        xsum: [&[i32]; T],
+    #[inline]
+    pub(in crate::kernels::quant_blocks) unsafe fn two_halves<const T: usize>(
+        blocks: usize,
+        mut block: impl FnMut(usize, usize, &mut [__m256; T]),
     ) -> [[f32; GROUP]; T] {
         let mut acc = [[_mm256_setzero_ps(); T]; 2];
         if T == 1 {
             // Decode: both halves of each block in turn, so every 64-byte line of the group is
             // used whole in one pass over memory.
-            for b in 0..w.blocks {
+            for b in 0..blocks {
                 for (half, acc) in acc.iter_mut().enumerate() {
-                    block::<F, T>(w, g, b, half, &x, &xsum, acc);
+                    block(b, half, acc);
                 }
             }
         } else {
             // Prefill: one half at a time keeps the unpacked levels and 2·T accumulators
             // fewer than the 16 registers.
             for (half, acc) in acc.iter_mut().enumerate() {
-                for b in 0..w.blocks {
-                    block::<F, T>(w, g, b, half, &x, &xsum, acc);
+                for b in 0..blocks {
+                    block(b, half, acc);
                 }
             }
         }
@@ -261,6 +262,19 @@ mod avx2 {
             }
         }
         out
+    }
+
+    /// One group of 16 rows times `T` activation rows: 16 f32 per activation row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group<const F: u32, const T: usize>(
+        w: &Repacked,
+        g: usize,
+        x: [&[BlockQ8]; T],
+        xsum: [&[i32]; T],
+    ) -> [[f32; GROUP]; T] {
+        two_halves::<T>(w.blocks, |b, half, acc| {
+            block::<F, T>(w, g, b, half, &x, &xsum, acc)
+        })
     }
 
     /// Block `b` of rows `8·half..8·half + 8` of group `g`, added into `acc`.

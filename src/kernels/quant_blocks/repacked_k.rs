@@ -317,36 +317,13 @@ mod avx2 {
         x: [&[BlockQ8K]; T],
         pairs: [&[[i32; 4]]; T],
     ) -> [[f32; GROUP]; T] {
-        let mut acc = [[_mm256_setzero_ps(); T]; 2];
-        let block = |b: usize, half: usize, acc: &mut [__m256; T]| {
+        super::super::repacked::avx2::two_halves::<T>(w.blocks, |b, half, acc| {
             if F == 14 {
                 q6k_block::<T>(w, g, b, half, &x, acc)
             } else {
                 k4_block::<F, T>(w, g, b, half, &x, &pairs, acc)
             }
-        };
-        if T == 1 {
-            // Decode: both halves of each super-block in turn, so every 64-byte line of the
-            // group is used whole in one pass over memory.
-            for b in 0..w.blocks {
-                for (half, acc) in acc.iter_mut().enumerate() {
-                    block(b, half, acc);
-                }
-            }
-        } else {
-            for (half, acc) in acc.iter_mut().enumerate() {
-                for b in 0..w.blocks {
-                    block(b, half, acc);
-                }
-            }
-        }
-        let mut out = [[0f32; GROUP]; T];
-        for t in 0..T {
-            for (half, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out[t].as_mut_ptr().add(8 * half), acc[t]);
-            }
-        }
-        out
+        })
     }
 
     /// `Q4_K`/`Q5_K` super-block `b` of rows `8·half..8·half + 8` of group `g`, into `acc`.

@@ -213,31 +213,9 @@ mod avx2 {
         x: [&[BlockQ8]; T],
         xsum: [&[i32]; T],
     ) -> [[f32; GROUP]; T] {
-        let mut acc = [[_mm256_setzero_ps(); T]; 2];
-        if T == 1 {
-            // Decode: both halves of each block in turn, so every 64-byte line of the group is
-            // used whole in one pass over memory.
-            for b in 0..w.blocks {
-                for (half, acc) in acc.iter_mut().enumerate() {
-                    block::<MIN, T>(w, g, b, half, &x, &xsum, acc);
-                }
-            }
-        } else {
-            // Prefill: one half at a time keeps the unpacked levels and 2·T accumulators
-            // fewer than the 16 registers.
-            for (half, acc) in acc.iter_mut().enumerate() {
-                for b in 0..w.blocks {
-                    block::<MIN, T>(w, g, b, half, &x, &xsum, acc);
-                }
-            }
-        }
-        let mut out = [[0f32; GROUP]; T];
-        for t in 0..T {
-            for (half, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out[t].as_mut_ptr().add(8 * half), acc[t]);
-            }
-        }
-        out
+        super::super::repacked::avx2::two_halves::<T>(w.blocks, |b, half, acc| {
+            block::<MIN, T>(w, g, b, half, &x, &xsum, acc)
+        })
     }
 
     /// Block `b` of rows `8·half..8·half + 8` of group `g`, added into `acc`.
